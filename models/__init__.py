@@ -1,0 +1,6 @@
+"""Forward networks N_A as lists of blocks."""
+
+from .linear_gaussian import LinearGaussianSpec, build_linear_gaussian_chain
+from .mlp import mlp_blocks
+
+__all__ = ["LinearGaussianSpec", "build_linear_gaussian_chain", "mlp_blocks"]

@@ -1,0 +1,250 @@
+"""The latent chain as a Pyro program: forward blocks as model, feedback network as guide.
+
+Model (the forward network N_A, conditional on x; DESIGN.md section 1):
+
+    alpha_k = F_k.params( f_k( m(alpha_{k-1}) ) )       alpha_0 = x
+    z_k ~ F_k(alpha_k)                                  site "z_k", infer["block"] = k
+    y   ~ q_k(y | z_k)          for k < N               site "y_k"   (local likelihood)
+    pred_k = -lambda * CE(h_k(m(alpha_k)), y)           site "pred_k" (predictive loss)
+    y   ~ f_out(m(alpha_N))  or  f_out(z_N)             site "y", block N
+
+Guide (the feedback network N_B; structured, it reuses alpha_k):
+
+    beta_k = F_k.feedback_potential( g_k(y) ) * mask    natural parameters
+    z_k ~ rho_k = F_k.from_natural( eta(alpha_k) + beta_k )
+
+``m`` is chosen by ``propagate``: "mean" (the paper: E_alpha[z]), "params" (the full
+parameter tuple, e.g. mean and scale) or "sample" (the site's draw of z_k). With
+``detach=True`` every block input is detached, so each block's parameters get gradients
+only from its own sites. Forward messages are computed once per step and shared by guide
+and model through the ``cache`` dict that ``BlockLocalELBO`` passes to both.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
+
+import pyro
+import pyro.distributions as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from .families import Family, Natural, Params
+from .likelihoods import PrototypeLikelihood
+
+Propagate = Literal["mean", "params", "sample"]
+_names = itertools.count()
+
+
+class LocalLikelihood(Protocol):
+    """q_k(y | z_k) for block k: returns a distribution with the labels' batch shape."""
+
+    def __call__(self, chain: BLLChain, k: int, z: Tensor) -> Distribution: ...
+
+
+class Feedback(Protocol):
+    """A feedback network: raw potential ``g_k(y)`` for block k; optionally all classes."""
+
+    def __call__(self, y: Tensor, k: int) -> Tensor: ...
+
+
+def _detach(inp: Any) -> Any:
+    if isinstance(inp, tuple):
+        return tuple(t.detach() for t in inp)
+    return inp.detach()
+
+
+class BLLChain(nn.Module):
+    """A forward network cut into blocks, each read as a latent family, with its guide.
+
+    Args:
+        blocks: block k maps its input (``x`` for k = 0) to raw parameters
+            ``[..., family.n_raw * C]``.
+        families: one family per block (a single family is used for all blocks).
+        feedback: the feedback network; ``feedback(y, k)`` gives block k's raw potential.
+        head: the output head f_out with ``distribution(h)``; the last block's likelihood.
+        event_dim: latent axes per example (1 for ``[B, C]``, 2 for ``[B, T, C]``).
+        local_likelihoods: "prototype" (tied to the feedback weights), ``None`` (off), or
+            one ``LocalLikelihood`` per block below the last.
+        pred_heads: optional predictive heads (Noekland & Eidnes 2019) for blocks < N.
+        pred_weight: lambda, the weight of the predictive cross-entropy.
+        propagate: what block k+1 consumes (see module docstring).
+        head_input: "mean" feeds m(alpha_N) to f_out, "sample" feeds z_N.
+        detach: stop gradients at block boundaries (block-local learning).
+        register_params: register the parameters with Pyro's param store (``pyro.module``)
+            so that ``pyro.infer.SVI`` with ``pyro.optim`` sees them. Training with a torch
+            optimiser does not need it.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        families: Family | Sequence[Family],
+        feedback: nn.Module,
+        head: nn.Module,
+        *,
+        event_dim: int = 1,
+        local_likelihoods: str | Sequence[LocalLikelihood] | None = "prototype",
+        pred_heads: Sequence[nn.Module] | None = None,
+        pred_weight: float = 1.0,
+        propagate: Propagate = "mean",
+        head_input: Literal["mean", "sample"] = "mean",
+        detach: bool = True,
+        register_params: bool = True,
+    ) -> None:
+        super().__init__()
+        n = len(blocks)
+        if n < 1:
+            raise ValueError("a chain needs at least one block")
+        self.blocks = nn.ModuleList(blocks)
+        self.families = [families] * n if isinstance(families, Family) else list(families)
+        if len(self.families) != n:
+            raise ValueError(f"{len(self.families)} families for {n} blocks")
+        self.feedback = feedback
+        self.head = head
+        self.event_dim = event_dim
+        if local_likelihoods == "prototype":
+            local_likelihoods = [_prototype] * (n - 1)
+        elif isinstance(local_likelihoods, str):
+            raise ValueError(f"unknown local likelihood {local_likelihoods!r}; use 'prototype'")
+        self.local_likelihoods = None if local_likelihoods is None else list(local_likelihoods)
+        self.pred_heads = None if pred_heads is None else nn.ModuleList(pred_heads)
+        self.pred_weight = pred_weight
+        self.propagate = propagate
+        self.head_input = head_input
+        self.detach = detach
+        self.register_params = register_params
+        self._pyro_name = f"bll_chain_{next(_names)}"
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    # ---- messages ---------------------------------------------------------------------
+    def forward_message(self, k: int, inp: Any, cache: dict | None = None) -> Params:
+        """alpha_k = F_k.params(f_k(inp)); cached per step so blocks run once."""
+        if cache is not None and k in cache:
+            return cache[k]
+        if self.detach and k > 0:
+            inp = _detach(inp)
+        alpha = self.families[k].params(self.blocks[k](inp))
+        if cache is not None:
+            cache[k] = alpha
+        return alpha
+
+    def next_input(self, k: int, alpha: Params, z: Tensor | None) -> Any:
+        """m(alpha_k): the input of block k + 1."""
+        if self.propagate == "mean":
+            return self.families[k].mean(alpha)
+        if self.propagate == "params":
+            return alpha
+        if z is None:
+            raise ValueError("propagate='sample' needs a draw of z_k")
+        return z
+
+    def feedback_message(self, k: int, y: Tensor, mask: Tensor | None) -> Natural:
+        """beta_k ``[..., C]`` per natural parameter; zero (no information) where masked."""
+        beta = self.families[k].feedback_potential(self.feedback(y, k))
+        if mask is None:
+            return beta
+        m = mask.unsqueeze(-1).to(beta[0].dtype)
+        return tuple(b * m for b in beta)
+
+    def class_potentials(self, k: int) -> Natural:
+        """beta_c for every class c, each ``[num_classes, C]`` (prototype likelihood)."""
+        return self.families[k].feedback_potential(self.feedback.class_outputs(k))
+
+    def predict_logits(self, x: Tensor) -> Tensor:
+        """Deterministic prediction f_out(m(alpha_N)) (z_k replaced by E_alpha z_k)."""
+        inp: Any = x
+        for k in range(self.num_blocks):
+            alpha = self.families[k].params(self.blocks[k](inp))
+            inp = alpha if self.propagate == "params" else self.families[k].mean(alpha)
+        return self.head(self.families[-1].mean(alpha))
+
+    # ---- the Pyro program -------------------------------------------------------------
+    def _latent(self, k: int, params: Params) -> Distribution:
+        return self.families[k].distribution(params).to_event(self.event_dim)
+
+    def _observed(self, fn: Distribution, mask: Tensor | None) -> Distribution:
+        if mask is not None:
+            fn = fn.mask(mask)
+        return fn.to_event(self.event_dim - 1)
+
+    def guide(self, x: Tensor, y: Tensor, mask: Tensor | None = None, cache: dict | None = None):
+        """Structured guide: rho_k proportional to alpha_k * beta_k for every block."""
+        if self.register_params:
+            pyro.module(self._pyro_name, self)
+        inp: Any = x
+        with pyro.plate("data", y.shape[0], dim=-1):
+            for k in range(self.num_blocks):
+                alpha = self.forward_message(k, inp, cache)
+                rho = self.families[k].posterior(alpha, self.feedback_message(k, y, mask))
+                z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
+                inp = self.next_input(k, alpha, z)
+
+    def model(self, x: Tensor, y: Tensor, mask: Tensor | None = None, cache: dict | None = None):
+        """The forward network as a latent chain with block-local likelihood sites."""
+        if self.register_params:
+            pyro.module(self._pyro_name, self)
+        inp: Any = x
+        last = self.num_blocks - 1
+        with pyro.plate("data", y.shape[0], dim=-1):
+            for k in range(self.num_blocks):
+                alpha = self.forward_message(k, inp, cache)
+                z = pyro.sample(f"z_{k}", self._latent(k, alpha), infer={"block": k})
+                if k < last and self.local_likelihoods is not None:
+                    fn = self._observed(self.local_likelihoods[k](self, k, z), mask)
+                    pyro.sample(f"y_{k}", fn, obs=y, infer={"block": k, "latent": f"z_{k}"})
+                if k < last and self.pred_heads is not None and self.pred_weight > 0:
+                    logits = self.pred_heads[k](self.families[k].mean(alpha))
+                    _block_factor(f"pred_{k}", -self.pred_weight * self._ce(logits, y, mask), k)
+                inp = self.next_input(k, alpha, z)
+            h = z if self.head_input == "sample" else self.families[last].mean(alpha)
+            fn = self._observed(self.head.distribution(h), mask)
+            infer = {"block": last, "latent": f"z_{last}"} if self.head_input == "sample" else {
+                "block": last
+            }
+            pyro.sample("y", fn, obs=y, infer=infer)
+
+    def _ce(self, logits: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
+        """Cross-entropy summed over positions, ``[B]``."""
+        ce = F.cross_entropy(logits.movedim(-1, 1), y, reduction="none") if logits.dim() > 2 else (
+            F.cross_entropy(logits, y, reduction="none")
+        )
+        if mask is not None:
+            ce = ce * mask.to(ce.dtype)
+        return ce.reshape(ce.shape[0], -1).sum(-1)
+
+    # ---- block ownership --------------------------------------------------------------
+    def block_modules(self, k: int) -> list[nn.Module]:
+        """The modules whose parameters belong to block k (theta_k, phi_k and heads)."""
+        mods: list[nn.Module] = [self.blocks[k]]
+        fb = getattr(self.feedback, "block_module", None)
+        if fb is not None:
+            mods.append(fb(k))
+        if self.pred_heads is not None and k < self.num_blocks - 1:
+            mods.append(self.pred_heads[k])
+        if self.local_likelihoods is not None and k < self.num_blocks - 1:
+            if isinstance(self.local_likelihoods[k], nn.Module):
+                mods.append(self.local_likelihoods[k])
+        if k == self.num_blocks - 1:
+            mods.append(self.head)
+        return mods
+
+    def block_parameters(self, k: int) -> list[nn.Parameter]:
+        return [p for m in self.block_modules(k) for p in m.parameters()]
+
+
+def _prototype(chain: BLLChain, k: int, z: Tensor) -> Distribution:
+    return PrototypeLikelihood().distribution(chain.families[k], z, chain.class_potentials(k))
+
+
+def _block_factor(name: str, log_factor: Tensor, block: int) -> None:
+    """Like ``pyro.factor``, but tagged with the block that owns the term."""
+    unit = dist.Unit(log_factor, has_rsample=True)
+    pyro.sample(name, unit, obs=unit.sample(), infer={"block": block, "is_auxiliary": True})
+

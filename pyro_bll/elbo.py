@@ -1,0 +1,144 @@
+"""The block-local ELBO: Pyro's per-site ELBO terms, grouped into one loss per block.
+
+For block k (DESIGN.md section 1, the paper's Eq. for the local loss):
+
+    l_k = KL(rho_k || alpha_k) - E_{rho_k}[log q_k(y | z_k)] + lambda * CE_k
+
+Each term is read off a Pyro site tagged ``infer["block"] = k``:
+
+* latent site ``z_k`` (guide rho_k, model alpha_k): the analytic KL through
+  ``torch.distributions.kl_divergence`` where one is registered (``analytic_kl``), else the
+  single-sample estimate log rho_k(z) - log alpha_k(z) as in ``Trace_ELBO``;
+* observed sites (``y_k``, ``y``): -log q_k(y | z_k) at the guide's draw, or the closed-form
+  expectation when the site's distribution offers ``expected_log_prob(value, rho)`` and
+  ``analytic_likelihood`` is on;
+* factor sites (``pred_k``): minus the factor.
+
+With block inputs detached in the chain, d(sum_j l_j)/d(theta_k, phi_k) = d l_k / d(...),
+so minimising the sum trains every block on its own loss. The losses are summed over the
+batch, as Pyro's ELBOs are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from pyro.infer import ELBO
+from pyro.infer.enum import get_importance_trace
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
+from torch.distributions import kl_divergence
+
+
+@dataclass
+class BlockLosses:
+    """Per-block local losses ``[N]``, their sum, and a named breakdown per block."""
+
+    per_block: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)  # name -> [N]
+
+    @property
+    def total(self) -> Tensor:
+        return self.per_block.sum()
+
+
+def _scaled_sum(value: Tensor, site: dict) -> Tensor:
+    """Sum a per-example term, applying the site's plate scale (subsampling)."""
+    return (value * site["scale"]).sum()
+
+
+class BlockLocalELBO(ELBO):
+    """A Pyro ELBO whose loss is the sum of block-local losses.
+
+    Works with ``pyro.infer.SVI`` (``loss``, ``loss_and_grads``) and with a plain torch
+    optimiser (``differentiable_loss`` or ``block_losses``). The model and guide must accept
+    a ``cache`` keyword (``BLLChain.model`` / ``.guide`` do): one dict is passed to both
+    so the forward messages are computed once per step.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        *,
+        analytic_kl: bool = True,
+        analytic_likelihood: bool = True,
+        max_plate_nesting: int = 1,
+    ) -> None:
+        super().__init__(num_particles=1, max_plate_nesting=max_plate_nesting)
+        self.num_blocks = num_blocks
+        self.analytic_kl = analytic_kl
+        self.analytic_likelihood = analytic_likelihood
+
+    def _get_trace(self, model, guide, args, kwargs):
+        kwargs = {**kwargs, "cache": kwargs.get("cache", {})}
+        model_trace, guide_trace = get_importance_trace(
+            "flat", self.max_plate_nesting, model, guide, args, kwargs, detach=False
+        )
+        return model_trace, guide_trace
+
+    def block_losses(self, model, guide, *args, **kwargs) -> BlockLosses:
+        """Run guide and model once; return the per-block losses and their terms."""
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        model_trace = prune_subsample_sites(model_trace)
+        guide_trace = prune_subsample_sites(guide_trace)
+        kinds = ("kl", "nll", "pred")
+        terms: dict[str, list[Tensor | float]] = {kind: [0.0] * self.num_blocks for kind in kinds}
+
+        def add(kind: str, k: int, value: Tensor) -> None:
+            terms[kind][k] = terms[kind][k] + value
+
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            k = site["infer"].get("block")
+            if k is None:
+                raise ValueError(f"model site {name!r} has no infer['block'] tag")
+            if site["is_observed"]:
+                kind = "pred" if site["infer"].get("is_auxiliary") else "nll"
+                add(kind, k, -self._expected_log_lik(site, guide_trace))
+                continue
+            g = guide_trace.nodes.get(name)
+            if g is None:
+                raise ValueError(f"latent site {name!r} is missing from the guide")
+            add("kl", k, self._kl(site, g))
+        ref = next(v for vs in terms.values() for v in vs if isinstance(v, Tensor))
+        stacked = {
+            kind: torch.stack([torch.as_tensor(v, dtype=ref.dtype, device=ref.device) for v in vs])
+            for kind, vs in terms.items()
+        }
+        per_block = stacked["kl"] + stacked["nll"] + stacked["pred"]
+        return BlockLosses(per_block=per_block, terms=stacked)
+
+    def _kl(self, model_site: dict, guide_site: dict) -> Tensor:
+        if self.analytic_kl:
+            try:
+                kl = kl_divergence(guide_site["fn"], model_site["fn"])
+            except NotImplementedError:
+                pass
+            else:
+                return _scaled_sum(kl, guide_site)
+        # single-sample estimate at the guide's draw: log rho(z) - log alpha(z)
+        return guide_site["log_prob_sum"] - model_site["log_prob_sum"]
+
+    def _expected_log_lik(self, site: dict, guide_trace) -> Tensor:
+        latent = site["infer"].get("latent")
+        fn = site["fn"]
+        if self.analytic_likelihood and latent is not None and hasattr(fn, "expected_log_prob"):
+            rho = guide_trace.nodes[latent]["fn"]
+            return _scaled_sum(fn.expected_log_prob(site["value"], rho), site)
+        return site["log_prob_sum"]
+
+    # ---- the pyro.infer.ELBO interface -------------------------------------------------
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        return self.block_losses(model, guide, *args, **kwargs).total
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        return loss.item()

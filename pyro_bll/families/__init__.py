@@ -1,0 +1,40 @@
+"""Latent distribution families. Adding one = one class + one line in ``FAMILIES``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .base import Family, FamilyError, Natural, Params
+from .gaussian import FixedVarianceGaussian, LearnedVarianceGaussian
+
+FAMILIES: dict[str, type[Family]] = {
+    "gaussian": FixedVarianceGaussian,
+    "gaussian_learned": LearnedVarianceGaussian,
+}
+
+
+def make_family(name: str, **options: Any) -> Family:
+    """Build a registered family by name, with its dataclass options (e.g. ``sigma``)."""
+    if name not in FAMILIES:
+        raise FamilyError(f"unknown family {name!r}; valid families: {', '.join(FAMILIES)}")
+    cls = FAMILIES[name]
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    unknown = set(options) - fields
+    if unknown:
+        raise FamilyError(
+            f"family {name!r} has no option(s) {sorted(unknown)}; valid: {sorted(fields) or 'none'}"
+        )
+    return cls(**options)
+
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "FamilyError",
+    "FixedVarianceGaussian",
+    "LearnedVarianceGaussian",
+    "Natural",
+    "Params",
+    "make_family",
+]

@@ -1,0 +1,147 @@
+"""The interface every latent family implements.
+
+A family describes the distribution F(alpha) over one block's latent z, channel-wise over
+the last dimension: a block output of shape ``[..., n_raw * C]`` becomes parameters of C
+independent scalar distributions, each of shape ``[..., C]``.
+
+Conventions (DESIGN.md, section 1). Every family is an exponential family
+
+    F(z; eta) = h(z) exp(<eta, T(z)> - A(eta)),
+
+with natural parameters ``eta = (eta_1, ..., eta_m)`` (a tuple of ``[..., C]`` tensors),
+sufficient statistics ``T(z) = (T_1(z), ..., T_m(z))`` and log-normaliser ``A``. The
+natural-parameter convention is this library's own, documented per family; it is never
+torch's private ``_natural_params``.
+
+The feedback message beta_k is a *conjugate potential* exp(<beta, T(z)>) with no base
+measure, so the variational posterior
+
+    rho(z) proportional to alpha(z) * exp(<beta, T(z)>)   =   F(z; eta(alpha) + beta)
+
+stays in the family exactly (``posterior``). A potential of all zeros carries no
+information: rho = alpha.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, kl_divergence
+
+Params = tuple[Tensor, ...]
+Natural = tuple[Tensor, ...]
+
+
+class FamilyError(ValueError):
+    """A block output or parameter that does not fit a family."""
+
+
+class Family(ABC):
+    """One exponential family of channel-wise latent distributions.
+
+    Subclasses set ``name``, ``n_raw`` (raw block outputs per channel) and ``n_feedback``
+    (raw feedback outputs per channel) and implement the abstract methods.
+    """
+
+    name: ClassVar[str]
+    n_raw: ClassVar[int]
+    n_feedback: ClassVar[int]
+
+    # ---- parameter layout -------------------------------------------------------------
+    def split_raw(self, raw: Tensor, n: int, what: str) -> tuple[Tensor, ...]:
+        """Split ``[..., n * C]`` into n tensors of ``[..., C]`` (channel blocks)."""
+        if raw.shape[-1] % n != 0:
+            raise FamilyError(
+                f"{self.name}: {what} has {raw.shape[-1]} features on its last axis, not a "
+                f"multiple of {n} (the family needs {n} values per latent channel); "
+                f"make the block output {n} * channels features"
+            )
+        return tuple(raw.chunk(n, dim=-1))
+
+    def raw_size(self, channels: int) -> int:
+        """Width a block must output to parametrise ``channels`` latent channels."""
+        return self.n_raw * channels
+
+    def feedback_size(self, channels: int) -> int:
+        """Width a feedback network must output for ``channels`` latent channels."""
+        return self.n_feedback * channels
+
+    # ---- the exponential family -------------------------------------------------------
+    @abstractmethod
+    def params(self, raw: Tensor) -> Params:
+        """Map a block's raw output ``[..., n_raw * C]`` to valid parameters alpha."""
+
+    @abstractmethod
+    def check_params(self, params: Params) -> None:
+        """Raise ``FamilyError`` if ``params`` lie outside the parameter space."""
+
+    @abstractmethod
+    def natural(self, params: Params) -> Natural:
+        """eta(alpha): natural parameters of the distribution with ``params``."""
+
+    @abstractmethod
+    def from_natural(self, eta: Natural) -> Params:
+        """Inverse of ``natural``."""
+
+    @abstractmethod
+    def sufficient_stats(self, z: Tensor) -> tuple[Tensor, ...]:
+        """T(z), one ``[..., C]`` tensor per natural parameter."""
+
+    @abstractmethod
+    def log_normalizer(self, eta: Natural) -> Tensor:
+        """A(eta), ``[..., C]``."""
+
+    @abstractmethod
+    def log_base_measure(self, z: Tensor) -> Tensor:
+        """log h(z), ``[..., C]``."""
+
+    @abstractmethod
+    def distribution(self, params: Params) -> Distribution:
+        """A torch distribution with batch shape ``[..., C]``."""
+
+    @abstractmethod
+    def mean(self, params: Params) -> Tensor:
+        """m(alpha) = E_alpha[z], ``[..., C]``: what the next block consumes by default."""
+
+    @abstractmethod
+    def feedback_potential(self, raw: Tensor) -> Natural:
+        """Map a feedback network's raw output ``[..., n_feedback * C]`` to a potential."""
+
+    # ---- derived operations (shared by all families) ----------------------------------
+    def posterior(self, alpha: Params, beta: Natural) -> Params:
+        """rho = F(eta(alpha) + beta): the exact product alpha(z) * exp(<beta, T(z)>)."""
+        eta = self.natural(alpha)
+        return self.from_natural(tuple(a + b for a, b in zip(eta, beta, strict=True)))
+
+    def kl(self, p: Params, q: Params) -> Tensor:
+        """KL(F(p) || F(q)) per channel, ``[..., C]``, differentiable in both arguments."""
+        return kl_divergence(self.distribution(p), self.distribution(q))
+
+    def log_prob(self, params: Params, z: Tensor) -> Tensor:
+        """log F(z; params) via the exponential-family form, ``[..., C]``."""
+        eta = self.natural(params)
+        t = self.sufficient_stats(z)
+        inner = sum(e * s for e, s in zip(eta, t, strict=True))
+        return self.log_base_measure(z) + inner - self.log_normalizer(eta)
+
+    def potential_logits(self, z: Tensor, prototypes: Natural) -> Tensor:
+        """Logits of the local likelihood tied to the feedback weights.
+
+        q(y = c | z) = softmax_c( sum_C <beta_c, T(z)> - A(beta_c) ), where ``prototypes``
+        holds the feedback potential beta_c of every class c as ``[num_classes, C]``
+        tensors and z is ``[..., C]``. Returns ``[..., num_classes]``. The class-independent
+        base measure h(z) cancels in the softmax and is left out.
+        """
+        t = self.sufficient_stats(z)
+        logits = sum(s @ e.transpose(0, 1) for s, e in zip(t, prototypes, strict=True))
+        return logits - self.log_normalizer(prototypes).sum(-1)
+
+    def zero_potential(self, like: Tensor) -> Natural:
+        """The uninformative potential (rho = alpha), shaped like ``like`` ``[..., C]``."""
+        return tuple(torch.zeros_like(like) for _ in range(len(self.sufficient_stats(like))))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -1,0 +1,114 @@
+"""Diagonal Gaussian families: the paper's fixed-variance one and a learned-variance one.
+
+Natural-parameter convention for N(mu, s^2), per channel (all ``[..., C]``):
+
+    T(z) = (z, z^2),   eta = (mu / s^2, -1 / (2 s^2)),
+    A(eta) = -eta_1^2 / (4 eta_2) - log(-2 eta_2) / 2,   log h(z) = -log(2 pi) / 2.
+
+With the paper's fixed variance s^2 and a feedback potential of the same variance centred
+at beta, rho = N((alpha + beta) / 2, s^2 / 2) (Kappel et al., Sec. 3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Family, FamilyError, Natural, Params
+
+
+class _DiagonalGaussian(Family):
+    """Shared algebra; subclasses choose how raw outputs become (loc, scale)."""
+
+    def check_params(self, params: Params) -> None:
+        loc, scale = params
+        if not torch.isfinite(loc).all():
+            raise FamilyError(f"{self.name}: non-finite Gaussian mean")
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise FamilyError(f"{self.name}: Gaussian scale must be finite and > 0")
+
+    def natural(self, params: Params) -> Natural:
+        loc, scale = params
+        prec = scale.pow(-2)
+        return (loc * prec, -0.5 * prec)
+
+    def from_natural(self, eta: Natural) -> Params:
+        eta1, eta2 = eta
+        var = -0.5 / eta2  # requires eta2 < 0
+        return (eta1 * var, var.sqrt())
+
+    def sufficient_stats(self, z: Tensor) -> tuple[Tensor, ...]:
+        return (z, z * z)
+
+    def log_normalizer(self, eta: Natural) -> Tensor:
+        eta1, eta2 = eta
+        return -eta1.pow(2) / (4 * eta2) - 0.5 * torch.log(-2 * eta2)
+
+    def log_base_measure(self, z: Tensor) -> Tensor:
+        return torch.full_like(z, -0.5 * math.log(2 * math.pi))
+
+    def distribution(self, params: Params) -> dist.Normal:
+        loc, scale = params
+        return dist.Normal(loc, scale, validate_args=False)
+
+    def mean(self, params: Params) -> Tensor:
+        return params[0]
+
+
+@dataclass(repr=True)
+class FixedVarianceGaussian(_DiagonalGaussian):
+    """The paper's family: block output = mean, variance fixed to ``sigma**2``.
+
+    raw ``[..., C]`` -> alpha = (raw, sigma); feedback raw b ``[..., C]`` -> the potential
+    of N(b, sigma^2): beta = (b / sigma^2, -1 / (2 sigma^2)).
+    """
+
+    sigma: float = 1.0
+    name = "gaussian"
+    n_raw = 1
+    n_feedback = 1
+
+    def __post_init__(self) -> None:
+        if not self.sigma > 0:
+            raise FamilyError(f"gaussian: sigma must be > 0, got {self.sigma}")
+
+    def params(self, raw: Tensor) -> Params:
+        (loc,) = self.split_raw(raw, 1, "block output")
+        return (loc, torch.full_like(loc, self.sigma))
+
+    def feedback_potential(self, raw: Tensor) -> Natural:
+        (b,) = self.split_raw(raw, 1, "feedback output")
+        prec = 1.0 / self.sigma**2
+        return (b * prec, torch.full_like(b, -0.5 * prec))
+
+
+@dataclass(repr=True)
+class LearnedVarianceGaussian(_DiagonalGaussian):
+    """Mean and per-channel scale both produced by the block.
+
+    raw ``[..., 2C]`` = (mu, r) -> alpha = (mu, softplus(r) + min_scale). The feedback
+    network likewise outputs (b, r) ``[..., 2C]`` and sends the potential of
+    N(b, (softplus(r) + min_scale)^2).
+    """
+
+    min_scale: float = 1e-3
+    name = "gaussian_learned"
+    n_raw = 2
+    n_feedback = 2
+
+    def __post_init__(self) -> None:
+        if not self.min_scale >= 0:
+            raise FamilyError(f"gaussian_learned: min_scale must be >= 0, got {self.min_scale}")
+
+    def params(self, raw: Tensor) -> Params:
+        loc, r = self.split_raw(raw, 2, "block output")
+        return (loc, F.softplus(r) + self.min_scale)
+
+    def feedback_potential(self, raw: Tensor) -> Natural:
+        b, r = self.split_raw(raw, 2, "feedback output")
+        return self.natural((b, F.softplus(r) + self.min_scale))

@@ -1,0 +1,95 @@
+"""Likelihoods: the output head f_out and the block-local likelihoods q_k(y | z_k).
+
+Shapes: z is ``[B, C]`` (vector latents) or ``[B, T, C]`` (sequence latents); labels are
+``[B]`` or ``[B, T]`` to match. Every likelihood returns a Pyro distribution whose batch
+shape is the label shape; the chain masks it and moves the position axis to the event.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from .families import Family
+
+
+class CategoricalHead(nn.Module):
+    """f_out: logits = W LayerNorm(h) + b, read as Categorical(logits). ``[..., C] -> [..., V]``."""
+
+    def __init__(self, channels: int, num_classes: int, norm: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels) if norm else nn.Identity()
+        self.linear = nn.Linear(channels, num_classes)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.linear(self.norm(h))
+
+    def distribution(self, h: Tensor) -> Distribution:
+        return dist.Categorical(logits=self(h))
+
+
+class PrototypeLikelihood:
+    """The default local likelihood, tied to the feedback weights (DESIGN.md, section 1).
+
+    With the feedback potential beta_c = g_k(e_c) of every class c,
+
+        q_k(y = c | z) = softmax_c( <beta_c, T(z)> - A(beta_c) ).
+
+    For the fixed-variance Gaussian this is a nearest-prototype classifier whose
+    prototypes are the feedback outputs: logit_c = -||z - b_c||^2 / (2 sigma^2) + const.
+    """
+
+    def distribution(self, family: Family, z: Tensor, class_potentials: tuple) -> Distribution:
+        # z: [..., C]; class_potentials: tuple of [num_classes, C]; logits: [..., num_classes]
+        return dist.Categorical(logits=family.potential_logits(z, class_potentials))
+
+
+class AffineGaussian(dist.Normal):
+    """y ~ N(w . z + c, v) for real y, with the expectation under a Gaussian rho in closed form.
+
+    z ``[B, C]``, w ``[C]``: loc = sum_C w z + c, shape ``[B]``.
+    """
+
+    def __init__(self, z: Tensor, weight: Tensor, bias: Tensor, variance: Tensor) -> None:
+        self.weight, self.bias, self.noise_var = weight, bias, variance
+        super().__init__((z * weight).sum(-1) + bias, variance.sqrt().expand(z.shape[:-1]))
+
+    def expand(self, batch_shape, _instance=None):
+        new = super().expand(batch_shape, _instance or type(self).__new__(type(self)))
+        new.weight, new.bias, new.noise_var = self.weight, self.bias, self.noise_var
+        return new
+
+    def expected_log_prob(self, value: Tensor, rho: Distribution) -> Tensor:
+        """E_{z ~ rho}[log N(value; w.z + c, v)] for a diagonal Gaussian rho over z ``[B, C]``.
+
+            = log N(value; w.mu + c, v) - sum_C w^2 s^2 / (2 v)
+        """
+        base = rho.base_dist if isinstance(rho, torch.distributions.Independent) else rho
+        mu, var = base.mean, base.variance
+        loc = (mu * self.weight).sum(-1) + self.bias
+        spread = (self.weight.pow(2) * var).sum(-1)
+        return (
+            -0.5 * math.log(2 * math.pi)
+            - 0.5 * self.noise_var.log()
+            - ((value - loc).pow(2) + spread) / (2 * self.noise_var)
+        )
+
+
+class LinearGaussianHead(nn.Module):
+    """A regression head y ~ N(w . h + c, v) (used by the exact linear-Gaussian chain)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor, variance: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+        self.variance = nn.Parameter(variance)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return (h * self.weight).sum(-1) + self.bias
+
+    def distribution(self, h: Tensor) -> Distribution:
+        return AffineGaussian(h, self.weight, self.bias, self.variance)

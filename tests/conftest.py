@@ -1,0 +1,23 @@
+import pyro
+import pytest
+import torch
+
+from pyro_bll import FAMILIES, make_family, seed_everything
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _clean_state():
+    """Fresh Pyro param store, validation on and a fixed seed for every test."""
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    seed_everything(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    """Every registered family with its default options: generic checks run on all."""
+    return make_family(request.param)
