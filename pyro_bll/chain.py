@@ -205,15 +205,19 @@ class BLLChain(nn.Module):
                 inp = self.next_input(k, alpha, z)
             h = z if self.head_input == "sample" else self.families[last].mean(alpha)
             fn = self._observed(self.head.distribution(h), mask)
-            infer = {"block": last, "latent": f"z_{last}"} if self.head_input == "sample" else {
-                "block": last
-            }
+            infer = (
+                {"block": last, "latent": f"z_{last}"}
+                if self.head_input == "sample"
+                else {"block": last}
+            )
             pyro.sample("y", fn, obs=y, infer=infer)
 
     def _ce(self, logits: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
         """Cross-entropy summed over positions, ``[B]``."""
-        ce = F.cross_entropy(logits.movedim(-1, 1), y, reduction="none") if logits.dim() > 2 else (
-            F.cross_entropy(logits, y, reduction="none")
+        ce = (
+            F.cross_entropy(logits.movedim(-1, 1), y, reduction="none")
+            if logits.dim() > 2
+            else (F.cross_entropy(logits, y, reduction="none"))
         )
         if mask is not None:
             ce = ce * mask.to(ce.dtype)
@@ -247,4 +251,3 @@ def _block_factor(name: str, log_factor: Tensor, block: int) -> None:
     """Like ``pyro.factor``, but tagged with the block that owns the term."""
     unit = dist.Unit(log_factor, has_rsample=True)
     pyro.sample(name, unit, obs=unit.sample(), infer={"block": block, "is_auxiliary": True})
-

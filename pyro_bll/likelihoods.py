@@ -66,7 +66,7 @@ class AffineGaussian(dist.Normal):
     def expected_log_prob(self, value: Tensor, rho: Distribution) -> Tensor:
         """E_{z ~ rho}[log N(value; w.z + c, v)] for a diagonal Gaussian rho over z ``[B, C]``.
 
-            = log N(value; w.mu + c, v) - sum_C w^2 s^2 / (2 v)
+        = log N(value; w.mu + c, v) - sum_C w^2 s^2 / (2 v)
         """
         base = rho.base_dist if isinstance(rho, torch.distributions.Independent) else rho
         mu, var = base.mean, base.variance

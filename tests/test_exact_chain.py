@@ -2,14 +2,19 @@
 
 import pytest
 import torch
-from utils import assert_close
 
 from pyro_bll import BlockLocalELBO
 from pyro_bll.models import LinearGaussianSpec, build_linear_gaussian_chain
 
+from utils import assert_close
+
 SPEC = LinearGaussianSpec(
-    a=[0.8, -1.3, 0.5, 1.1], c=[0.1, 0.4, -0.2, 0.0], v=[0.5, 0.3, 0.7, 0.2],
-    w=1.5, c_y=0.3, v_y=0.4,
+    a=[0.8, -1.3, 0.5, 1.1],
+    c=[0.1, 0.4, -0.2, 0.0],
+    v=[0.5, 0.3, 0.7, 0.2],
+    w=1.5,
+    c_y=0.3,
+    v_y=0.4,
 )
 
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 from torch.distributions import kl_divergence
-from utils import assert_close
 
 from pyro_bll import FamilyError
+
+from utils import assert_close
 
 C = 3
 

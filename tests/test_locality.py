@@ -1,9 +1,10 @@
 """DESIGN.md section 2, item 3: every block learns from its own loss only."""
 
 import torch
-from utils import assert_close, mlp_chain, toy_batch
 
 from pyro_bll import BlockLocalELBO, seed_everything
+
+from utils import assert_close, mlp_chain, toy_batch
 
 
 def test_total_gradient_equals_local_gradient_and_nothing_leaks(family):

@@ -6,17 +6,22 @@ import pyro.optim
 import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
-from utils import assert_close, mlp_chain, toy_batch
 
 from pyro_bll import BlockLocalELBO, seed_everything
+
+from utils import assert_close, mlp_chain, toy_batch
 
 
 @pytest.mark.parametrize("head_input", ["mean", "sample"])
 @pytest.mark.parametrize("propagate", ["mean", "sample"])
 def test_matches_trace_elbo_and_mean_field_elbo(family, head_input, propagate):
     chain = mlp_chain(
-        family, detach=False, local_likelihoods=None, pred_heads=None,
-        head_input=head_input, propagate=propagate,
+        family,
+        detach=False,
+        local_likelihoods=None,
+        pred_heads=None,
+        head_input=head_input,
+        propagate=propagate,
     ).double()
     x, y = toy_batch()
     x = x.double()
