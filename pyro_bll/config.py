@@ -1,0 +1,78 @@
+"""Typed run configuration; ``experiments/run.py`` parses the command line into it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one line, exit code 2."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. ``validate`` checks it before any work starts."""
+
+    task: str = "s2s_reverse"
+    method: str = "bll"
+    family: str = "gaussian"
+    family_args: dict[str, Any] = field(default_factory=dict)
+    layers: int = 5
+    blocks: int | None = None  # None: one block per layer
+    d_model: int = 32
+    seq_len: int = 10
+    epochs: int = 5
+    train_size: int = 10_000  # training sequences per epoch
+    test_size: int = 1_000
+    batch_size: int = 50
+    lr: float = 2e-3
+    pred_weight: float = 1.0
+    propagate: str = "mean"
+    seed: int = 0
+    out: str = "runs/s2s_reverse"
+    device: str = "cpu"
+    threads: int = 0  # 0: leave torch's default
+    resume: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layers if self.blocks is None else self.blocks
+
+    def validate(self) -> None:
+        from .families import FAMILIES
+        from .methods import METHODS
+        from .tasks import TASKS
+
+        for name, choices, what in [
+            (self.task, TASKS, "task"),
+            (self.method, METHODS, "method"),
+            (self.family, FAMILIES, "family"),
+            (self.propagate, ("mean", "sample"), "propagate"),
+        ]:
+            if name not in choices:
+                raise ConfigError(f"unknown {what} {name!r}; valid: {', '.join(choices)}")
+        for name in ("layers", "d_model", "seq_len", "epochs", "train_size", "test_size",
+                     "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got "
+                                  f"{getattr(self, name)}")
+        if self.num_blocks <= 0 or self.layers % self.num_blocks:
+            raise ConfigError(
+                f"--blocks {self.num_blocks} must be positive and divide --layers {self.layers}"
+            )
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.pred_weight < 0:
+            raise ConfigError(f"--pred-weight must be >= 0, got {self.pred_weight}")
+        if self.device not in ("cpu",) and not self.device.startswith("cuda"):
+            raise ConfigError(f"unknown --device {self.device!r}; use cpu or cuda[:N]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,59 @@
+"""Headless plots: one run's learning curve, several runs overlaid, accuracy vs blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_learning_curve(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Test accuracy and each block's mean local loss against epoch."""
+    if not history:
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["test_accuracy"] for h in history], "o-", label="token")
+    ax1.plot(epochs, [h["test_sequence_accuracy"] for h in history], "s--", label="sequence")
+    ax1.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1.02), title=title)
+    ax1.legend()
+    n_blocks = len(history[0]["block_losses"])
+    for k in range(n_blocks):
+        ax2.plot(epochs, [h["block_losses"][k] for h in history], label=f"block {k + 1}")
+    ax2.set(xlabel="epoch", ylabel="local loss per example", yscale="symlog")
+    if n_blocks <= 10:
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], path: Path) -> None:
+    """Overlay test accuracy against epoch for several runs (paper Fig. 3B)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, history in runs.items():
+        ax.plot([h["epoch"] for h in history], [h["test_accuracy"] for h in history], "o-",
+                label=label)
+    ax.set(xlabel="epoch", ylabel="test token accuracy", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_sweep(blocks: Sequence[int], acc: dict[str, Sequence[float]], path: Path) -> None:
+    """Test accuracy against the number of blocks (paper Fig. 3C)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in acc.items():
+        ax.plot(blocks, values, "o-", label=label)
+    ax.set(xlabel="number of blocks", ylabel="test token accuracy", xscale="log")
+    ax.set_xticks(list(blocks), [str(b) for b in blocks])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,192 @@
+"""The training loop: one step owns backward() and the optimiser; epochs write results.
+
+Per epoch the run directory receives a checkpoint (``checkpoints/epoch_XXX.pt``: model,
+optimiser, RNG states, history), an updated ``metrics.json`` and ``learning_curve.png``.
+``resume`` restores the newest checkpoint, RNG states included, so that a resumed run
+ends with the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from tqdm import tqdm
+
+from .chain import BLLChain
+from .config import ConfigError, RunConfig
+from .families import FamilyError, make_family
+from .methods import METHODS
+from .seed import seed_everything
+from .tasks import TASKS
+
+
+class TrainingDiverged(RuntimeError):
+    """A local loss became NaN or infinite."""
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "random": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("epoch_*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def prepare_out_dir(cfg: RunConfig) -> Path:
+    """Create ``cfg.out`` (or fail with a ConfigError) and check ``--resume`` is possible."""
+    out = Path(cfg.out)
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {cfg.out!r} cannot be written ({e.strerror}); "
+                          "choose a writable directory") from None
+    if cfg.resume and latest_checkpoint(out) is None:
+        raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; "
+                          "run without --resume first")
+    return out
+
+
+class Trainer:
+    """Builds task, family, chain and method from a config and trains them."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda requested but no CUDA device is available; "
+                              "use --device cpu")
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        try:
+            self.family = make_family(cfg.family, **cfg.family_args)
+        except FamilyError as e:
+            raise ConfigError(str(e)) from None
+        self.task = TASKS[cfg.task](cfg)
+        self.chain: BLLChain = self.task.build_chain(self.family).to(self.device)
+        self.method = METHODS[cfg.method](self.chain)
+        self.optimizer = torch.optim.Adam(self.chain.parameters(), lr=cfg.lr)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+
+    # ---- one step ----------------------------------------------------------------------
+    def step(self, x, y, mask) -> torch.Tensor:
+        """One optimiser step; returns the per-block losses (per example)."""
+        loss, per_block = self.method.loss(self.chain, x, y, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return per_block
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def save(self, out: Path, epoch: int) -> Path:
+        path = out / "checkpoints" / f"epoch_{epoch:03d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({
+            "epoch": epoch, "config": self.cfg.to_dict(), "model": self.chain.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "history": self.history,
+            "rng": _rng_state(),
+        }, tmp)
+        tmp.replace(path)  # never leave a half-written checkpoint behind
+        return path
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.chain.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = state["history"]
+        self.start_epoch = state["epoch"] + 1
+        _set_rng_state(state["rng"])
+
+    # ---- the loop ----------------------------------------------------------------------
+    def fit(self, out: Path, progress: bool = True) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.resume:
+            self.load(latest_checkpoint(out))
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        pyro.enable_validation(False)  # shape checks cost time in the hot loop
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                self._epoch(out, epoch, progress)
+        finally:
+            pyro.enable_validation(True)
+        return self.metrics()
+
+    def _epoch(self, out: Path, epoch: int, progress: bool) -> None:
+        cfg = self.cfg
+        self.chain.train()
+        t0 = time.perf_counter()
+        total, count = None, 0
+        bar = tqdm(self.task.train_batches(epoch), total=self.task.steps_per_epoch(),
+                   desc=f"epoch {epoch + 1}/{cfg.epochs} [{cfg.method}]",
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        for x, y, mask in bar:
+            per_block = self.step(x.to(self.device), y.to(self.device), mask.to(self.device))
+            if not torch.isfinite(per_block).all():
+                bad = int((~torch.isfinite(per_block)).nonzero()[0])
+                raise TrainingDiverged(
+                    f"block {bad} local loss is {per_block[bad].item()} in epoch {epoch + 1}; "
+                    f"metrics and checkpoints up to epoch {epoch} are kept in {out}; "
+                    "try a smaller --lr"
+                )
+            total = per_block if total is None else total + per_block
+            count += 1
+            bar.set_postfix(loss=f"{per_block.sum().item():.3f}")
+        train_time = time.perf_counter() - t0
+        metrics = self.task.evaluate(self.chain, self.device)
+        block_losses = (total / max(count, 1)).tolist()
+        self.history.append({"epoch": epoch + 1, "block_losses": block_losses,
+                             "train_seconds": train_time, **metrics})
+        self.save(out, epoch)
+        self.write_results(out)
+        losses = " ".join(f"{v:.3f}" for v in block_losses)
+        print(f"epoch {epoch + 1}/{cfg.epochs}  {train_time:.1f}s  block losses [{losses}]  "
+              f"test acc {metrics['test_accuracy']:.4f}  "
+              f"seq acc {metrics['test_sequence_accuracy']:.4f}", flush=True)
+
+    def metrics(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "test_accuracy": last.get("test_accuracy", math.nan),
+            "test_sequence_accuracy": last.get("test_sequence_accuracy", math.nan),
+            "epochs_done": len(self.history),
+            "seconds_per_epoch": (float(np.mean([h["train_seconds"] for h in self.history]))
+                                  if self.history else math.nan),
+            "config": self.cfg.to_dict(),
+            "history": self.history,
+        }
+
+    def write_results(self, out: Path) -> None:
+        (out / "metrics.json").write_text(json.dumps(self.metrics(), indent=2))
+        from .plots import plot_learning_curve
+
+        plot_learning_curve(self.history, out / "learning_curve.png",
+                            title=f"{self.cfg.task} {self.cfg.method} ({self.cfg.num_blocks} blocks)")
+
+
+def main(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Validate, train and return the final metrics (also written to ``cfg.out``)."""
+    cfg.validate()
+    out = prepare_out_dir(cfg)
+    trainer = Trainer(cfg)
+    return trainer.fit(out, progress=progress)
