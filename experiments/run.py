@@ -1,7 +1,7 @@
 """Train a network with block-local learning (BLL) or backprop (BP) and write the results.
 
-    python experiments/run.py --task s2s_reverse
-    python experiments/run.py --task s2s_reverse --method bp --layers 20 --out runs/bp20
+python experiments/run.py --task s2s_reverse
+python experiments/run.py --task s2s_reverse --method bp --layers 20 --out runs/bp20
 """
 
 from __future__ import annotations
@@ -36,40 +36,75 @@ def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default=d.task, help=f"task to train on: {', '.join(TASKS)}")
-    p.add_argument("--method", default=d.method,
-                   help=f"{', '.join(METHODS)}: bll trains every block on its own local loss "
-                        "(no backward pass across blocks); bp is end-to-end backprop on the "
-                        "same network")
-    p.add_argument("--family", default=d.family,
-                   help=f"latent distribution family of every block: {', '.join(FAMILIES)} "
-                        "(gaussian = the paper's fixed variance)")
-    p.add_argument("--family-arg", action="append", type=_key_value, default=[],
-                   metavar="KEY=VALUE", help="family option, e.g. sigma=0.5 (repeatable)")
+    p.add_argument(
+        "--method",
+        default=d.method,
+        help=f"{', '.join(METHODS)}: bll trains every block on its own local loss "
+        "(no backward pass across blocks); bp is end-to-end backprop on the "
+        "same network",
+    )
+    p.add_argument(
+        "--family",
+        default=d.family,
+        help=f"latent distribution family of every block: {', '.join(FAMILIES)} "
+        "(gaussian = the paper's fixed variance)",
+    )
+    p.add_argument(
+        "--family-arg",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="family option, e.g. sigma=0.5 (repeatable)",
+    )
     p.add_argument("--layers", type=int, default=d.layers, help="transformer layers L")
-    p.add_argument("--blocks", type=int, default=None,
-                   help="number of blocks N; must divide --layers (default: N = L, a local "
-                        "loss after every layer as in the paper)")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="number of blocks N; must divide --layers (default: N = L, a local "
+        "loss after every layer as in the paper)",
+    )
     p.add_argument("--d-model", type=int, default=d.d_model, help="width of the residual stream")
-    p.add_argument("--seq-len", type=int, default=d.seq_len,
-                   help="s2s_reverse: length n of the permutation to reverse")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=d.seq_len,
+        help="s2s_reverse: length n of the permutation to reverse",
+    )
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    p.add_argument("--train-size", type=int, default=d.train_size,
-                   help="training sequences per epoch (fresh each epoch)")
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=d.train_size,
+        help="training sequences per epoch (fresh each epoch)",
+    )
     p.add_argument("--test-size", type=int, default=d.test_size, help="held-out test sequences")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--pred-weight", type=float, default=d.pred_weight,
-                   help="weight lambda of the per-block predictive loss (0 switches it off)")
-    p.add_argument("--propagate", default=d.propagate, choices=["mean", "sample"],
-                   help="what the next block consumes: the mean of z_k (paper) or a draw")
+    p.add_argument(
+        "--pred-weight",
+        type=float,
+        default=d.pred_weight,
+        help="weight lambda of the per-block predictive loss (0 switches it off)",
+    )
+    p.add_argument(
+        "--propagate",
+        default=d.propagate,
+        choices=["mean", "sample"],
+        help="what the next block consumes: the mean of z_k (paper) or a draw",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (data, init, noise)")
-    p.add_argument("--out", default=d.out,
-                   help="run directory for config, metrics.json, checkpoints and plots")
+    p.add_argument(
+        "--out", default=d.out, help="run directory for config, metrics.json, checkpoints and plots"
+    )
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out")
+    p.add_argument(
+        "--threads", type=int, default=d.threads, help="torch CPU threads (0 = torch's default)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -91,8 +126,10 @@ def cli(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
-    print(f"final test accuracy {metrics['test_accuracy']:.4f} "
-          f"(sequence accuracy {metrics['test_sequence_accuracy']:.4f}); results in {cfg.out}")
+    print(
+        f"final test accuracy {metrics['test_accuracy']:.4f} "
+        f"(sequence accuracy {metrics['test_sequence_accuracy']:.4f}); results in {cfg.out}"
+    )
     return 0
 
 

@@ -19,7 +19,7 @@ class RunConfig:
     method: str = "bll"
     family: str = "gaussian"
     family_args: dict[str, Any] = field(default_factory=dict)
-    layers: int = 5
+    layers: int = 20
     blocks: int | None = None  # None: one block per layer
     d_model: int = 32
     seq_len: int = 10
@@ -53,11 +53,19 @@ class RunConfig:
         ]:
             if name not in choices:
                 raise ConfigError(f"unknown {what} {name!r}; valid: {', '.join(choices)}")
-        for name in ("layers", "d_model", "seq_len", "epochs", "train_size", "test_size",
-                     "batch_size"):
+        for name in (
+            "layers",
+            "d_model",
+            "seq_len",
+            "epochs",
+            "train_size",
+            "test_size",
+            "batch_size",
+        ):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got "
-                                  f"{getattr(self, name)}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
         if self.num_blocks <= 0 or self.layers % self.num_blocks:
             raise ConfigError(
                 f"--blocks {self.num_blocks} must be positive and divide --layers {self.layers}"

@@ -37,8 +37,9 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], path: Path) -> None:
     """Overlay test accuracy against epoch for several runs (paper Fig. 3B)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, history in runs.items():
-        ax.plot([h["epoch"] for h in history], [h["test_accuracy"] for h in history], "o-",
-                label=label)
+        ax.plot(
+            [h["epoch"] for h in history], [h["test_accuracy"] for h in history], "o-", label=label
+        )
     ax.set(xlabel="epoch", ylabel="test token accuracy", ylim=(0, 1.02))
     ax.legend(fontsize=8)
     fig.tight_layout()

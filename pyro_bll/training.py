@@ -33,8 +33,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "random": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "random": random.getstate(),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -57,11 +60,13 @@ def prepare_out_dir(cfg: RunConfig) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"--out {cfg.out!r} cannot be written ({e.strerror}); "
-                          "choose a writable directory") from None
+        raise ConfigError(
+            f"--out {cfg.out!r} cannot be written ({e.strerror}); choose a writable directory"
+        ) from None
     if cfg.resume and latest_checkpoint(out) is None:
-        raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; "
-                          "run without --resume first")
+        raise ConfigError(
+            f"--resume: no checkpoint in {out / 'checkpoints'}; run without --resume first"
+        )
     return out
 
 
@@ -73,8 +78,9 @@ class Trainer:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda requested but no CUDA device is available; "
-                              "use --device cpu")
+            raise ConfigError(
+                "--device cuda requested but no CUDA device is available; use --device cpu"
+            )
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -102,11 +108,17 @@ class Trainer:
     def save(self, out: Path, epoch: int) -> Path:
         path = out / "checkpoints" / f"epoch_{epoch:03d}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save({
-            "epoch": epoch, "config": self.cfg.to_dict(), "model": self.chain.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "history": self.history,
-            "rng": _rng_state(),
-        }, tmp)
+        torch.save(
+            {
+                "epoch": epoch,
+                "config": self.cfg.to_dict(),
+                "model": self.chain.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "history": self.history,
+                "rng": _rng_state(),
+            },
+            tmp,
+        )
         tmp.replace(path)  # never leave a half-written checkpoint behind
         return path
 
@@ -137,9 +149,14 @@ class Trainer:
         self.chain.train()
         t0 = time.perf_counter()
         total, count = None, 0
-        bar = tqdm(self.task.train_batches(epoch), total=self.task.steps_per_epoch(),
-                   desc=f"epoch {epoch + 1}/{cfg.epochs} [{cfg.method}]",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            self.task.train_batches(epoch),
+            total=self.task.steps_per_epoch(),
+            desc=f"epoch {epoch + 1}/{cfg.epochs} [{cfg.method}]",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for x, y, mask in bar:
             per_block = self.step(x.to(self.device), y.to(self.device), mask.to(self.device))
             if not torch.isfinite(per_block).all():
@@ -155,14 +172,23 @@ class Trainer:
         train_time = time.perf_counter() - t0
         metrics = self.task.evaluate(self.chain, self.device)
         block_losses = (total / max(count, 1)).tolist()
-        self.history.append({"epoch": epoch + 1, "block_losses": block_losses,
-                             "train_seconds": train_time, **metrics})
+        self.history.append(
+            {
+                "epoch": epoch + 1,
+                "block_losses": block_losses,
+                "train_seconds": train_time,
+                **metrics,
+            }
+        )
         self.save(out, epoch)
         self.write_results(out)
         losses = " ".join(f"{v:.3f}" for v in block_losses)
-        print(f"epoch {epoch + 1}/{cfg.epochs}  {train_time:.1f}s  block losses [{losses}]  "
-              f"test acc {metrics['test_accuracy']:.4f}  "
-              f"seq acc {metrics['test_sequence_accuracy']:.4f}", flush=True)
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}  {train_time:.1f}s  block losses [{losses}]  "
+            f"test acc {metrics['test_accuracy']:.4f}  "
+            f"seq acc {metrics['test_sequence_accuracy']:.4f}",
+            flush=True,
+        )
 
     def metrics(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
@@ -170,8 +196,11 @@ class Trainer:
             "test_accuracy": last.get("test_accuracy", math.nan),
             "test_sequence_accuracy": last.get("test_sequence_accuracy", math.nan),
             "epochs_done": len(self.history),
-            "seconds_per_epoch": (float(np.mean([h["train_seconds"] for h in self.history]))
-                                  if self.history else math.nan),
+            "seconds_per_epoch": (
+                float(np.mean([h["train_seconds"] for h in self.history]))
+                if self.history
+                else math.nan
+            ),
             "config": self.cfg.to_dict(),
             "history": self.history,
         }
@@ -180,8 +209,11 @@ class Trainer:
         (out / "metrics.json").write_text(json.dumps(self.metrics(), indent=2))
         from .plots import plot_learning_curve
 
-        plot_learning_curve(self.history, out / "learning_curve.png",
-                            title=f"{self.cfg.task} {self.cfg.method} ({self.cfg.num_blocks} blocks)")
+        plot_learning_curve(
+            self.history,
+            out / "learning_curve.png",
+            title=f"{self.cfg.task} {self.cfg.method} ({self.cfg.num_blocks} blocks)",
+        )
 
 
 def main(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:

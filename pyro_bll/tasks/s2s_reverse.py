@@ -60,17 +60,22 @@ class S2SReverseTask:
 
         cfg = self.cfg
         d = cfg.d_model
-        blocks = transformer_blocks(
-            self.vocab, 2 * self.n, d, cfg.layers, cfg.num_blocks, family
-        )
+        blocks = transformer_blocks(self.vocab, 2 * self.n, d, cfg.layers, cfg.num_blocks, family)
         n_blocks = len(blocks)
         feedback = LinearFeedback(self.vocab, [family.feedback_size(d)] * n_blocks)
-        pred = [nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.vocab))
-                for _ in range(n_blocks - 1)]
+        pred = [
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.vocab)) for _ in range(n_blocks - 1)
+        ]
         return BLLChain(
-            blocks, family, feedback, CategoricalHead(d, self.vocab),
-            event_dim=self.event_dim, pred_heads=pred if cfg.pred_weight > 0 else None,
-            pred_weight=cfg.pred_weight, propagate=cfg.propagate, register_params=False,
+            blocks,
+            family,
+            feedback,
+            CategoricalHead(d, self.vocab),
+            event_dim=self.event_dim,
+            pred_heads=pred if cfg.pred_weight > 0 else None,
+            pred_weight=cfg.pred_weight,
+            propagate=cfg.propagate,
+            register_params=False,
         )
 
     # ---- data --------------------------------------------------------------------------

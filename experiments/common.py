@@ -1,0 +1,50 @@
+"""Helpers shared by the experiment scripts: run one config, summarise several seeds."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from typing import Any
+
+from pyro_bll.config import RunConfig
+from pyro_bll.training import main
+
+
+def run_seeds(base: RunConfig, seeds: list[int], out_prefix: str) -> dict[str, Any]:
+    """Train ``base`` once per seed; return per-seed metrics with mean and std."""
+    runs = []
+    for seed in seeds:
+        cfg = replace(base, seed=seed, out=f"{out_prefix}_seed{seed}")
+        m = main(cfg, progress=False)
+        runs.append(
+            {
+                "seed": seed,
+                "test_accuracy": m["test_accuracy"],
+                "test_sequence_accuracy": m["test_sequence_accuracy"],
+                "seconds_per_epoch": m["seconds_per_epoch"],
+                "out": cfg.out,
+            }
+        )
+        print(
+            f"  {out_prefix} seed {seed}: acc {m['test_accuracy']:.4f} "
+            f"seq {m['test_sequence_accuracy']:.4f} {m['seconds_per_epoch']:.1f}s/epoch",
+            flush=True,
+        )
+
+    def stats(key: str) -> tuple[float, float]:
+        vals = [r[key] for r in runs]
+        return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+    acc, seq, sec = (
+        stats("test_accuracy"),
+        stats("test_sequence_accuracy"),
+        stats("seconds_per_epoch"),
+    )
+    return {
+        "runs": runs,
+        "acc_mean": acc[0],
+        "acc_std": acc[1],
+        "seq_mean": seq[0],
+        "seq_std": seq[1],
+        "sec_per_epoch_mean": sec[0],
+    }

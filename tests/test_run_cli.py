@@ -1,0 +1,147 @@
+"""Smoke, resume and bad-input tests of experiments/run.py on tiny configurations."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import run  # noqa: E402
+
+from pyro_bll.config import RunConfig  # noqa: E402
+from pyro_bll.training import Trainer, TrainingDiverged, main  # noqa: E402
+
+TINY = [
+    "--layers",
+    "2",
+    "--d-model",
+    "16",
+    "--seq-len",
+    "4",
+    "--train-size",
+    "64",
+    "--test-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--no-progress",
+]
+
+
+def test_one_epoch_writes_every_artifact(tmp_path):
+    out = tmp_path / "run"
+    assert run.cli([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1
+    assert 0 <= metrics["test_sequence_accuracy"] <= 1
+    assert len(metrics["history"]) == 1
+    assert len(metrics["history"][0]["block_losses"]) == 2
+    assert json.loads((out / "config.json").read_text())["layers"] == 2
+    assert (out / "checkpoints" / "epoch_000.pt").exists()
+    png = (out / "learning_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+@pytest.mark.parametrize("method", ["bll", "bp"])
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, method):
+    args = [*TINY, "--method", method]
+    assert run.cli([*args, "--epochs", "3", "--out", str(tmp_path / "full")]) == 0
+    assert run.cli([*args, "--epochs", "1", "--out", str(tmp_path / "part")]) == 0
+    assert run.cli([*args, "--epochs", "3", "--out", str(tmp_path / "part"), "--resume"]) == 0
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    part = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    for a, b in zip(full["history"], part["history"], strict=True):
+        assert a["block_losses"] == pytest.approx(b["block_losses"], rel=1e-6)
+        assert a["test_accuracy"] == b["test_accuracy"]
+    sa = torch.load(tmp_path / "full" / "checkpoints" / "epoch_002.pt", weights_only=False)
+    sb = torch.load(tmp_path / "part" / "checkpoints" / "epoch_002.pt", weights_only=False)
+    for k, v in sa["model"].items():
+        torch.testing.assert_close(v, sb["model"][k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--task", "mnist"], "unknown task 'mnist'; valid: s2s_reverse"),
+        (["--method", "sgd"], "unknown method 'sgd'; valid: bll, bp"),
+        (["--family", "cauchy"], "unknown family 'cauchy'; valid: gaussian"),
+        (["--layers", "4", "--blocks", "3"], "--blocks 3 must be positive and divide --layers 4"),
+        (["--seq-len", "0"], "--seq-len must be positive"),
+        (["--family-arg", "sigma=-1"], "sigma must be > 0"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
+    assert run.cli([*TINY, "--out", str(tmp_path / "x"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+
+
+def test_resume_without_checkpoint_and_unwritable_out(tmp_path, capsys):
+    assert run.cli([*TINY, "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert run.cli([*TINY, "--out", str(blocker / "sub")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+def test_cli_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "run.py"),
+            "--family",
+            "nope",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: unknown family 'nope'")
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "run.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    for option in [
+        "--task",
+        "--method",
+        "--family",
+        "--layers",
+        "--blocks",
+        "--epochs",
+        "--seed",
+        "--out",
+        "--device",
+        "--resume",
+    ]:
+        assert option in help_text
+
+
+def test_nan_loss_stops_with_block_and_epoch_and_keeps_results(tmp_path, monkeypatch):
+    cfg, _ = run.parse_config([*TINY, "--epochs", "3", "--out", str(tmp_path / "nan")])
+    main(RunConfig(**{**cfg.to_dict(), "epochs": 1}), progress=False)
+    original = Trainer.step
+
+    def poisoned(self, x, y, mask):
+        per_block = original(self, x, y, mask)
+        return per_block * torch.tensor([1.0, float("nan")])
+
+    monkeypatch.setattr(Trainer, "step", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"block 1 local loss is nan in epoch 2"):
+        main(RunConfig(**{**cfg.to_dict(), "resume": True}), progress=False)
+    metrics = json.loads((tmp_path / "nan" / "metrics.json").read_text())
+    assert len(metrics["history"]) == 1
+    assert (tmp_path / "nan" / "checkpoints" / "epoch_000.pt").exists()
