@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[20, 5])
     p.add_argument("--methods", nargs="+", default=["bll", "bp"])
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--train-size", type=int, default=10_000, help="sequences per epoch")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs-dir", default="runs/reproduce_s2s")

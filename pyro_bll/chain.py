@@ -28,12 +28,11 @@ from typing import Any, Literal, Protocol
 
 import pyro
 import pyro.distributions as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from .families import Family, Natural, Params
-from .likelihoods import PrototypeLikelihood
+from .likelihoods import PrototypeLikelihood, masked_cross_entropy
 
 Propagate = Literal["mean", "params", "sample"]
 _names = itertools.count()
@@ -201,7 +200,9 @@ class BLLChain(nn.Module):
                     pyro.sample(f"y_{k}", fn, obs=y, infer={"block": k, "latent": f"z_{k}"})
                 if k < last and self.pred_heads is not None and self.pred_weight > 0:
                     logits = self.pred_heads[k](self.families[k].mean(alpha))
-                    _block_factor(f"pred_{k}", -self.pred_weight * self._ce(logits, y, mask), k)
+                    _block_factor(
+                        f"pred_{k}", -self.pred_weight * masked_cross_entropy(logits, y, mask), k
+                    )
                 inp = self.next_input(k, alpha, z)
             h = z if self.head_input == "sample" else self.families[last].mean(alpha)
             fn = self._observed(self.head.distribution(h), mask)
@@ -211,17 +212,6 @@ class BLLChain(nn.Module):
                 else {"block": last}
             )
             pyro.sample("y", fn, obs=y, infer=infer)
-
-    def _ce(self, logits: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
-        """Cross-entropy summed over positions, ``[B]``."""
-        ce = (
-            F.cross_entropy(logits.movedim(-1, 1), y, reduction="none")
-            if logits.dim() > 2
-            else (F.cross_entropy(logits, y, reduction="none"))
-        )
-        if mask is not None:
-            ce = ce * mask.to(ce.dtype)
-        return ce.reshape(ce.shape[0], -1).sum(-1)
 
     # ---- block ownership --------------------------------------------------------------
     def block_modules(self, k: int) -> list[nn.Module]:

@@ -11,10 +11,19 @@ import math
 
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from .families import Family
+
+
+def masked_cross_entropy(logits: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
+    """Cross-entropy summed over positions: logits ``[B, V]`` or ``[B, T, V]`` -> ``[B]``."""
+    ce = F.cross_entropy(logits.movedim(-1, 1), y, reduction="none")  # [B] or [B, T]
+    if mask is not None:
+        ce = ce * mask.to(ce.dtype)
+    return ce.reshape(ce.shape[0], -1).sum(-1)
 
 
 class CategoricalHead(nn.Module):

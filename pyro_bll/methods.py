@@ -7,11 +7,11 @@ the training step (``training.py``) owns ``backward()`` and the optimiser.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .chain import BLLChain
 from .elbo import BlockLocalELBO
+from .likelihoods import masked_cross_entropy
 
 
 class BLL:
@@ -34,11 +34,7 @@ class Backprop:
         chain.detach = False
 
     def loss(self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None):
-        logits = chain.predict_logits(x)
-        ce = F.cross_entropy(logits.movedim(-1, 1), y, reduction="none")
-        if mask is not None:
-            ce = ce * mask.to(ce.dtype)
-        loss = ce.sum() / y.shape[0]
+        loss = masked_cross_entropy(chain.predict_logits(x), y, mask).sum() / y.shape[0]
         return loss, torch.stack([loss.detach()])
 
 

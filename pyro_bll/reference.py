@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .chain import BLLChain
+from .likelihoods import masked_cross_entropy
 
 
 def plain_block_losses(chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
@@ -22,7 +23,6 @@ def plain_block_losses(chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | Non
         raise ValueError("the reference loss covers head_input='mean' with local likelihoods")
     sum_event = tuple(range(1, chain.event_dim + 1))  # [B, ...] -> [B]
     last = chain.num_blocks - 1
-    m = None if mask is None else mask.to(torch.get_default_dtype())
     inp: Any = x
     alphas, zs, losses = [], [], []
     # guide pass: draw every z_k from rho_k in order (as the Pyro guide does)
@@ -38,14 +38,11 @@ def plain_block_losses(chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | Non
         loss = fam.kl(rho, alpha).sum(sum_event).sum()
         if k < last:
             logits = fam.potential_logits(z, chain.class_potentials(k))
-            nll = -torch.distributions.Categorical(logits=logits).log_prob(y)
-            loss = loss + (nll if m is None else nll * m).sum()
+            loss = loss + masked_cross_entropy(logits, y, mask).sum()
             if chain.pred_heads is not None and chain.pred_weight > 0:
                 logits = chain.pred_heads[k](fam.mean(alpha))
-                loss = loss + chain.pred_weight * chain._ce(logits, y, mask).sum()
+                loss = loss + chain.pred_weight * masked_cross_entropy(logits, y, mask).sum()
         else:
-            logits = chain.head(fam.mean(alpha))
-            nll = -torch.distributions.Categorical(logits=logits).log_prob(y)
-            loss = loss + (nll if m is None else nll * m).sum()
+            loss = loss + masked_cross_entropy(chain.head(fam.mean(alpha)), y, mask).sum()
         losses.append(loss)
     return torch.stack(losses)

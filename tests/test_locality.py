@@ -39,3 +39,14 @@ def test_without_detaching_gradients_do_cross_blocks(family):
     losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x.double(), y)
     g = torch.autograd.grad(losses.per_block[-1], chain.block_parameters(0), allow_unused=True)
     assert any(t is not None and t.abs().max() > 0 for t in g)
+
+
+def test_forward_blocks_run_once_per_step(family):
+    """Guide and model share the cached forward messages."""
+    chain = mlp_chain(family)
+    calls = [0] * chain.num_blocks
+    for k, block in enumerate(chain.blocks):
+        block.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+    x, y = toy_batch()
+    BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
+    assert calls == [1] * chain.num_blocks

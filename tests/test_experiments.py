@@ -1,0 +1,110 @@
+"""One-step smoke tests of every experiment script on tiny settings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name, *args, cwd):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_sweep_reproduce_and_plot_scripts(tmp_path):
+    _script(
+        "sweep_blocks.py",
+        "--layers",
+        2,
+        "--blocks",
+        1,
+        2,
+        "--epochs",
+        1,
+        "--train-size",
+        50,
+        "--threads",
+        1,
+        "--runs-dir",
+        tmp_path / "sweep",
+        "--results",
+        tmp_path / "res",
+        cwd=tmp_path,
+    )
+    sweep = json.loads((tmp_path / "res" / "sweep_blocks.json").read_text())
+    assert sweep["blocks"] == [1, 2] and len(sweep["results"]) == 2
+    assert (tmp_path / "res" / "sweep_blocks.png").stat().st_size > 1000
+
+    _script(
+        "reproduce_s2s.py",
+        "--layers",
+        2,
+        "--seeds",
+        0,
+        1,
+        "--epochs",
+        1,
+        "--train-size",
+        50,
+        "--threads",
+        1,
+        "--runs-dir",
+        tmp_path / "rep",
+        "--results",
+        tmp_path / "res",
+        cwd=tmp_path,
+    )
+    table = (tmp_path / "res" / "s2s_reverse.md").read_text()
+    assert "bll_L2_N2" in table and "bp_L2_N2" in table
+
+    run_dirs = sorted(str(p) for p in (tmp_path / "rep").iterdir())
+    _script("plot_runs.py", *run_dirs, "--out", tmp_path / "overlay.png", cwd=tmp_path)
+    assert (tmp_path / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_rejects_blocks_that_do_not_divide_layers(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "sweep_blocks.py"),
+            "--layers",
+            "4",
+            "--blocks",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "must divide --layers 4" in proc.stderr
+
+
+def test_bench_step_reports_both_ratios(tmp_path):
+    _script(
+        "bench_step.py",
+        "--layers",
+        2,
+        "--d-model",
+        8,
+        "--repeats",
+        2,
+        "--warmup",
+        1,
+        "--threads",
+        1,
+        "--out",
+        tmp_path / "b.json",
+        cwd=tmp_path,
+    )
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["ratio_pyro_over_plain"] > 0 and result["ratio_bll_over_bp"] > 0
