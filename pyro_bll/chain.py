@@ -142,15 +142,15 @@ class BLLChain(nn.Module):
             return alpha
         if z is None:
             raise ValueError("propagate='sample' needs a draw of z_k")
-        return z
+        return self.families[k].features(z).to(alpha[0].dtype)
 
     def feedback_message(self, k: int, y: Tensor, mask: Tensor | None) -> Natural:
         """beta_k ``[..., C]`` per natural parameter; zero (no information) where masked."""
         beta = self.families[k].feedback_potential(self.feedback(y, k))
         if mask is None:
             return beta
-        m = mask.unsqueeze(-1).to(beta[0].dtype)
-        return tuple(b * m for b in beta)
+        m = mask.to(beta[0].dtype)
+        return tuple(b * m.reshape(m.shape + (1,) * (b.dim() - m.dim())) for b in beta)
 
     def class_potentials(self, k: int) -> Natural:
         """beta_c for every class c, each ``[num_classes, C]`` (prototype likelihood)."""
@@ -204,7 +204,12 @@ class BLLChain(nn.Module):
                         f"pred_{k}", -self.pred_weight * masked_cross_entropy(logits, y, mask), k
                     )
                 inp = self.next_input(k, alpha, z)
-            h = z if self.head_input == "sample" else self.families[last].mean(alpha)
+            fam = self.families[last]
+            h = (
+                fam.features(z).to(alpha[0].dtype)
+                if self.head_input == "sample"
+                else (fam.mean(alpha))
+            )
             fn = self._observed(self.head.distribution(h), mask)
             infer = (
                 {"block": last, "latent": f"z_{last}"}

@@ -9,9 +9,10 @@ Each term is read off a Pyro site tagged ``infer["block"] = k``:
 * latent site ``z_k`` (guide rho_k, model alpha_k): the analytic KL through
   ``torch.distributions.kl_divergence`` where one is registered (``analytic_kl``), else the
   single-sample estimate log rho_k(z) - log alpha_k(z) as in ``Trace_ELBO``;
-* observed sites (``y_k``, ``y``): -log q_k(y | z_k) at the guide's draw, or the closed-form
-  expectation when the site's distribution offers ``expected_log_prob(value, rho)`` and
-  ``analytic_likelihood`` is on;
+* observed sites (``y_k``, ``y``): -log q_k(y | z_k) at the guide's draw (pathwise for
+  reparameterisable rho, with a local score-function term for discrete rho), or the
+  closed-form expectation when the site's distribution offers
+  ``expected_log_prob(value, rho)`` and ``analytic_likelihood`` is on;
 * factor sites (``pred_k``): minus the factor.
 
 With block inputs detached in the chain, d(sum_j l_j)/d(theta_k, phi_k) = d l_k / d(...),
@@ -122,12 +123,29 @@ class BlockLocalELBO(ELBO):
         return guide_site["log_prob_sum"] - model_site["log_prob_sum"]
 
     def _expected_log_lik(self, site: dict, guide_trace) -> Tensor:
+        """E_rho[log q(y | z)]: closed form, pathwise, or score function (discrete z).
+
+        For a non-reparameterisable rho the surrogate (DiCE form) keeps the value of the
+        single-sample estimate log q(y | z) and adds the score-function gradient
+
+            (log q(y | z) - b) * grad log rho(z),
+
+        with b the leave-one-out batch mean of log q: only the block's own likelihood
+        enters, so the estimator stays local.
+        """
         latent = site["infer"].get("latent")
         fn = site["fn"]
-        if self.analytic_likelihood and latent is not None and hasattr(fn, "expected_log_prob"):
-            rho = guide_trace.nodes[latent]["fn"]
-            return _scaled_sum(fn.expected_log_prob(site["value"], rho), site)
-        return site["log_prob_sum"]
+        rho_site = guide_trace.nodes[latent] if latent is not None else None
+        if self.analytic_likelihood and rho_site is not None and hasattr(fn, "expected_log_prob"):
+            return _scaled_sum(fn.expected_log_prob(site["value"], rho_site["fn"]), site)
+        log_lik = site["log_prob"]  # [B], scaled and masked
+        if rho_site is None or rho_site["fn"].has_rsample:
+            return log_lik.sum()
+        cost = log_lik.detach()
+        n = cost.numel()
+        baseline = (cost.sum() - cost) / (n - 1) if n > 1 else torch.zeros_like(cost)
+        log_rho = rho_site["log_prob"]
+        return (log_lik + (cost - baseline) * (log_rho - log_rho.detach())).sum()
 
     # ---- the pyro.infer.ELBO interface -------------------------------------------------
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:

@@ -29,7 +29,8 @@ def plain_block_losses(chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | Non
     for k in range(chain.num_blocks):
         alpha = chain.forward_message(k, inp)
         rho = chain.families[k].posterior(alpha, chain.feedback_message(k, y, mask))
-        z = chain.families[k].distribution(rho).rsample()
+        d = chain.families[k].distribution(rho)
+        z = d.rsample() if d.has_rsample else d.sample()
         alphas.append((alpha, rho))
         zs.append(z)
         inp = chain.next_input(k, alpha, z)

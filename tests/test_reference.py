@@ -9,7 +9,7 @@ from utils import assert_close
 
 
 def test_pyro_and_plain_losses_agree(family):
-    cfg = RunConfig(layers=3, d_model=8, seq_len=4, train_size=8, batch_size=8, test_size=4)
+    cfg = RunConfig(layers=3, d_model=6, seq_len=4, train_size=8, batch_size=8, test_size=4)
     task = S2SReverseTask(cfg)
     chain = task.build_chain(family).double()
     x, y, mask = next(task.train_batches(0))

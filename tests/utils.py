@@ -18,7 +18,7 @@ def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, msg: str =
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=msg or None)
 
 
-def mlp_chain(family: Family, *, in_dim=6, widths=(8, 8, 8), classes=4, **kw) -> BLLChain:
+def mlp_chain(family: Family, *, in_dim=6, widths=(6, 6, 6), classes=4, **kw) -> BLLChain:
     """A small MLP chain with the paper's linear feedback and prototype likelihoods."""
     blocks = mlp_blocks(in_dim, widths, family)
     feedback = LinearFeedback(classes, [family.feedback_size(w) for w in widths])

@@ -6,11 +6,18 @@ import dataclasses
 from typing import Any
 
 from .base import Family, FamilyError, Natural, Params
+from .discrete import Bernoulli, GroupedCategorical, Poisson
 from .gaussian import FixedVarianceGaussian, LearnedVarianceGaussian
+from .positive import Beta, Gamma
 
 FAMILIES: dict[str, type[Family]] = {
     "gaussian": FixedVarianceGaussian,
     "gaussian_learned": LearnedVarianceGaussian,
+    "bernoulli": Bernoulli,
+    "categorical": GroupedCategorical,
+    "poisson": Poisson,
+    "gamma": Gamma,
+    "beta": Beta,
 }
 
 
@@ -30,6 +37,11 @@ def make_family(name: str, **options: Any) -> Family:
 
 __all__ = [
     "FAMILIES",
+    "Bernoulli",
+    "Beta",
+    "Gamma",
+    "GroupedCategorical",
+    "Poisson",
     "Family",
     "FamilyError",
     "FixedVarianceGaussian",

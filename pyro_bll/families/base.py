@@ -49,6 +49,10 @@ class Family(ABC):
     name: ClassVar[str]
     n_raw: ClassVar[int]
     n_feedback: ClassVar[int]
+    # trailing axes of each natural parameter beyond the latent's own shape (1 for a
+    # categorical group's K logits, 0 for scalar-per-channel families)
+    stat_dims: ClassVar[int] = 0
+    discrete: ClassVar[bool] = False
 
     # ---- parameter layout -------------------------------------------------------------
     def split_raw(self, raw: Tensor, n: int, what: str) -> tuple[Tensor, ...]:
@@ -110,7 +114,16 @@ class Family(ABC):
     def feedback_potential(self, raw: Tensor) -> Natural:
         """Map a feedback network's raw output ``[..., n_feedback * C]`` to a potential."""
 
+    def features(self, z: Tensor) -> Tensor:
+        """A draw z as the ``[..., C]`` input of the next block (``propagate="sample"``)."""
+        return z
+
     # ---- derived operations (shared by all families) ----------------------------------
+    def inner(self, eta: Natural, stats: tuple[Tensor, ...]) -> Tensor:
+        """<eta, T(z)> per latent variable (the latent's shape, e.g. ``[..., C]``)."""
+        total = sum(e * t.to(e.dtype) for e, t in zip(eta, stats, strict=True))
+        return total.sum(tuple(range(-self.stat_dims, 0))) if self.stat_dims else total
+
     def posterior(self, alpha: Params, beta: Natural) -> Params:
         """rho = F(eta(alpha) + beta): the exact product alpha(z) * exp(<beta, T(z)>)."""
         eta = self.natural(alpha)
@@ -123,9 +136,11 @@ class Family(ABC):
     def log_prob(self, params: Params, z: Tensor) -> Tensor:
         """log F(z; params) via the exponential-family form, ``[..., C]``."""
         eta = self.natural(params)
-        t = self.sufficient_stats(z)
-        inner = sum(e * s for e, s in zip(eta, t, strict=True))
-        return self.log_base_measure(z) + inner - self.log_normalizer(eta)
+        return (
+            self.log_base_measure(z)
+            + self.inner(eta, self.sufficient_stats(z))
+            - (self.log_normalizer(eta))
+        )
 
     def potential_logits(self, z: Tensor, prototypes: Natural) -> Tensor:
         """Logits of the local likelihood tied to the feedback weights.
@@ -135,13 +150,15 @@ class Family(ABC):
         tensors and z is ``[..., C]``. Returns ``[..., num_classes]``. The class-independent
         base measure h(z) cancels in the softmax and is left out.
         """
-        t = self.sufficient_stats(z)
-        logits = sum(s @ e.transpose(0, 1) for s, e in zip(t, prototypes, strict=True))
-        return logits - self.log_normalizer(prototypes).sum(-1)
+        d = self.stat_dims + 1  # flatten each statistic's latent and statistic axes
+        t = [s.flatten(-d) for s in self.sufficient_stats(z)]  # [..., C']
+        e = [p.flatten(-d) for p in prototypes]  # [V, C']
+        logits = sum(s.to(p.dtype) @ p.transpose(0, 1) for s, p in zip(t, e, strict=True))
+        return logits - self.log_normalizer(prototypes).flatten(1).sum(-1)
 
-    def zero_potential(self, like: Tensor) -> Natural:
-        """The uninformative potential (rho = alpha), shaped like ``like`` ``[..., C]``."""
-        return tuple(torch.zeros_like(like) for _ in range(len(self.sufficient_stats(like))))
+    def zero_potential(self, params: Params) -> Natural:
+        """The uninformative potential (rho = alpha) for parameters ``params``."""
+        return tuple(torch.zeros_like(e) for e in self.natural(params))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

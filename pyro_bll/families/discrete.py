@@ -1,0 +1,188 @@
+"""Discrete families: Bernoulli, grouped Categorical and Poisson latents.
+
+Their draws are not reparameterisable: ``BlockLocalELBO`` estimates the gradient of
+E_rho[log q_k(y | z_k)] with the score function and a leave-one-out baseline, using only
+block k's own likelihood (learning stays local); the KL terms are analytic.
+
+Natural-parameter conventions (per latent variable):
+
+* Bernoulli:  T(z) = z,          eta = logit p,     A = softplus(eta),  h = 1.
+* Categorical over K values, one-hot T(z) ``[..., G, K]``, eta = logits ``[..., G, K]``
+  (over-complete; any shift is the same distribution), A = logsumexp_K(eta), h = 1.
+* Poisson:    T(z) = z,          eta = log rate,    A = exp(eta),       h = 1 / z!.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Family, FamilyError, Natural, Params
+
+
+def _check_finite(name: str, what: str, t: Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise FamilyError(f"{name}: non-finite {what}")
+
+
+@dataclass(repr=True)
+class Bernoulli(Family):
+    """Binary latents. raw ``[..., C]`` = logits; m(alpha) = sigmoid(logits) (probabilities).
+
+    Feedback raw ``[..., C]`` is used as the potential's natural parameter directly.
+    """
+
+    name = "bernoulli"
+    n_raw = 1
+    n_feedback = 1
+    discrete = True
+
+    def params(self, raw: Tensor) -> Params:
+        return self.split_raw(raw, 1, "block output")
+
+    def check_params(self, params: Params) -> None:
+        _check_finite(self.name, "logits", params[0])
+
+    def natural(self, params: Params) -> Natural:
+        return (params[0],)
+
+    def from_natural(self, eta: Natural) -> Params:
+        return (eta[0],)
+
+    def sufficient_stats(self, z: Tensor) -> tuple[Tensor, ...]:
+        return (z,)
+
+    def log_normalizer(self, eta: Natural) -> Tensor:
+        return F.softplus(eta[0])
+
+    def log_base_measure(self, z: Tensor) -> Tensor:
+        return torch.zeros_like(z)
+
+    def distribution(self, params: Params) -> dist.Bernoulli:
+        return dist.Bernoulli(logits=params[0], validate_args=False)
+
+    def mean(self, params: Params) -> Tensor:
+        return torch.sigmoid(params[0])
+
+    def feedback_potential(self, raw: Tensor) -> Natural:
+        return self.split_raw(raw, 1, "feedback output")
+
+
+@dataclass(repr=True)
+class GroupedCategorical(Family):
+    """Channels grouped into categorical variables of ``group_size`` values each.
+
+    raw ``[..., C]`` -> logits ``[..., C / K, K]``; the latent z ``[..., C / K]`` holds one
+    index per group; m(alpha) = the probabilities flattened back to ``[..., C]``, and a draw
+    is fed on as its one-hot code ``[..., C]``. Feedback raw ``[..., C]`` are potential logits.
+    """
+
+    group_size: int = 4
+    name = "categorical"
+    n_raw = 1
+    n_feedback = 1
+    stat_dims = 1
+    discrete = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.group_size, int) and self.group_size >= 2):
+            raise FamilyError(
+                f"categorical: group_size must be an integer >= 2, got {self.group_size!r}"
+            )
+
+    def _groups(self, raw: Tensor, what: str) -> Tensor:
+        c = raw.shape[-1]
+        if c % self.group_size:
+            raise FamilyError(
+                f"categorical: group_size {self.group_size} does not divide the {c} channels "
+                f"of the {what}; choose a group_size that divides the channel count"
+            )
+        return raw.unflatten(-1, (c // self.group_size, self.group_size))
+
+    def params(self, raw: Tensor) -> Params:
+        return (self._groups(raw, "block output"),)
+
+    def check_params(self, params: Params) -> None:
+        _check_finite(self.name, "logits", params[0])
+
+    def natural(self, params: Params) -> Natural:
+        return (params[0],)
+
+    def from_natural(self, eta: Natural) -> Params:
+        return (eta[0],)
+
+    def sufficient_stats(self, z: Tensor) -> tuple[Tensor, ...]:
+        return (F.one_hot(z.long(), self.group_size).to(torch.get_default_dtype()),)
+
+    def log_normalizer(self, eta: Natural) -> Tensor:
+        return torch.logsumexp(eta[0], dim=-1)
+
+    def log_base_measure(self, z: Tensor) -> Tensor:
+        return torch.zeros(z.shape, dtype=torch.get_default_dtype(), device=z.device)
+
+    def distribution(self, params: Params) -> dist.Categorical:
+        return dist.Categorical(logits=params[0], validate_args=False)
+
+    def mean(self, params: Params) -> Tensor:
+        return torch.softmax(params[0], dim=-1).flatten(-2)
+
+    def features(self, z: Tensor) -> Tensor:
+        return F.one_hot(z.long(), self.group_size).flatten(-2).to(torch.get_default_dtype())
+
+    def feedback_potential(self, raw: Tensor) -> Natural:
+        return (self._groups(raw, "feedback output"),)
+
+
+@dataclass(repr=True)
+class Poisson(Family):
+    """Count latents. raw ``[..., C]`` -> rate = softplus(raw) + min_rate; m(alpha) = rate.
+
+    Feedback raw ``[..., C]`` is the potential's natural parameter (a log-rate offset).
+    """
+
+    min_rate: float = 1e-3
+    name = "poisson"
+    n_raw = 1
+    n_feedback = 1
+    discrete = True
+
+    def __post_init__(self) -> None:
+        if not self.min_rate >= 0:
+            raise FamilyError(f"poisson: min_rate must be >= 0, got {self.min_rate}")
+
+    def params(self, raw: Tensor) -> Params:
+        (r,) = self.split_raw(raw, 1, "block output")
+        return (F.softplus(r) + self.min_rate,)
+
+    def check_params(self, params: Params) -> None:
+        rate = params[0]
+        if not (torch.isfinite(rate).all() and (rate > 0).all()):
+            raise FamilyError("poisson: the rate must be finite and > 0")
+
+    def natural(self, params: Params) -> Natural:
+        return (params[0].log(),)
+
+    def from_natural(self, eta: Natural) -> Params:
+        return (eta[0].exp(),)
+
+    def sufficient_stats(self, z: Tensor) -> tuple[Tensor, ...]:
+        return (z,)
+
+    def log_normalizer(self, eta: Natural) -> Tensor:
+        return eta[0].exp()
+
+    def log_base_measure(self, z: Tensor) -> Tensor:
+        return -torch.lgamma(z + 1)
+
+    def distribution(self, params: Params) -> dist.Poisson:
+        return dist.Poisson(params[0], validate_args=False)
+
+    def mean(self, params: Params) -> Tensor:
+        return params[0]
+
+    def feedback_potential(self, raw: Tensor) -> Natural:
+        return self.split_raw(raw, 1, "feedback output")

@@ -1,0 +1,127 @@
+"""Continuous families on bounded or positive supports: Gamma and Beta latents.
+
+Both are reparameterisable (pathwise gradients). Natural-parameter conventions:
+
+* Gamma(a, b) (shape a, rate b) on z > 0:  T(z) = (log z, z),  eta = (a - 1, -b),
+  A = lgamma(a) - a log b,  h = 1.
+* Beta(a, b) on 0 < z < 1:  T(z) = (log z, log(1 - z)),  eta = (a - 1, b - 1),
+  A = lgamma(a) + lgamma(b) - lgamma(a + b),  h = 1.
+
+(torch's private Beta convention is unshifted, (a, b); ours is shifted so that h = 1.)
+Feedback potentials are kept inside the space that keeps rho valid: every component that
+must not decrease a or b is a softplus, so eta(alpha) + beta is again a Gamma or Beta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Family, FamilyError, Natural, Params
+
+
+def _positive_pair(family: Family, raw: Tensor, floor: float) -> Params:
+    r1, r2 = family.split_raw(raw, 2, "block output")
+    return (F.softplus(r1) + floor, F.softplus(r2) + floor)
+
+
+def _check_positive(name: str, params: Params) -> None:
+    for p in params:
+        if not (torch.isfinite(p).all() and (p > 0).all()):
+            raise FamilyError(f"{name}: both parameters must be finite and > 0")
+
+
+@dataclass(repr=True)
+class Gamma(Family):
+    """raw ``[..., 2C]`` -> (a, b) = softplus + min_param; m(alpha) = a / b.
+
+    Feedback raw (r1, r2) ``[..., 2C]`` -> beta = (softplus(r1), -softplus(r2)).
+    """
+
+    min_param: float = 0.5
+    name = "gamma"
+    n_raw = 2
+    n_feedback = 2
+
+    def params(self, raw: Tensor) -> Params:
+        return _positive_pair(self, raw, self.min_param)
+
+    def check_params(self, params: Params) -> None:
+        _check_positive(self.name, params)
+
+    def natural(self, params: Params) -> Natural:
+        a, b = params
+        return (a - 1, -b)
+
+    def from_natural(self, eta: Natural) -> Params:
+        return (eta[0] + 1, -eta[1])
+
+    def sufficient_stats(self, z: Tensor) -> tuple[Tensor, ...]:
+        return (z.log(), z)
+
+    def log_normalizer(self, eta: Natural) -> Tensor:
+        a, b = eta[0] + 1, -eta[1]
+        return torch.lgamma(a) - a * b.log()
+
+    def log_base_measure(self, z: Tensor) -> Tensor:
+        return torch.zeros_like(z)
+
+    def distribution(self, params: Params) -> dist.Gamma:
+        return dist.Gamma(*params, validate_args=False)
+
+    def mean(self, params: Params) -> Tensor:
+        return params[0] / params[1]
+
+    def feedback_potential(self, raw: Tensor) -> Natural:
+        r1, r2 = self.split_raw(raw, 2, "feedback output")
+        return (F.softplus(r1), -F.softplus(r2))
+
+
+@dataclass(repr=True)
+class Beta(Family):
+    """raw ``[..., 2C]`` -> (a, b) = softplus + min_param; m(alpha) = a / (a + b).
+
+    Feedback raw (r1, r2) ``[..., 2C]`` -> beta = (softplus(r1), softplus(r2)).
+    """
+
+    min_param: float = 0.5
+    name = "beta"
+    n_raw = 2
+    n_feedback = 2
+
+    def params(self, raw: Tensor) -> Params:
+        return _positive_pair(self, raw, self.min_param)
+
+    def check_params(self, params: Params) -> None:
+        _check_positive(self.name, params)
+
+    def natural(self, params: Params) -> Natural:
+        a, b = params
+        return (a - 1, b - 1)
+
+    def from_natural(self, eta: Natural) -> Params:
+        return (eta[0] + 1, eta[1] + 1)
+
+    def sufficient_stats(self, z: Tensor) -> tuple[Tensor, ...]:
+        return (z.log(), torch.log1p(-z))
+
+    def log_normalizer(self, eta: Natural) -> Tensor:
+        a, b = eta[0] + 1, eta[1] + 1
+        return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+
+    def log_base_measure(self, z: Tensor) -> Tensor:
+        return torch.zeros_like(z)
+
+    def distribution(self, params: Params) -> dist.Beta:
+        return dist.Beta(*params, validate_args=False)
+
+    def mean(self, params: Params) -> Tensor:
+        return params[0] / (params[0] + params[1])
+
+    def feedback_potential(self, raw: Tensor) -> Natural:
+        r1, r2 = self.split_raw(raw, 2, "feedback output")
+        return (F.softplus(r1), F.softplus(r2))
