@@ -25,9 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
-from pyro.infer.enum import get_importance_trace
-from pyro.poutine.util import prune_subsample_sites
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_model_guide_match, check_site_shape
 from torch import Tensor
 from torch.distributions import kl_divergence
 
@@ -42,6 +45,14 @@ class BlockLosses:
     @property
     def total(self) -> Tensor:
         return self.per_block.sum()
+
+
+def _log_prob(site: dict) -> Tensor:
+    """The site's scaled and masked log-density per batch element, computed once."""
+    if "log_prob" not in site:
+        lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
+    return site["log_prob"]
 
 
 def _scaled_sum(value: Tensor, site: dict) -> Tensor:
@@ -72,10 +83,23 @@ class BlockLocalELBO(ELBO):
         self.analytic_likelihood = analytic_likelihood
 
     def _get_trace(self, model, guide, args, kwargs):
+        """Guide, then model replayed on the guide's draws, sharing one message cache.
+
+        Unlike ``get_importance_trace`` no log-density is computed up front: the analytic
+        KL needs none, and ``_log_prob`` computes the few that are needed on demand.
+        """
         kwargs = {**kwargs, "cache": kwargs.get("cache", {})}
-        model_trace, guide_trace = get_importance_trace(
-            "flat", self.max_plate_nesting, model, guide, args, kwargs, detach=False
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
         )
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+            for trace in (model_trace, guide_trace):
+                for site in trace.nodes.values():
+                    if site["type"] == "sample" and not site_is_subsample(site):
+                        _log_prob(site)  # the shape check reads it
+                        check_site_shape(site, self.max_plate_nesting)
         return model_trace, guide_trace
 
     def block_losses(self, model, guide, *args, **kwargs) -> BlockLosses:
@@ -120,7 +144,7 @@ class BlockLocalELBO(ELBO):
             else:
                 return _scaled_sum(kl, guide_site)
         # single-sample estimate at the guide's draw: log rho(z) - log alpha(z)
-        return guide_site["log_prob_sum"] - model_site["log_prob_sum"]
+        return (_log_prob(guide_site) - _log_prob(model_site)).sum()
 
     def _expected_log_lik(self, site: dict, guide_trace) -> Tensor:
         """E_rho[log q(y | z)]: closed form, pathwise, or score function (discrete z).
@@ -138,13 +162,13 @@ class BlockLocalELBO(ELBO):
         rho_site = guide_trace.nodes[latent] if latent is not None else None
         if self.analytic_likelihood and rho_site is not None and hasattr(fn, "expected_log_prob"):
             return _scaled_sum(fn.expected_log_prob(site["value"], rho_site["fn"]), site)
-        log_lik = site["log_prob"]  # [B], scaled and masked
+        log_lik = _log_prob(site)  # [B], scaled and masked
         if rho_site is None or rho_site["fn"].has_rsample:
             return log_lik.sum()
         cost = log_lik.detach()
         n = cost.numel()
         baseline = (cost.sum() - cost) / (n - 1) if n > 1 else torch.zeros_like(cost)
-        log_rho = rho_site["log_prob"]
+        log_rho = _log_prob(rho_site)
         return (log_lik + (cost - baseline) * (log_rho - log_rho.detach())).sum()
 
     # ---- the pyro.infer.ELBO interface -------------------------------------------------
