@@ -47,7 +47,7 @@ def main() -> None:
     chain = task.build_chain(make_family("gaussian"))
     x, y, mask = next(task.train_batches(0))
     opt = torch.optim.Adam(chain.parameters(), lr=1e-4)
-    bll, bp = BLL(chain), Backprop(chain)
+    bll, bp = BLL(chain, cfg), Backprop(chain, cfg)
 
     def run(loss_fn):
         loss = loss_fn()

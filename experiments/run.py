@@ -12,6 +12,7 @@ import sys
 
 from pyro_bll.config import ConfigError, RunConfig
 from pyro_bll.families import FAMILIES
+from pyro_bll.guides import FEEDBACKS
 from pyro_bll.methods import METHODS
 from pyro_bll.tasks import TASKS
 from pyro_bll.training import TrainingDiverged, main
@@ -89,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight lambda of the per-block predictive loss (0 switches it off)",
     )
     p.add_argument(
+        "--feedback",
+        default=d.feedback,
+        choices=sorted(FEEDBACKS),
+        help="feedback network: linear (the paper: one linear map per block from the one-hot "
+        "label) or mlp (a small MLP per block)",
+    )
+    p.add_argument(
+        "--feedback-update",
+        default=d.feedback_update,
+        choices=["grad", "solve"],
+        help="train the feedback weights by gradient steps, or set them on every batch to "
+        "the closed-form ridge least-squares optimum (linear feedback, --family gaussian)",
+    )
+    p.add_argument(
+        "--ridge", type=float, default=d.ridge, help="ridge term of --feedback-update solve"
+    )
+    p.add_argument(
         "--propagate",
         default=d.propagate,
         choices=["mean", "sample"],
@@ -117,7 +135,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    cfg, progress = parse_config(argv)
+    try:
+        cfg, progress = parse_config(argv)
+    except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2)
+        return int(e.code or 0)
     try:
         metrics = main(cfg, progress=progress)
     except ConfigError as e:

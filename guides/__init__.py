@@ -1,7 +1,13 @@
-"""Feedback networks N_B: they see only the label and send a potential to every block."""
+"""Feedback networks N_B: they see only the label and send a potential to every block.
+
+Each takes ``(num_classes, sizes)`` (raw feedback width per block) and provides
+``forward(y, k)``, ``class_outputs(k)`` (the output for every label, ``[V, size_k]``) and
+``block_module(k)`` (the parameters owned by block k).
+"""
 
 from .linear import LinearFeedback
+from .mlp import MLPFeedback
 
-FEEDBACKS = {"linear": LinearFeedback}
+FEEDBACKS = {"linear": LinearFeedback, "mlp": MLPFeedback}
 
-__all__ = ["FEEDBACKS", "LinearFeedback"]
+__all__ = ["FEEDBACKS", "LinearFeedback", "MLPFeedback"]

@@ -29,6 +29,9 @@ class RunConfig:
     batch_size: int = 50
     lr: float = 2e-3
     pred_weight: float = 1.0
+    feedback: str = "linear"
+    feedback_update: str = "grad"
+    ridge: float = 1.0
     propagate: str = "mean"
     seed: int = 0
     out: str = "runs/s2s_reverse"
@@ -42,6 +45,7 @@ class RunConfig:
 
     def validate(self) -> None:
         from .families import FAMILIES
+        from .guides import FEEDBACKS
         from .methods import METHODS
         from .tasks import TASKS
 
@@ -50,6 +54,8 @@ class RunConfig:
             (self.method, METHODS, "method"),
             (self.family, FAMILIES, "family"),
             (self.propagate, ("mean", "sample"), "propagate"),
+            (self.feedback, FEEDBACKS, "feedback"),
+            (self.feedback_update, ("grad", "solve"), "feedback update"),
         ]:
             if name not in choices:
                 raise ConfigError(f"unknown {what} {name!r}; valid: {', '.join(choices)}")
@@ -72,6 +78,8 @@ class RunConfig:
             )
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.ridge < 0:
+            raise ConfigError(f"--ridge must be >= 0, got {self.ridge}")
         if self.pred_weight < 0:
             raise ConfigError(f"--pred-weight must be >= 0, got {self.pred_weight}")
         if self.device not in ("cpu",) and not self.device.startswith("cuda"):

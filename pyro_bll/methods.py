@@ -10,19 +10,36 @@ import torch
 from torch import Tensor
 
 from .chain import BLLChain
+from .config import ConfigError, RunConfig
 from .elbo import BlockLocalELBO
+from .feedback_solve import check_solvable, solve_feedback
 from .likelihoods import masked_cross_entropy
 
 
 class BLL:
-    """Sum of block-local losses l_k (inputs detached at every block boundary)."""
+    """Sum of block-local losses l_k (inputs detached at every block boundary).
 
-    def __init__(self, chain: BLLChain) -> None:
+    With ``feedback_update="solve"`` the linear feedback weights are set to their
+    closed-form optimum on each batch instead of taking gradient steps.
+    """
+
+    def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         chain.detach = True
         self.elbo = BlockLocalELBO(chain.num_blocks)
+        self.solve = cfg.feedback_update == "solve"
+        self.ridge = cfg.ridge
+        if self.solve:
+            try:
+                check_solvable(chain)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            chain.feedback.requires_grad_(False)
 
     def loss(self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None):
-        losses = self.elbo.block_losses(chain.model, chain.guide, x, y, mask)
+        cache: dict = {}
+        if self.solve:
+            solve_feedback(chain, x, y, mask, self.ridge, cache)
+        losses = self.elbo.block_losses(chain.model, chain.guide, x, y, mask, cache=cache)
         per_block = losses.per_block / y.shape[0]
         return per_block.sum(), per_block.detach()
 
@@ -30,7 +47,9 @@ class BLL:
 class Backprop:
     """End-to-end cross-entropy of f_out(m(alpha_N)) through every block."""
 
-    def __init__(self, chain: BLLChain) -> None:
+    def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
+        if cfg.feedback_update != "grad":
+            raise ConfigError("--feedback-update solve applies to --method bll only")
         chain.detach = False
 
     def loss(self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None):

@@ -86,11 +86,13 @@ class Trainer:
         seed_everything(cfg.seed)
         try:
             self.family = make_family(cfg.family, **cfg.family_args)
+            # the block outputs must fit the family's parameter layout: check it up front
+            self.family.params(torch.zeros(1, self.family.raw_size(cfg.d_model)))
         except FamilyError as e:
             raise ConfigError(str(e)) from None
         self.task = TASKS[cfg.task](cfg)
         self.chain: BLLChain = self.task.build_chain(self.family).to(self.device)
-        self.method = METHODS[cfg.method](self.chain)
+        self.method = METHODS[cfg.method](self.chain, cfg)
         self.optimizer = torch.optim.Adam(self.chain.parameters(), lr=cfg.lr)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0

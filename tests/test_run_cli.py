@@ -67,8 +67,31 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, method
 
 
 @pytest.mark.parametrize(
+    "extra",
+    [
+        ["--feedback", "mlp"],
+        ["--feedback-update", "solve", "--ridge", "0.5"],
+        ["--propagate", "sample"],
+        ["--family", "categorical", "--family-arg", "group_size=4"],
+    ],
+)
+def test_options_run_end_to_end(tmp_path, extra):
+    assert run.cli([*TINY, "--epochs", "1", "--out", str(tmp_path / "o"), *extra]) == 0
+
+
+@pytest.mark.parametrize(
     "argv, needle",
     [
+        (
+            ["--family", "gaussian_learned", "--feedback-update", "solve"],
+            "solve needs --family gaussian",
+        ),
+        (["--method", "bp", "--feedback-update", "solve"], "applies to --method bll only"),
+        (
+            ["--family", "categorical", "--family-arg", "group_size=5"],
+            "group_size 5 does not divide the 16 channels",
+        ),
+        (["--feedback", "deep"], "invalid choice: 'deep'"),
         (["--task", "mnist"], "unknown task 'mnist'; valid: s2s_reverse"),
         (["--method", "sgd"], "unknown method 'sgd'; valid: bll, bp"),
         (["--family", "cauchy"], "unknown family 'cauchy'; valid: gaussian"),

@@ -55,14 +55,14 @@ class S2SReverseTask:
 
     # ---- network -----------------------------------------------------------------------
     def build_chain(self, family: Family) -> BLLChain:
-        from ..guides import LinearFeedback
+        from ..guides import FEEDBACKS
         from ..models import transformer_blocks
 
         cfg = self.cfg
         d = cfg.d_model
         blocks = transformer_blocks(self.vocab, 2 * self.n, d, cfg.layers, cfg.num_blocks, family)
         n_blocks = len(blocks)
-        feedback = LinearFeedback(self.vocab, [family.feedback_size(d)] * n_blocks)
+        feedback = FEEDBACKS[cfg.feedback](self.vocab, [family.feedback_size(d)] * n_blocks)
         pred = [
             nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.vocab)) for _ in range(n_blocks - 1)
         ]
