@@ -24,7 +24,7 @@ def test_every_family_learns_above_chance(family):
     elbo = BlockLocalELBO(chain.num_blocks)
     opt = torch.optim.Adam(chain.parameters(), lr=1e-2)
     losses = []
-    for step in range(300):
+    for _ in range(300):
         idx = torch.randint(0, 512, (64,), generator=g)
         loss = elbo.block_losses(chain.model, chain.guide, x_train[idx], y_train[idx]).total / 64
         opt.zero_grad()
