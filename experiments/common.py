@@ -20,14 +20,15 @@ def run_seeds(base: RunConfig, seeds: list[int], out_prefix: str) -> dict[str, A
             {
                 "seed": seed,
                 "test_accuracy": m["test_accuracy"],
-                "test_sequence_accuracy": m["test_sequence_accuracy"],
+                "test_sequence_accuracy": m.get("test_sequence_accuracy", float("nan")),
                 "seconds_per_epoch": m["seconds_per_epoch"],
                 "out": cfg.out,
             }
         )
         print(
             f"  {out_prefix} seed {seed}: acc {m['test_accuracy']:.4f} "
-            f"seq {m['test_sequence_accuracy']:.4f} {m['seconds_per_epoch']:.1f}s/epoch",
+            f"seq {m.get('test_sequence_accuracy', float('nan')):.4f} "
+            f"{m['seconds_per_epoch']:.1f}s/epoch",
             flush=True,
         )
 

@@ -24,8 +24,9 @@ class RunConfig:
     d_model: int = 32
     seq_len: int = 10
     epochs: int = 5
-    train_size: int = 10_000  # training sequences per epoch
-    test_size: int = 1_000
+    train_size: int | None = None  # None: the task's default (s2s_reverse: 10,000 per epoch)
+    test_size: int | None = None  # None: the task's default (s2s_reverse: 1,000)
+    data_dir: str = "/usr/share/datasets/fashion-mnist"
     batch_size: int = 50
     lr: float = 2e-3
     pred_weight: float = 1.0
@@ -68,7 +69,7 @@ class RunConfig:
             "test_size",
             "batch_size",
         ):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
                 )

@@ -19,7 +19,8 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: Path, title: st
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [h["test_accuracy"] for h in history], "o-", label="token")
-    ax1.plot(epochs, [h["test_sequence_accuracy"] for h in history], "s--", label="sequence")
+    if "test_sequence_accuracy" in history[0]:
+        ax1.plot(epochs, [h["test_sequence_accuracy"] for h in history], "s--", label="sequence")
     ax1.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1.02), title=title)
     ax1.legend()
     n_blocks = len(history[0]["block_losses"])

@@ -160,7 +160,8 @@ class Trainer:
             dynamic_ncols=True,
         )
         for x, y, mask in bar:
-            per_block = self.step(x.to(self.device), y.to(self.device), mask.to(self.device))
+            mask = None if mask is None else mask.to(self.device)
+            per_block = self.step(x.to(self.device), y.to(self.device), mask)
             if not torch.isfinite(per_block).all():
                 bad = int((~torch.isfinite(per_block)).nonzero()[0])
                 raise TrainingDiverged(
@@ -185,18 +186,17 @@ class Trainer:
         self.save(out, epoch)
         self.write_results(out)
         losses = " ".join(f"{v:.3f}" for v in block_losses)
+        shown = "  ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items())
         print(
             f"epoch {epoch + 1}/{cfg.epochs}  {train_time:.1f}s  block losses [{losses}]  "
-            f"test acc {metrics['test_accuracy']:.4f}  "
-            f"seq acc {metrics['test_sequence_accuracy']:.4f}",
+            f"test {shown}",
             flush=True,
         )
 
     def metrics(self) -> dict[str, Any]:
-        last = self.history[-1] if self.history else {}
+        last = self.history[-1] if self.history else {"test_accuracy": math.nan}
         return {
-            "test_accuracy": last.get("test_accuracy", math.nan),
-            "test_sequence_accuracy": last.get("test_sequence_accuracy", math.nan),
+            **{k: v for k, v in last.items() if k.startswith("test_")},
             "epochs_done": len(self.history),
             "seconds_per_epoch": (
                 float(np.mean([h["train_seconds"] for h in self.history]))

@@ -48,9 +48,11 @@ class S2SReverseTask:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.n = cfg.seq_len
+        self.train_size = cfg.train_size or 10_000
+        self.test_size = cfg.test_size or 1_000
         self.vocab = self.n + 1
         g = torch.Generator().manual_seed(TEST_SEED + self.n)
-        self.test_perms = random_permutations(self.n, cfg.test_size, g)
+        self.test_perms = random_permutations(self.n, self.test_size, g)
         self._test_keys = {tuple(p) for p in self.test_perms.tolist()}
 
     # ---- network -----------------------------------------------------------------------
@@ -80,12 +82,12 @@ class S2SReverseTask:
 
     # ---- data --------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        return -(-self.cfg.train_size // self.cfg.batch_size)
+        return -(-self.train_size // self.cfg.batch_size)
 
     def train_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """Fresh permutations each epoch, from a generator seeded by (seed, epoch)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        perms = random_permutations(self.n, self.cfg.train_size, g)
+        perms = random_permutations(self.n, self.train_size, g)
         keep = torch.tensor([tuple(p) not in self._test_keys for p in perms.tolist()])
         perms = perms[keep]
         for i in range(0, len(perms), self.cfg.batch_size):

@@ -1,0 +1,89 @@
+"""Fashion-MNIST with a small MLP cut into blocks (one hidden layer per block).
+
+Images ``[N, 28, 28]`` become normalised vectors ``[N, 784]``; block k is a linear layer
+(with GELU on its input for k > 0) whose output is the latent z_k ``[B, d_model]``.
+``--train-size`` takes the first N training images (default: all 60,000); the test
+accuracy is on the full 10,000-image test set unless ``--test-size`` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..chain import BLLChain
+from ..config import ConfigError, RunConfig
+from ..data import DataError, load_fashion_mnist
+from ..families import Family
+from ..likelihoods import CategoricalHead
+
+MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
+
+
+class FashionMNISTMLPTask:
+    """Data, network and evaluation for ``--task fashion_mnist_mlp``."""
+
+    event_dim = 1
+    num_classes = 10
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        try:
+            x_train, y_train = load_fashion_mnist(cfg.data_dir, "train")
+            x_test, y_test = load_fashion_mnist(cfg.data_dir, "test")
+        except (DataError, OSError) as e:
+            raise ConfigError(str(e)) from None
+        n_train = cfg.train_size or len(x_train)
+        n_test = cfg.test_size or len(x_test)
+        self.x_train, self.y_train = self._prep(x_train[:n_train]), y_train[:n_train]
+        self.x_test, self.y_test = self._prep(x_test[:n_test]), y_test[:n_test]
+
+    @staticmethod
+    def _prep(images: Tensor) -> Tensor:
+        return ((images.float() / 255 - MEAN) / STD).flatten(1)  # [N, 784]
+
+    def build_chain(self, family: Family) -> BLLChain:
+        from ..guides import FEEDBACKS
+        from ..models import mlp_blocks
+
+        cfg = self.cfg
+        widths = [cfg.d_model] * cfg.num_blocks
+        blocks = mlp_blocks(self.x_train.shape[1], widths, family)
+        feedback = FEEDBACKS[cfg.feedback](
+            self.num_classes, [family.feedback_size(w) for w in widths]
+        )
+        pred = [nn.Linear(w, self.num_classes) for w in widths[:-1]]
+        return BLLChain(
+            blocks,
+            family,
+            feedback,
+            CategoricalHead(widths[-1], self.num_classes),
+            event_dim=1,
+            pred_heads=pred if cfg.pred_weight > 0 else None,
+            pred_weight=cfg.pred_weight,
+            propagate=cfg.propagate,
+            register_params=False,
+        )
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.x_train) // self.cfg.batch_size)
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, None]]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.x_train), generator=g)
+        for i in range(0, len(order), self.cfg.batch_size):
+            idx = order[i : i + self.cfg.batch_size]
+            yield self.x_train[idx], self.y_train[idx], None
+
+    @torch.no_grad()
+    def evaluate(self, chain: BLLChain, device: torch.device) -> dict[str, float]:
+        was_training = chain.training
+        chain.eval()
+        correct = 0
+        for i in range(0, len(self.x_test), 2000):
+            logits = chain.predict_logits(self.x_test[i : i + 2000].to(device))
+            correct += (logits.argmax(-1).cpu() == self.y_test[i : i + 2000]).sum().item()
+        chain.train(was_training)
+        return {"test_accuracy": correct / len(self.x_test)}
