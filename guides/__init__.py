@@ -1,6 +1,7 @@
 """Feedback networks N_B: they see only the label and send a potential to every block.
 
-Each takes ``(num_classes, sizes)`` (raw feedback width per block) and provides
+Each takes ``(num_classes, sizes, init_std)`` (raw feedback width per block, initial
+output scale) and provides
 ``forward(y, k)``, ``class_outputs(k)`` (the output for every label, ``[V, size_k]``) and
 ``block_module(k)`` (the parameters owned by block k).
 """

@@ -17,13 +17,18 @@ from torch import Tensor, nn
 class MLPFeedback(nn.Module):
     """Per-block two-layer MLPs from the one-hot label; ``[...]`` labels -> ``[..., size_k]``."""
 
-    def __init__(self, num_classes: int, sizes: Sequence[int], hidden: int = 64) -> None:
+    def __init__(
+        self, num_classes: int, sizes: Sequence[int], init_std: float = 1.0, hidden: int = 64
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.nets = nn.ModuleList(
             nn.Sequential(nn.Embedding(num_classes, hidden), nn.GELU(), nn.Linear(hidden, s))
             for s in sizes
         )
+        for net in self.nets:  # output scale about init_std, as for the linear feedback
+            nn.init.normal_(net[2].weight, std=init_std / hidden**0.5)
+            nn.init.zeros_(net[2].bias)
 
     def forward(self, y: Tensor, k: int) -> Tensor:
         return self.nets[k](y)

@@ -67,9 +67,25 @@ def test_fashion_mnist_task_one_epoch(tmp_path, capsys):
     data = tmp_path / "data"
     tiny_fashion_mnist(data)
     out = tmp_path / "run"
-    argv = ["--task", "fashion_mnist_mlp", "--data-dir", str(data), "--layers", "2",
-            "--d-model", "16", "--epochs", "1", "--batch-size", "20", "--threads", "1",
-            "--no-progress", "--out", str(out)]
+    argv = [
+        "--task",
+        "fashion_mnist_mlp",
+        "--data-dir",
+        str(data),
+        "--layers",
+        "2",
+        "--d-model",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "20",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert run.cli(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and "test_sequence_accuracy" not in metrics

@@ -53,6 +53,10 @@ class Family(ABC):
     # categorical group's K logits, 0 for scalar-per-channel families)
     stat_dims: ClassVar[int] = 0
     discrete: ClassVar[bool] = False
+    # initial scale of the feedback weights: a potential of this size moves rho well away
+    # from alpha for the Gaussians, but makes KL(rho || alpha) swamp the other terms for
+    # families with bounded means, which start better with a weak potential
+    feedback_init_std: ClassVar[float] = 0.1
 
     # ---- parameter layout -------------------------------------------------------------
     def split_raw(self, raw: Tensor, n: int, what: str) -> tuple[Tensor, ...]:

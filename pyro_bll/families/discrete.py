@@ -20,8 +20,25 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributions import register_kl
 
 from .base import Family, FamilyError, Natural, Params
+
+
+class StableBernoulli(dist.Bernoulli):
+    """Bernoulli whose KL is computed from logits only (see ``_kl_stable_bernoulli``)."""
+
+
+@register_kl(StableBernoulli, StableBernoulli)
+def _kl_stable_bernoulli(p: StableBernoulli, q: StableBernoulli) -> Tensor:
+    """KL(p || q) = sigmoid(a) (a - b) - softplus(a) + softplus(b) for logits a, b.
+
+    The exponential-family form (eta_p - eta_q) E_p[T] - A(eta_p) + A(eta_q). torch's
+    Bernoulli KL goes through probabilities and returns inf once a logit exceeds ~17 in
+    float32 (the probability rounds to 1); this form stays finite and differentiable.
+    """
+    a, b = p.logits, q.logits
+    return torch.sigmoid(a) * (a - b) - F.softplus(a) + F.softplus(b)
 
 
 def _check_finite(name: str, what: str, t: Tensor) -> None:
@@ -63,7 +80,7 @@ class Bernoulli(Family):
         return torch.zeros_like(z)
 
     def distribution(self, params: Params) -> dist.Bernoulli:
-        return dist.Bernoulli(logits=params[0], validate_args=False)
+        return StableBernoulli(logits=params[0], validate_args=False)
 
     def mean(self, params: Params) -> Tensor:
         return torch.sigmoid(params[0])

@@ -25,6 +25,8 @@ from .base import Family, FamilyError, Natural, Params
 class _DiagonalGaussian(Family):
     """Shared algebra; subclasses choose how raw outputs become (loc, scale)."""
 
+    feedback_init_std = 1.0
+
     def check_params(self, params: Params) -> None:
         loc, scale = params
         if not torch.isfinite(loc).all():

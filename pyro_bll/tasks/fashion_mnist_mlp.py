@@ -52,7 +52,7 @@ class FashionMNISTMLPTask:
         widths = [cfg.d_model] * cfg.num_blocks
         blocks = mlp_blocks(self.x_train.shape[1], widths, family)
         feedback = FEEDBACKS[cfg.feedback](
-            self.num_classes, [family.feedback_size(w) for w in widths]
+            self.num_classes, [family.feedback_size(w) for w in widths], family.feedback_init_std
         )
         pred = [nn.Linear(w, self.num_classes) for w in widths[:-1]]
         return BLLChain(

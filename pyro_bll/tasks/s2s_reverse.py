@@ -64,7 +64,9 @@ class S2SReverseTask:
         d = cfg.d_model
         blocks = transformer_blocks(self.vocab, 2 * self.n, d, cfg.layers, cfg.num_blocks, family)
         n_blocks = len(blocks)
-        feedback = FEEDBACKS[cfg.feedback](self.vocab, [family.feedback_size(d)] * n_blocks)
+        feedback = FEEDBACKS[cfg.feedback](
+            self.vocab, [family.feedback_size(d)] * n_blocks, family.feedback_init_std
+        )
         pred = [
             nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.vocab)) for _ in range(n_blocks - 1)
         ]

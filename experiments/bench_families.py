@@ -1,0 +1,86 @@
+"""Every latent family on two tasks, and feedback solve vs gradient, several seeds each.
+
+    python experiments/bench_families.py --seeds 0 1 2 --threads 2
+
+Task 1: s2s_reverse, 5 layers / 5 blocks, 5 epochs. Task 2: fashion_mnist_mlp, 3 blocks of
+width 256, 3 epochs on the full training set. Same budget for every family. Writes
+``results/families.json`` and ``results/families.md`` (test accuracy mean +- std over the
+seeds and seconds per epoch), plus the feedback solve-vs-grad comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from common import run_seeds
+
+from pyro_bll.config import RunConfig
+from pyro_bll.families import FAMILIES
+
+TASKS = {
+    "s2s_reverse": RunConfig(task="s2s_reverse", layers=5, epochs=5),
+    "fashion_mnist_mlp": RunConfig(
+        task="fashion_mnist_mlp", layers=3, d_model=256, epochs=3, batch_size=100, lr=1e-3
+    ),
+}
+
+
+def _cell(r: dict) -> str:
+    return (
+        f"{100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f} ({r['sec_per_epoch_mean']:.1f} s)"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--families", nargs="+", default=list(FAMILIES))
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--epochs", type=int, default=None, help="override every task's epochs")
+    p.add_argument("--train-size", type=int, default=None, help="override the training size")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-dir", default=RunConfig().data_dir)
+    p.add_argument("--runs-dir", default="runs/bench_families")
+    p.add_argument("--results", default="results")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict[str, dict[str, dict]] = {}
+    for task in args.tasks:
+        base = replace(TASKS[task], threads=args.threads, data_dir=args.data_dir)
+        if args.epochs:
+            base = replace(base, epochs=args.epochs)
+        if args.train_size:
+            base = replace(base, train_size=args.train_size)
+        results[task] = {}
+        for fam in args.families:
+            opts = {"group_size": 4} if fam == "categorical" else {}
+            cfg = replace(base, family=fam, family_args=opts)
+            results[task][fam] = run_seeds(cfg, args.seeds, f"{args.runs_dir}/{task}_{fam}")
+        cfg = replace(base, family="gaussian", feedback_update="solve")
+        results[task]["gaussian + feedback solve"] = run_seeds(
+            cfg, args.seeds, f"{args.runs_dir}/{task}_gaussian_solve"
+        )
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "families.json").write_text(
+        json.dumps({"args": vars(args), "results": results}, indent=2)
+    )
+    names = list(next(iter(results.values())))
+    rows = [
+        "| family | " + " | ".join(f"{t} test acc % (s / epoch)" for t in results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
+    for name in names:
+        rows.append(f"| {name} | " + " | ".join(_cell(results[t][name]) for t in results) + " |")
+    (out / "families.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
