@@ -66,6 +66,10 @@ def main() -> None:
         results[task]["gaussian + feedback solve"] = run_seeds(
             cfg, args.seeds, f"{args.runs_dir}/{task}_gaussian_solve"
         )
+        cfg = replace(base, family="gaussian", method="bp")
+        results[task]["BP on the same network (reference)"] = run_seeds(
+            cfg, args.seeds, f"{args.runs_dir}/{task}_bp"
+        )
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "families.json").write_text(

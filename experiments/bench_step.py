@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=20, help="transformer layers = blocks")
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--pred-weight", type=float, default=1.0, help="predictive-loss weight")
     p.add_argument("--repeats", type=int, default=60, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -42,7 +43,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pyro.enable_validation(False)
     seed_everything(0)
-    cfg = RunConfig(layers=args.layers, d_model=args.d_model, batch_size=args.batch_size)
+    cfg = RunConfig(
+        layers=args.layers,
+        d_model=args.d_model,
+        batch_size=args.batch_size,
+        pred_weight=args.pred_weight,
+    )
     task = S2SReverseTask(cfg)
     chain = task.build_chain(make_family("gaussian"))
     x, y, mask = next(task.train_batches(0))

@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from pyro_bll.config import RunConfig
 from pyro_bll.training import main
 
 
+def finished_metrics(cfg: RunConfig) -> dict[str, Any] | None:
+    """The metrics of a finished run of exactly ``cfg`` in ``cfg.out``, if there is one."""
+    path = Path(cfg.out) / "metrics.json"
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    same = RunConfig.from_dict(m["config"]).to_dict() == cfg.to_dict()
+    return m if same and m["epochs_done"] == cfg.epochs else None
+
+
 def run_seeds(base: RunConfig, seeds: list[int], out_prefix: str) -> dict[str, Any]:
-    """Train ``base`` once per seed; return per-seed metrics with mean and std."""
+    """Train ``base`` once per seed; return per-seed metrics with mean and std.
+
+    A seed whose run directory already holds a finished run of the same configuration is
+    read back instead of trained again, so an interrupted benchmark can be restarted.
+    """
     runs = []
     for seed in seeds:
         cfg = replace(base, seed=seed, out=f"{out_prefix}_seed{seed}")
-        m = main(cfg, progress=False)
+        m = finished_metrics(cfg) or main(cfg, progress=False)
         runs.append(
             {
                 "seed": seed,
@@ -33,7 +50,9 @@ def run_seeds(base: RunConfig, seeds: list[int], out_prefix: str) -> dict[str, A
         )
 
     def stats(key: str) -> tuple[float, float]:
-        vals = [r[key] for r in runs]
+        vals = [r[key] for r in runs if not math.isnan(r[key])]
+        if not vals:
+            return math.nan, math.nan
         return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
     acc, seq, sec = (

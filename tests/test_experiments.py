@@ -108,3 +108,17 @@ def test_bench_step_reports_both_ratios(tmp_path):
     )
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["ratio_pyro_over_plain"] > 0 and result["ratio_bll_over_bp"] > 0
+
+
+def test_bench_families_smoke_and_restart_reuses_finished_runs(tmp_path):
+    args = ["--families", "gaussian", "bernoulli", "--tasks", "s2s_reverse", "--seeds", 0,
+            "--epochs", 1, "--train-size", 50, "--threads", 1,
+            "--runs-dir", tmp_path / "runs", "--results", tmp_path / "res"]
+    _script("bench_families.py", *args, cwd=tmp_path)
+    table = (tmp_path / "res" / "families.md").read_text()
+    for row in ["| gaussian |", "| bernoulli |", "| gaussian + feedback solve |", "| BP on"]:
+        assert row in table
+    ckpt = tmp_path / "runs" / "s2s_reverse_gaussian_seed0" / "checkpoints" / "epoch_000.pt"
+    before = ckpt.stat().st_mtime_ns
+    _script("bench_families.py", *args, cwd=tmp_path)
+    assert ckpt.stat().st_mtime_ns == before  # read back, not retrained
