@@ -1,6 +1,6 @@
 """The training loop: one step owns backward() and the optimiser; epochs write results.
 
-Per epoch the run directory receives a checkpoint (``checkpoints/epoch_XXX.pt``: model,
+Per epoch the run directory receives a checkpoint (``checkpoints/epoch_NNN.pt``: model,
 optimiser, RNG states, history), an updated ``metrics.json`` and ``learning_curve.png``.
 ``resume`` restores the newest checkpoint, RNG states included, so that a resumed run
 ends with the same metrics as an uninterrupted one.

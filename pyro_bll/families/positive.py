@@ -24,34 +24,39 @@ from torch import Tensor
 from .base import Family, FamilyError, Natural, Params
 
 
-def _positive_pair(family: Family, raw: Tensor, floor: float) -> Params:
-    r1, r2 = family.split_raw(raw, 2, "block output")
-    return (F.softplus(r1) + floor, F.softplus(r2) + floor)
+@dataclass(repr=True)
+class _TwoPositive(Family):
+    """Two positive parameters per channel: raw ``[..., 2C]`` -> softplus + ``min_param``."""
 
+    min_param: float = 0.5
+    n_raw = 2
+    n_feedback = 2
 
-def _check_positive(name: str, params: Params) -> None:
-    for p in params:
-        if not (torch.isfinite(p).all() and (p > 0).all()):
-            raise FamilyError(f"{name}: both parameters must be finite and > 0")
+    def __post_init__(self) -> None:
+        if not self.min_param >= 0:
+            raise FamilyError(f"{self.name}: min_param must be >= 0, got {self.min_param}")
+
+    def params(self, raw: Tensor) -> Params:
+        r1, r2 = self.split_raw(raw, 2, "block output")
+        return (F.softplus(r1) + self.min_param, F.softplus(r2) + self.min_param)
+
+    def check_params(self, params: Params) -> None:
+        for p in params:
+            if not (torch.isfinite(p).all() and (p > 0).all()):
+                raise FamilyError(f"{self.name}: both parameters must be finite and > 0")
+
+    def log_base_measure(self, z: Tensor) -> Tensor:
+        return torch.zeros_like(z)
 
 
 @dataclass(repr=True)
-class Gamma(Family):
+class Gamma(_TwoPositive):
     """raw ``[..., 2C]`` -> (a, b) = softplus + min_param; m(alpha) = a / b.
 
     Feedback raw (r1, r2) ``[..., 2C]`` -> beta = (softplus(r1), -softplus(r2)).
     """
 
-    min_param: float = 0.5
     name = "gamma"
-    n_raw = 2
-    n_feedback = 2
-
-    def params(self, raw: Tensor) -> Params:
-        return _positive_pair(self, raw, self.min_param)
-
-    def check_params(self, params: Params) -> None:
-        _check_positive(self.name, params)
 
     def natural(self, params: Params) -> Natural:
         a, b = params
@@ -67,9 +72,6 @@ class Gamma(Family):
         a, b = eta[0] + 1, -eta[1]
         return torch.lgamma(a) - a * b.log()
 
-    def log_base_measure(self, z: Tensor) -> Tensor:
-        return torch.zeros_like(z)
-
     def distribution(self, params: Params) -> dist.Gamma:
         return dist.Gamma(*params, validate_args=False)
 
@@ -82,22 +84,13 @@ class Gamma(Family):
 
 
 @dataclass(repr=True)
-class Beta(Family):
+class Beta(_TwoPositive):
     """raw ``[..., 2C]`` -> (a, b) = softplus + min_param; m(alpha) = a / (a + b).
 
     Feedback raw (r1, r2) ``[..., 2C]`` -> beta = (softplus(r1), softplus(r2)).
     """
 
-    min_param: float = 0.5
     name = "beta"
-    n_raw = 2
-    n_feedback = 2
-
-    def params(self, raw: Tensor) -> Params:
-        return _positive_pair(self, raw, self.min_param)
-
-    def check_params(self, params: Params) -> None:
-        _check_positive(self.name, params)
 
     def natural(self, params: Params) -> Natural:
         a, b = params
@@ -112,9 +105,6 @@ class Beta(Family):
     def log_normalizer(self, eta: Natural) -> Tensor:
         a, b = eta[0] + 1, eta[1] + 1
         return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
-
-    def log_base_measure(self, z: Tensor) -> Tensor:
-        return torch.zeros_like(z)
 
     def distribution(self, params: Params) -> dist.Beta:
         return dist.Beta(*params, validate_args=False)
