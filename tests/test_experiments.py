@@ -111,9 +111,25 @@ def test_bench_step_reports_both_ratios(tmp_path):
 
 
 def test_bench_families_smoke_and_restart_reuses_finished_runs(tmp_path):
-    args = ["--families", "gaussian", "bernoulli", "--tasks", "s2s_reverse", "--seeds", 0,
-            "--epochs", 1, "--train-size", 50, "--threads", 1,
-            "--runs-dir", tmp_path / "runs", "--results", tmp_path / "res"]
+    args = [
+        "--families",
+        "gaussian",
+        "bernoulli",
+        "--tasks",
+        "s2s_reverse",
+        "--seeds",
+        0,
+        "--epochs",
+        1,
+        "--train-size",
+        50,
+        "--threads",
+        1,
+        "--runs-dir",
+        tmp_path / "runs",
+        "--results",
+        tmp_path / "res",
+    ]
     _script("bench_families.py", *args, cwd=tmp_path)
     table = (tmp_path / "res" / "families.md").read_text()
     for row in ["| gaussian |", "| bernoulli |", "| gaussian + feedback solve |", "| BP on"]:
