@@ -44,12 +44,6 @@ class LocalLikelihood(Protocol):
     def __call__(self, chain: BLLChain, k: int, z: Tensor) -> Distribution: ...
 
 
-class Feedback(Protocol):
-    """A feedback network: raw potential ``g_k(y)`` for block k; optionally all classes."""
-
-    def __call__(self, y: Tensor, k: int) -> Tensor: ...
-
-
 def _detach(inp: Any) -> Any:
     if isinstance(inp, tuple):
         return tuple(t.detach() for t in inp)
@@ -63,7 +57,9 @@ class BLLChain(nn.Module):
         blocks: block k maps its input (``x`` for k = 0) to raw parameters
             ``[..., family.n_raw * C]``.
         families: one family per block (a single family is used for all blocks).
-        feedback: the feedback network; ``feedback(y, k)`` gives block k's raw potential.
+        feedback: the feedback network (``pyro_bll.guides``): ``feedback(y, k)`` gives block
+            k's raw potential, ``class_outputs(k)`` the one of every label (prototype
+            likelihood), ``block_module(k)`` the parameters block k owns.
         head: the output head f_out with ``distribution(h)``; the last block's likelihood.
         event_dim: latent axes per example (1 for ``[B, C]``, 2 for ``[B, T, C]``).
         local_likelihoods: "prototype" (tied to the feedback weights), ``None`` (off), or
