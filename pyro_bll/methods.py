@@ -1,12 +1,12 @@
 """Training methods on the same chain: block-local learning and end-to-end backprop.
 
-A method turns a batch into a scalar loss (per example) plus per-block losses for logging;
+A method turns a batch into a scalar loss (per example) plus, for logging, a dict of
+per-block values ``[N]``: ``loss`` (l_k) and, for BLL, its terms ``kl``, ``nll``, ``pred``;
 the training step (``training.py``) owns ``backward()`` and the optimiser.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .chain import BLLChain
@@ -41,7 +41,9 @@ class BLL:
             solve_feedback(chain, x, y, mask, self.ridge, cache)
         losses = self.elbo.block_losses(chain.model, chain.guide, x, y, mask, cache=cache)
         per_block = losses.per_block / y.shape[0]
-        return per_block.sum(), per_block.detach()
+        logs = {"loss": per_block.detach()}
+        logs.update({k: v.detach() / y.shape[0] for k, v in losses.terms.items()})
+        return per_block.sum(), logs
 
 
 class Backprop:
@@ -54,7 +56,7 @@ class Backprop:
 
     def loss(self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None):
         loss = masked_cross_entropy(chain.predict_logits(x), y, mask).sum() / y.shape[0]
-        return loss, torch.stack([loss.detach()])
+        return loss, {"loss": loss.detach().reshape(1)}
 
 
 METHODS = {"bll": BLL, "bp": Backprop}

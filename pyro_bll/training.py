@@ -98,13 +98,13 @@ class Trainer:
         self.start_epoch = 0
 
     # ---- one step ----------------------------------------------------------------------
-    def step(self, x, y, mask) -> torch.Tensor:
-        """One optimiser step; returns the per-block losses (per example)."""
-        loss, per_block = self.method.loss(self.chain, x, y, mask)
+    def step(self, x, y, mask) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns per-block values ``[N]`` (``loss`` and its terms)."""
+        loss, logs = self.method.loss(self.chain, x, y, mask)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return per_block
+        return logs
 
     # ---- checkpoints -------------------------------------------------------------------
     def save(self, out: Path, epoch: int) -> Path:
@@ -161,7 +161,8 @@ class Trainer:
         )
         for x, y, mask in bar:
             mask = None if mask is None else mask.to(self.device)
-            per_block = self.step(x.to(self.device), y.to(self.device), mask)
+            logs = self.step(x.to(self.device), y.to(self.device), mask)
+            per_block = logs["loss"]
             if not torch.isfinite(per_block).all():
                 bad = int((~torch.isfinite(per_block)).nonzero()[0])
                 raise TrainingDiverged(
@@ -169,16 +170,18 @@ class Trainer:
                     f"metrics and checkpoints up to epoch {epoch} are kept in {out}; "
                     "try a smaller --lr"
                 )
-            total = per_block if total is None else total + per_block
+            total = logs if total is None else {k: total[k] + v for k, v in logs.items()}
             count += 1
             bar.set_postfix(loss=f"{per_block.sum().item():.3f}")
         train_time = time.perf_counter() - t0
         metrics = self.task.evaluate(self.chain, self.device)
-        block_losses = (total / max(count, 1)).tolist()
+        means = {k: (v / max(count, 1)).tolist() for k, v in (total or {}).items()}
+        block_losses = means.pop("loss", [])
         self.history.append(
             {
                 "epoch": epoch + 1,
                 "block_losses": block_losses,
+                "block_terms": means,  # BLL: mean kl, nll and pred term of every block
                 "train_seconds": train_time,
                 **metrics,
             }

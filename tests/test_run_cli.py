@@ -43,6 +43,10 @@ def test_one_epoch_writes_every_artifact(tmp_path):
     assert 0 <= metrics["test_sequence_accuracy"] <= 1
     assert len(metrics["history"]) == 1
     assert len(metrics["history"][0]["block_losses"]) == 2
+    terms = metrics["history"][0]["block_terms"]
+    assert set(terms) == {"kl", "nll", "pred"} and all(len(v) == 2 for v in terms.values())
+    total = [sum(t) for t in zip(*terms.values(), strict=True)]
+    assert total == pytest.approx(metrics["history"][0]["block_losses"], rel=1e-5)
     assert json.loads((out / "config.json").read_text())["layers"] == 2
     assert (out / "checkpoints" / "epoch_000.pt").exists()
     png = (out / "learning_curve.png").read_bytes()
@@ -159,8 +163,8 @@ def test_nan_loss_stops_with_block_and_epoch_and_keeps_results(tmp_path, monkeyp
     original = Trainer.step
 
     def poisoned(self, x, y, mask):
-        per_block = original(self, x, y, mask)
-        return per_block * torch.tensor([1.0, float("nan")])
+        logs = original(self, x, y, mask)
+        return {**logs, "loss": logs["loss"] * torch.tensor([1.0, float("nan")])}
 
     monkeypatch.setattr(Trainer, "step", poisoned)
     with pytest.raises(TrainingDiverged, match=r"block 1 local loss is nan in epoch 2"):
