@@ -55,6 +55,18 @@ def _log_prob(site: dict) -> Tensor:
     return site["log_prob"]
 
 
+def _with_score_function(cost: Tensor, log_rho: Tensor) -> Tensor:
+    """cost ``[B]`` plus the DiCE score-function term (value zero, gradient unbiased).
+
+    Adds (cost - b) * (log rho - stop_grad(log rho)), with b the leave-one-out batch mean of
+    the detached cost as baseline.
+    """
+    c = cost.detach()
+    n = c.numel()
+    baseline = (c.sum() - c) / (n - 1) if n > 1 else torch.zeros_like(c)
+    return cost + (c - baseline) * (log_rho - log_rho.detach())
+
+
 def _scaled_sum(value: Tensor, site: dict) -> Tensor:
     """Sum a per-example term, applying the site's plate scale (subsampling)."""
     return (value * site["scale"]).sum()
@@ -144,7 +156,10 @@ class BlockLocalELBO(ELBO):
             else:
                 return _scaled_sum(kl, guide_site)
         # single-sample estimate at the guide's draw: log rho(z) - log alpha(z)
-        return (_log_prob(guide_site) - _log_prob(model_site)).sum()
+        diff = _log_prob(guide_site) - _log_prob(model_site)  # [B]
+        if not guide_site["fn"].has_rsample:
+            diff = _with_score_function(diff, _log_prob(guide_site))
+        return diff.sum()
 
     def _expected_log_lik(self, site: dict, guide_trace) -> Tensor:
         """E_rho[log q(y | z)]: closed form, pathwise, or score function (discrete z).
@@ -165,11 +180,7 @@ class BlockLocalELBO(ELBO):
         log_lik = _log_prob(site)  # [B], scaled and masked
         if rho_site is None or rho_site["fn"].has_rsample:
             return log_lik.sum()
-        cost = log_lik.detach()
-        n = cost.numel()
-        baseline = (cost.sum() - cost) / (n - 1) if n > 1 else torch.zeros_like(cost)
-        log_rho = _log_prob(rho_site)
-        return (log_lik + (cost - baseline) * (log_rho - log_rho.detach())).sum()
+        return _with_score_function(log_lik, _log_prob(rho_site)).sum()
 
     # ---- the pyro.infer.ELBO interface -------------------------------------------------
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
