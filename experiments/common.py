@@ -19,7 +19,9 @@ def finished_metrics(cfg: RunConfig) -> dict[str, Any] | None:
     if not path.exists():
         return None
     m = json.loads(path.read_text())
-    same = RunConfig.from_dict(m["config"]).to_dict() == cfg.to_dict()
+    same = RunConfig.from_dict({**m["config"], "overwrite": cfg.overwrite}).to_dict() == (
+        cfg.to_dict()
+    )
     return m if same and m["epochs_done"] == cfg.epochs else None
 
 
@@ -31,7 +33,7 @@ def run_seeds(base: RunConfig, seeds: list[int], out_prefix: str) -> dict[str, A
     """
     runs = []
     for seed in seeds:
-        cfg = replace(base, seed=seed, out=f"{out_prefix}_seed{seed}")
+        cfg = replace(base, seed=seed, out=f"{out_prefix}_seed{seed}", overwrite=True)
         m = finished_metrics(cfg) or main(cfg, progress=False)
         runs.append(
             {

@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that already holds checkpoints (they are replaced)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 

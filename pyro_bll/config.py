@@ -39,6 +39,7 @@ class RunConfig:
     device: str = "cpu"
     threads: int = 0  # 0: leave torch's default
     resume: bool = False
+    overwrite: bool = False  # allow a fresh run into a directory that holds checkpoints
 
     @property
     def num_blocks(self) -> int:

@@ -63,7 +63,13 @@ def prepare_out_dir(cfg: RunConfig) -> Path:
         raise ConfigError(
             f"--out {cfg.out!r} cannot be written ({e.strerror}); choose a writable directory"
         ) from None
-    if cfg.resume and latest_checkpoint(out) is None:
+    existing = latest_checkpoint(out)
+    if existing is not None and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(
+            f"--out {cfg.out!r} already holds a run ({existing.name}); pass --resume to "
+            "continue it, --overwrite to start it again, or choose another --out"
+        )
+    if cfg.resume and existing is None:
         raise ConfigError(
             f"--resume: no checkpoint in {out / 'checkpoints'}; run without --resume first"
         )

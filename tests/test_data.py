@@ -89,5 +89,6 @@ def test_fashion_mnist_task_one_epoch(tmp_path, capsys):
     assert run.cli(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and "test_sequence_accuracy" not in metrics
-    assert run.cli([*argv[:3], str(tmp_path / "nowhere"), *argv[4:]]) == 2
+    missing = [*argv[:3], str(tmp_path / "nowhere"), *argv[4:-1], str(tmp_path / "run2")]
+    assert run.cli(missing) == 2
     assert "missing train-images-idx3-ubyte" in capsys.readouterr().err

@@ -110,6 +110,18 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
     assert needle in err and "\n" not in err
 
 
+def test_existing_run_is_never_silently_replaced(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run.cli([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    ckpt = out / "checkpoints" / "epoch_000.pt"
+    before = ckpt.read_bytes()
+    assert run.cli([*TINY, "--epochs", "1", "--out", str(out), "--seed", "5"]) == 2
+    assert "already holds a run (epoch_000.pt)" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+    assert run.cli([*TINY, "--epochs", "1", "--out", str(out), "--seed", "5", "--overwrite"]) == 0
+    assert ckpt.read_bytes() != before
+
+
 def test_resume_without_checkpoint_and_unwritable_out(tmp_path, capsys):
     assert run.cli([*TINY, "--out", str(tmp_path / "empty"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
