@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_learning_curve(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -22,13 +23,15 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: Path, title: st
     if "test_sequence_accuracy" in history[0]:
         ax1.plot(epochs, [h["test_sequence_accuracy"] for h in history], "s--", label="sequence")
     ax1.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1.02), title=title)
-    ax1.legend()
+    ax1.legend(loc="lower right")
     n_blocks = len(history[0]["block_losses"])
     for k in range(n_blocks):
         ax2.plot(epochs, [h["block_losses"][k] for h in history], label=f"block {k + 1}")
     ax2.set(xlabel="epoch", ylabel="local loss per example", yscale="symlog")
     if n_blocks <= 10:
         ax2.legend(fontsize=7)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -42,7 +45,8 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], path: Path) -> None:
             [h["epoch"] for h in history], [h["test_accuracy"] for h in history], "o-", label=label
         )
     ax.set(xlabel="epoch", ylabel="test token accuracy", ylim=(0, 1.02))
-    ax.legend(fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
