@@ -46,8 +46,21 @@ def _check_finite(name: str, what: str, t: Tensor) -> None:
         raise FamilyError(f"{name}: non-finite {what}")
 
 
+class _Logits(Family):
+    """Families whose parameters are their natural parameters: logits, any real value."""
+
+    def check_params(self, params: Params) -> None:
+        _check_finite(self.name, "logits", params[0])
+
+    def natural(self, params: Params) -> Natural:
+        return (params[0],)
+
+    def from_natural(self, eta: Natural) -> Params:
+        return (eta[0],)
+
+
 @dataclass(repr=True)
-class Bernoulli(Family):
+class Bernoulli(_Logits):
     """Binary latents. raw ``[..., C]`` = logits; m(alpha) = sigmoid(logits) (probabilities).
 
     Feedback raw ``[..., C]`` is used as the potential's natural parameter directly.
@@ -60,15 +73,6 @@ class Bernoulli(Family):
 
     def params(self, raw: Tensor) -> Params:
         return self.split_raw(raw, 1, "block output")
-
-    def check_params(self, params: Params) -> None:
-        _check_finite(self.name, "logits", params[0])
-
-    def natural(self, params: Params) -> Natural:
-        return (params[0],)
-
-    def from_natural(self, eta: Natural) -> Params:
-        return (eta[0],)
 
     def sufficient_stats(self, z: Tensor) -> tuple[Tensor, ...]:
         return (z,)
@@ -90,7 +94,7 @@ class Bernoulli(Family):
 
 
 @dataclass(repr=True)
-class GroupedCategorical(Family):
+class GroupedCategorical(_Logits):
     """Channels grouped into categorical variables of ``group_size`` values each.
 
     raw ``[..., C]`` -> logits ``[..., C / K, K]``; the latent z ``[..., C / K]`` holds one
@@ -122,15 +126,6 @@ class GroupedCategorical(Family):
 
     def params(self, raw: Tensor) -> Params:
         return (self._groups(raw, "block output"),)
-
-    def check_params(self, params: Params) -> None:
-        _check_finite(self.name, "logits", params[0])
-
-    def natural(self, params: Params) -> Natural:
-        return (params[0],)
-
-    def from_natural(self, eta: Natural) -> Params:
-        return (eta[0],)
 
     def sufficient_stats(self, z: Tensor) -> tuple[Tensor, ...]:
         return (F.one_hot(z.long(), self.group_size).to(torch.get_default_dtype()),)
