@@ -151,8 +151,8 @@ class BlockLocalELBO(ELBO):
         if self.analytic_kl:
             try:
                 kl = kl_divergence(guide_site["fn"], model_site["fn"])
-            except NotImplementedError:
-                pass
+            except NotImplementedError:  # torch has no analytic KL for this pair:
+                pass  # fall back to the estimate below, as TraceMeanField_ELBO does
             else:
                 return _scaled_sum(kl, guide_site)
         # single-sample estimate at the guide's draw: log rho(z) - log alpha(z)

@@ -8,7 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name, *args, cwd):
+def _script(name, *args, cwd, rc=0):
+    """Run ``experiments/NAME`` with ``args``; assert its exit code is ``rc``."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / name), *map(str, args)],
         capture_output=True,
@@ -16,53 +17,25 @@ def _script(name, *args, cwd):
         timeout=300,
         cwd=cwd,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == rc, proc.stderr[-2000:]
     return proc
 
 
+def _tiny(tmp_path, runs):
+    """One epoch on 50 examples, one thread, runs and results under ``tmp_path``."""
+    return ["--epochs", 1, "--train-size", 50, "--threads", 1,
+            "--runs-dir", tmp_path / runs, "--results", tmp_path / "res"]  # fmt: skip
+
+
 def test_sweep_reproduce_and_plot_scripts(tmp_path):
-    _script(
-        "sweep_blocks.py",
-        "--layers",
-        2,
-        "--blocks",
-        1,
-        2,
-        "--epochs",
-        1,
-        "--train-size",
-        50,
-        "--threads",
-        1,
-        "--runs-dir",
-        tmp_path / "sweep",
-        "--results",
-        tmp_path / "res",
-        cwd=tmp_path,
-    )
+    _script("sweep_blocks.py", "--layers", 2, "--blocks", 1, 2, *_tiny(tmp_path, "sweep"),
+            cwd=tmp_path)  # fmt: skip
     sweep = json.loads((tmp_path / "res" / "sweep_blocks.json").read_text())
     assert sweep["blocks"] == [1, 2] and len(sweep["results"]) == 2
     assert (tmp_path / "res" / "sweep_blocks.png").stat().st_size > 1000
 
-    _script(
-        "reproduce_s2s.py",
-        "--layers",
-        2,
-        "--seeds",
-        0,
-        1,
-        "--epochs",
-        1,
-        "--train-size",
-        50,
-        "--threads",
-        1,
-        "--runs-dir",
-        tmp_path / "rep",
-        "--results",
-        tmp_path / "res",
-        cwd=tmp_path,
-    )
+    _script("reproduce_s2s.py", "--layers", 2, "--seeds", 0, 1, *_tiny(tmp_path, "rep"),
+            cwd=tmp_path)  # fmt: skip
     table = (tmp_path / "res" / "s2s_reverse.md").read_text()
     assert "bll_L2_N2" in table and "bp_L2_N2" in table
 
@@ -72,64 +45,20 @@ def test_sweep_reproduce_and_plot_scripts(tmp_path):
 
 
 def test_sweep_rejects_blocks_that_do_not_divide_layers(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments" / "sweep_blocks.py"),
-            "--layers",
-            "4",
-            "--blocks",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 2 and "must divide --layers 4" in proc.stderr
+    proc = _script("sweep_blocks.py", "--layers", 4, "--blocks", 3, cwd=tmp_path, rc=2)
+    assert "must divide --layers 4" in proc.stderr
 
 
 def test_bench_step_reports_both_ratios(tmp_path):
-    _script(
-        "bench_step.py",
-        "--layers",
-        2,
-        "--d-model",
-        8,
-        "--repeats",
-        2,
-        "--warmup",
-        1,
-        "--threads",
-        1,
-        "--out",
-        tmp_path / "b.json",
-        cwd=tmp_path,
-    )
+    _script("bench_step.py", "--layers", 2, "--d-model", 8, "--repeats", 2, "--warmup", 1,
+            "--threads", 1, "--out", tmp_path / "b.json", cwd=tmp_path)  # fmt: skip
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["ratio_pyro_over_plain"] > 0 and result["ratio_bll_over_bp"] > 0
 
 
 def test_bench_families_smoke_and_restart_reuses_finished_runs(tmp_path):
-    args = [
-        "--families",
-        "gaussian",
-        "bernoulli",
-        "--tasks",
-        "s2s_reverse",
-        "--seeds",
-        0,
-        "--epochs",
-        1,
-        "--train-size",
-        50,
-        "--threads",
-        1,
-        "--runs-dir",
-        tmp_path / "runs",
-        "--results",
-        tmp_path / "res",
-    ]
+    args = ["--families", "gaussian", "bernoulli", "--tasks", "s2s_reverse", "--seeds", 0,
+            *_tiny(tmp_path, "runs")]  # fmt: skip
     _script("bench_families.py", *args, cwd=tmp_path)
     table = (tmp_path / "res" / "families.md").read_text()
     for row in ["| gaussian |", "| bernoulli |", "| gaussian + feedback solve |", "| BP on"]:
