@@ -12,8 +12,9 @@ import sys
 
 from pyro_bll.config import ConfigError, RunConfig
 from pyro_bll.families import FAMILIES
-from pyro_bll.guides import FEEDBACKS
+from pyro_bll.guides import FEEDBACKS, MESSAGES
 from pyro_bll.methods import METHODS
+from pyro_bll.models import RESNET_ARCHS
 from pyro_bll.tasks import TASKS
 from pyro_bll.training import TrainingDiverged, main
 
@@ -123,6 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.propagate,
         choices=["mean", "sample"],
         help="what the next block consumes: the mean of z_k (paper) or a draw",
+    )
+    p.add_argument(
+        "--arch",
+        default=d.arch,
+        choices=sorted(RESNET_ARCHS),
+        help="vision tasks: resnet18 (basic units 2,2,2,2) or resnet50 (bottleneck units "
+        "3,4,6,3), split into --blocks blocks after residual units (default 4, the paper)",
+    )
+    p.add_argument(
+        "--width",
+        type=float,
+        default=d.width,
+        help="vision tasks: channel multiplier of the stage widths 64,128,256,512 "
+        "(e.g. 0.25 for CPU-sized runs; default 1 = the full network)",
+    )
+    p.add_argument(
+        "--message",
+        default=d.message,
+        choices=sorted(MESSAGES),
+        help="vision tasks: how the feedback message beta_k meets a block's feature map: "
+        "pool (a potential on the spatial mean of the statistics, beta_k / (H W) at every "
+        "location) or broadcast (beta_k at every location)",
+    )
+    p.add_argument(
+        "--sim-weight",
+        type=float,
+        default=d.sim_weight,
+        help="--method predsim: share beta of the similarity-matching loss, "
+        "(1 - beta) * prediction CE + beta * similarity loss (Noekland & Eidnes: 0.99)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (data, init, noise)")
     p.add_argument(

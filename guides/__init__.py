@@ -8,7 +8,16 @@ output scale) and provides
 
 from .linear import LinearFeedback
 from .mlp import MLPFeedback
+from .spatial import MESSAGES, BroadcastMessage, PoolMessage, SpatialMessage
 
 FEEDBACKS = {"linear": LinearFeedback, "mlp": MLPFeedback}
 
-__all__ = ["FEEDBACKS", "LinearFeedback", "MLPFeedback"]
+__all__ = [
+    "FEEDBACKS",
+    "MESSAGES",
+    "BroadcastMessage",
+    "LinearFeedback",
+    "MLPFeedback",
+    "PoolMessage",
+    "SpatialMessage",
+]

@@ -2,12 +2,16 @@
 
 from .linear_gaussian import LinearGaussianSpec, build_linear_gaussian_chain
 from .mlp import mlp_blocks
+from .resnet import RESNET_ARCHS, build_resnet_chain, resnet_blocks
 from .transformer import TransformerBlock, transformer_blocks
 
 __all__ = [
+    "RESNET_ARCHS",
     "LinearGaussianSpec",
     "TransformerBlock",
     "build_linear_gaussian_chain",
+    "build_resnet_chain",
     "mlp_blocks",
+    "resnet_blocks",
     "transformer_blocks",
 ]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import pyro
 import pyro.distributions as dist
@@ -33,6 +33,9 @@ from torch.distributions import Distribution
 
 from .families import Family, Natural, Params
 from .likelihoods import PrototypeLikelihood, masked_cross_entropy
+
+if TYPE_CHECKING:
+    from .guides.spatial import SpatialMessage
 
 Propagate = Literal["mean", "params", "sample"]
 _names = itertools.count()
@@ -61,7 +64,13 @@ class BLLChain(nn.Module):
             k's raw potential, ``class_outputs(k)`` the one of every label (prototype
             likelihood), ``block_module(k)`` the parameters block k owns.
         head: the output head f_out with ``distribution(h)``; the last block's likelihood.
-        event_dim: latent axes per example (1 for ``[B, C]``, 2 for ``[B, T, C]``).
+        event_dim: latent axes per example (1 for ``[B, C]``, 2 for ``[B, T, C]``, 3 for
+            feature maps ``[B, H, W, C]``).
+        label_event_dim: label axes per example (default ``event_dim - 1``: one label per
+            position, as for sequences ``[B, T]``; 0 for one label per image ``[B]``).
+        message: how a per-example feedback potential meets a feature map
+            (``pyro_bll.guides.spatial``: pool or broadcast); ``None`` when the potential
+            already has the latent's shape.
         local_likelihoods: "prototype" (tied to the feedback weights), ``None`` (off), or
             one ``LocalLikelihood`` per block below the last.
         pred_heads: optional predictive heads (Noekland & Eidnes 2019) for blocks < N.
@@ -82,6 +91,8 @@ class BLLChain(nn.Module):
         head: nn.Module,
         *,
         event_dim: int = 1,
+        label_event_dim: int | None = None,
+        message: SpatialMessage | None = None,
         local_likelihoods: str | Sequence[LocalLikelihood] | None = "prototype",
         pred_heads: Sequence[nn.Module] | None = None,
         pred_weight: float = 1.0,
@@ -101,6 +112,8 @@ class BLLChain(nn.Module):
         self.feedback = feedback
         self.head = head
         self.event_dim = event_dim
+        self.label_event_dim = event_dim - 1 if label_event_dim is None else label_event_dim
+        self.message = message
         if local_likelihoods == "prototype":
             local_likelihoods = [_prototype] * (n - 1)
         elif isinstance(local_likelihoods, str):
@@ -140,9 +153,18 @@ class BLLChain(nn.Module):
             raise ValueError("propagate='sample' needs a draw of z_k")
         return self.families[k].features(z).to(alpha[0].dtype)
 
-    def feedback_message(self, k: int, y: Tensor, mask: Tensor | None) -> Natural:
-        """beta_k ``[..., C]`` per natural parameter; zero (no information) where masked."""
+    def feedback_message(
+        self, k: int, y: Tensor, mask: Tensor | None, alpha: Params | None = None
+    ) -> Natural:
+        """beta_k ``[..., C]`` per natural parameter; zero (no information) where masked.
+
+        With a spatial ``message`` the potential is placed on alpha_k's map (needs alpha).
+        """
         beta = self.families[k].feedback_potential(self.feedback(y, k))
+        if self.message is not None:
+            if alpha is None:
+                raise ValueError("a chain with a spatial message needs alpha_k for beta_k")
+            beta = self.message.place(beta, alpha)
         if mask is None:
             return beta
         m = mask.to(beta[0].dtype)
@@ -167,7 +189,7 @@ class BLLChain(nn.Module):
     def _observed(self, fn: Distribution, mask: Tensor | None) -> Distribution:
         if mask is not None:
             fn = fn.mask(mask)
-        return fn.to_event(self.event_dim - 1)
+        return fn.to_event(self.label_event_dim)
 
     def guide(self, x: Tensor, y: Tensor, mask: Tensor | None = None, cache: dict | None = None):
         """Structured guide: rho_k proportional to alpha_k * beta_k for every block."""
@@ -177,7 +199,7 @@ class BLLChain(nn.Module):
         with pyro.plate("data", y.shape[0], dim=-1):
             for k in range(self.num_blocks):
                 alpha = self.forward_message(k, inp, cache)
-                rho = self.families[k].posterior(alpha, self.feedback_message(k, y, mask))
+                rho = self.families[k].posterior(alpha, self.feedback_message(k, y, mask, alpha))
                 z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
                 inp = self.next_input(k, alpha, z)
 
@@ -235,7 +257,9 @@ class BLLChain(nn.Module):
 
 
 def _prototype(chain: BLLChain, k: int, z: Tensor) -> Distribution:
-    return PrototypeLikelihood().distribution(chain.families[k], z, chain.class_potentials(k))
+    return PrototypeLikelihood().distribution(
+        chain.families[k], z, chain.class_potentials(k), chain.message
+    )
 
 
 def _block_factor(name: str, log_factor: Tensor, block: int) -> None:

@@ -34,6 +34,10 @@ class RunConfig:
     feedback_update: str = "grad"
     ridge: float = 1.0
     propagate: str = "mean"
+    arch: str = "resnet18"  # vision tasks: resnet18 | resnet50 (models/resnet.py)
+    width: float = 1.0  # vision tasks: channel multiplier of the stage widths (64, ..., 512)
+    message: str = "pool"  # vision tasks: how beta_k meets the feature map (guides/spatial.py)
+    sim_weight: float = 0.99  # predsim: beta, the similarity-matching share of the local loss
     seed: int = 0
     out: str = "runs/s2s_reverse"
     device: str = "cpu"
@@ -47,8 +51,9 @@ class RunConfig:
 
     def validate(self) -> None:
         from .families import FAMILIES
-        from .guides import FEEDBACKS
+        from .guides import FEEDBACKS, MESSAGES
         from .methods import METHODS
+        from .models import RESNET_ARCHS
         from .tasks import TASKS
 
         for name, choices, what in [
@@ -58,6 +63,8 @@ class RunConfig:
             (self.propagate, ("mean", "sample"), "propagate"),
             (self.feedback, FEEDBACKS, "feedback"),
             (self.feedback_update, ("grad", "solve"), "feedback update"),
+            (self.arch, RESNET_ARCHS, "arch"),
+            (self.message, MESSAGES, "message"),
         ]:
             if name not in choices:
                 raise ConfigError(f"unknown {what} {name!r}; valid: {', '.join(choices)}")
@@ -82,6 +89,10 @@ class RunConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.ridge < 0:
             raise ConfigError(f"--ridge must be >= 0, got {self.ridge}")
+        if not self.width > 0:
+            raise ConfigError(f"--width must be positive, got {self.width}")
+        if not 0 <= self.sim_weight <= 1:
+            raise ConfigError(f"--sim-weight must lie in [0, 1], got {self.sim_weight}")
         if self.pred_weight < 0:
             raise ConfigError(f"--pred-weight must be >= 0, got {self.pred_weight}")
         if self.device not in ("cpu",) and not self.device.startswith("cuda"):

@@ -41,6 +41,24 @@ class CategoricalHead(nn.Module):
         return dist.Categorical(logits=self(h))
 
 
+class PooledHead(CategoricalHead):
+    """Vision head: ReLU, global average pool over space, linear. ``[B, H, W, C] -> [B, V]``.
+
+    The standard ResNet classifier (the ReLU ends the last residual unit, whose
+    pre-activation is the latent's mean). Also the per-block predictive head of BLL and
+    Pred-Sim (Noekland & Eidnes 2019 use a pooled linear head).
+    """
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__(channels, num_classes, norm=False)
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = torch.relu(h)
+        if h.dim() > 2:
+            h = h.mean(tuple(range(1, h.dim() - 1)))
+        return self.linear(h)
+
+
 class PrototypeLikelihood:
     """The default local likelihood, tied to the feedback weights (DESIGN.md, section 1).
 
@@ -50,11 +68,18 @@ class PrototypeLikelihood:
 
     For the fixed-variance Gaussian this is a nearest-prototype classifier whose
     prototypes are the feedback outputs: logit_c = -||z - b_c||^2 / (2 sigma^2) + const.
+    On a feature map the per-location logits are reduced by the chain's spatial
+    ``message`` (summed for broadcast, averaged for pool; ``pyro_bll.guides.spatial``).
     """
 
-    def distribution(self, family: Family, z: Tensor, class_potentials: tuple) -> Distribution:
+    def distribution(
+        self, family: Family, z: Tensor, class_potentials: tuple, message=None
+    ) -> Distribution:
         # z: [..., C]; class_potentials: tuple of [num_classes, C]; logits: [..., num_classes]
-        return dist.Categorical(logits=family.potential_logits(z, class_potentials))
+        logits = family.potential_logits(z, class_potentials)
+        if message is not None:
+            logits = message.reduce_logits(logits)  # [B, H, W, V] -> [B, V]
+        return dist.Categorical(logits=logits)
 
 
 class AffineGaussian(dist.Normal):

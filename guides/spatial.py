@@ -1,0 +1,104 @@
+"""How a per-example feedback message meets a feature map (``--message pool|broadcast``).
+
+The feedback network (``--feedback linear``: the paper's one linear layer per block from
+the one-hot label to the block's channel count) gives every example one potential
+beta_k ``[B, C]`` per natural parameter. A vision block's latent is a feature map
+z_k ``[B, H, W, C]`` (channels last, as the families expect), so the message must be
+spread over the H * W locations. Two exact choices, both conjugate potentials:
+
+* ``broadcast``: the potential exp(<beta, T(z_hw)>) at every location,
+
+      rho(z) proportional to alpha(z) * prod_hw exp(<beta, T(z_hw)>),
+      eta(rho_hw) = eta(alpha_hw) + beta                      (beta as ``[B, 1, 1, C]``);
+
+* ``pool``: one potential on the spatially averaged sufficient statistics,
+
+      rho(z) proportional to alpha(z) * exp(<beta, mean_hw T(z_hw)>),
+      eta(rho_hw) = eta(alpha_hw) + beta / (H W),
+
+  i.e. exactly ``broadcast`` with beta / (H W). The label is a statement about the whole
+  image, and pooling makes it one statement rather than H * W independent ones.
+
+The prototype local likelihood q_k(y | z) tied to the feedback weights meets the map the
+same way (``reduce_logits``), so that q_k and rho_k use one potential. With per-location
+logits l_c(z_hw) = <beta_c, T(z_hw)> - A(beta_c):
+
+* ``broadcast``: logit_c = sum_hw l_c(z_hw) (every location is an independent draw from
+  the class's distribution F(beta_c));
+* ``pool``: logit_c = mean_hw l_c(z_hw) = <beta_c, mean_hw T(z_hw)> - A(beta_c), the
+  prototype classifier applied to the spatially averaged statistics (l_c is affine in
+  T, so the mean of the logits is the logit of the mean).
+
+Spatial axes are the ``spatial_dims`` axes right after the batch axis (``[B, H, W, ...]``);
+labels are one per example ``[B]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from ..families import Natural, Params
+
+
+class SpatialMessage:
+    """Places per-example potentials on a map and reduces per-location logits."""
+
+    name = "spatial"
+
+    def __init__(self, spatial_dims: int = 2) -> None:
+        if spatial_dims < 1:
+            raise ValueError(f"spatial_dims must be >= 1, got {spatial_dims}")
+        self.spatial_dims = spatial_dims
+
+    def _axes(self) -> tuple[int, ...]:
+        return tuple(range(1, 1 + self.spatial_dims))
+
+    def num_locations(self, alpha: Params) -> int:
+        """H * W of the latent map that ``alpha`` parametrises (``[B, H, W, ...]``)."""
+        return math.prod(alpha[0].shape[1 : 1 + self.spatial_dims])
+
+    def weight(self, num_locations: int) -> float:
+        """The factor multiplying beta at every location."""
+        raise NotImplementedError
+
+    def place(self, beta: Natural, alpha: Params) -> Natural:
+        """beta ``[B, *rest]`` -> ``[B, 1, 1, *rest]`` times ``weight(H W)``, beside alpha."""
+        w = self.weight(self.num_locations(alpha))
+        ones = (1,) * self.spatial_dims
+        return tuple(b.reshape(b.shape[:1] + ones + b.shape[1:]) * w for b in beta)
+
+    def reduce_logits(self, logits: Tensor) -> Tensor:
+        """Per-location logits ``[B, H, W, V]`` -> per-example logits ``[B, V]``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spatial_dims={self.spatial_dims})"
+
+
+class BroadcastMessage(SpatialMessage):
+    """beta at every location; prototype logits summed over locations."""
+
+    name = "broadcast"
+
+    def weight(self, num_locations: int) -> float:
+        return 1.0
+
+    def reduce_logits(self, logits: Tensor) -> Tensor:
+        return logits.sum(self._axes())
+
+
+class PoolMessage(SpatialMessage):
+    """A potential on the spatial mean of T(z): beta / (H W) at every location."""
+
+    name = "pool"
+
+    def weight(self, num_locations: int) -> float:
+        return 1.0 / num_locations
+
+    def reduce_logits(self, logits: Tensor) -> Tensor:
+        return logits.mean(self._axes())
+
+
+MESSAGES: dict[str, type[SpatialMessage]] = {"pool": PoolMessage, "broadcast": BroadcastMessage}
