@@ -1,5 +1,20 @@
-"""Data loaders for packaged data sets (no downloads at run time)."""
+"""Data loaders (no downloads at run time, except CIFAR-10's torchvision fallback)."""
 
-from .idx import DataError, load_fashion_mnist, read_idx
+from .augment import normalise, random_crop, random_flip
+from .cifar10 import DEFAULT_CIFAR10, load_cifar10
+from .device_data import DeviceImageData, channel_stats
+from .idx import DEFAULT_FASHION_MNIST, DataError, load_fashion_mnist, read_idx
 
-__all__ = ["DataError", "load_fashion_mnist", "read_idx"]
+__all__ = [
+    "DEFAULT_CIFAR10",
+    "DEFAULT_FASHION_MNIST",
+    "DataError",
+    "DeviceImageData",
+    "channel_stats",
+    "load_cifar10",
+    "load_fashion_mnist",
+    "normalise",
+    "random_crop",
+    "random_flip",
+    "read_idx",
+]
