@@ -1,4 +1,4 @@
-"""Training methods on the same chain: block-local learning and end-to-end backprop.
+"""Training methods on the same chain: BLL, backprop, feedback alignment and Pred-Sim.
 
 A method turns a batch into a scalar loss (per example) plus, for logging, a dict of
 per-block values ``[N]``: ``loss`` (l_k) and, for BLL, its terms ``kl``, ``nll``, ``pred``;
@@ -12,8 +12,10 @@ from torch import Tensor
 from .chain import BLLChain
 from .config import ConfigError, RunConfig
 from .elbo import BlockLocalELBO
+from .feedback_alignment import FeedbackAlignment
 from .feedback_solve import check_solvable, solve_feedback
 from .likelihoods import masked_cross_entropy
+from .predsim import PredSim
 
 
 class BLL:
@@ -59,4 +61,4 @@ class Backprop:
         return loss, {"loss": loss.detach().reshape(1)}
 
 
-METHODS = {"bll": BLL, "bp": Backprop}
+METHODS = {"bll": BLL, "bp": Backprop, "fa": FeedbackAlignment, "predsim": PredSim}

@@ -1,0 +1,114 @@
+"""Pred-Sim (Noekland & Eidnes 2019, "Training neural networks with local error signals").
+
+Every block below the last learns from its own loss on its output h_k = m(alpha_k), its
+input detached (the same blocks as BLL):
+
+    l_k = (1 - beta) * CE( p_k(h_k), y ) + beta * || S(s_k(h_k)) - S(onehot(y)) ||^2 / B^2
+
+* p_k, the prediction head: ReLU, global average pool, linear (a linear map for vectors);
+* s_k, the learned similarity transform: a 3x3 convolution (C_k -> C_k, after the ReLU)
+  for feature maps, a linear map for vectors;
+* S(u) ``[B, B]``, the similarity matrix as in the authors' code: each example's features
+  (for a map with more than 3 channels and more than one location, the per-channel
+  standard deviation over space, their default) are centred and normalised, and S holds
+  their cosine similarities (Pearson correlations), clamped to [-1, 1]; the mean squared
+  difference is taken over all B^2 entries;
+* beta = ``--sim-weight`` (their 0.99).
+
+The last block and the output head learn from the output cross-entropy, like BLL's last
+block. The heads belong to the method; they are attached to the chain as the submodule
+``predsim_heads`` so that the optimiser and the checkpoints see them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .chain import BLLChain
+from .config import ConfigError, RunConfig
+from .likelihoods import PooledHead, masked_cross_entropy
+
+
+def similarity_matrix(u: Tensor) -> Tensor:
+    """S(u) ``[B, B]`` for ``u`` of shape ``[B, F]`` or an NCHW map ``[B, C, H, W]``."""
+    if u.dim() == 4 and u.shape[1] > 3 and u.shape[2] * u.shape[3] > 1:
+        u = u.flatten(2).std(dim=2)  # [B, C]: per-channel spread over space
+    u = u.flatten(1)
+    uc = u - u.mean(dim=1, keepdim=True)
+    un = uc / (1e-8 + uc.norm(dim=1, keepdim=True))
+    return (un @ un.transpose(0, 1)).clamp(-1, 1)
+
+
+def similarity_loss(u: Tensor, y: Tensor, num_classes: int) -> Tensor:
+    """Mean squared difference between S(u) and S(one-hot labels) (a scalar)."""
+    target = similarity_matrix(F.one_hot(y, num_classes).to(u.dtype))
+    return F.mse_loss(similarity_matrix(u), target)
+
+
+class _MapSimilarity(nn.Module):
+    """s_k for maps: ``[B, H, W, C]`` -> ReLU -> 3x3 conv -> ``[B, C, H, W]``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.conv(torch.relu(h).permute(0, 3, 1, 2))
+
+
+class PredSim:
+    """Noekland & Eidnes' local prediction + similarity-matching loss on the chain's blocks."""
+
+    def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
+        if cfg.feedback_update != "grad":
+            raise ConfigError("--feedback-update solve applies to --method bll only")
+        if chain.label_event_dim != 0:
+            raise ConfigError(
+                f"--method predsim needs one label per example; --task {cfg.task} has one "
+                "per position; use --method bll, bp or fa"
+            )
+        spatial = chain.event_dim - 1
+        if spatial not in (0, 2):
+            raise ConfigError(f"--method predsim supports vectors and 2-d maps, not {spatial}-d")
+        chain.detach = True
+        self.beta = cfg.sim_weight
+        self.num_classes = chain.feedback.num_classes
+        ref = next(chain.parameters())
+        heads = []
+        for k in range(chain.num_blocks - 1):
+            c = chain.feedback.class_outputs(k).shape[-1] // chain.families[k].n_feedback
+            pred = PooledHead(c, self.num_classes) if spatial else nn.Linear(c, self.num_classes)
+            sim = _MapSimilarity(c) if spatial else nn.Linear(c, c)
+            heads.append(nn.ModuleDict({"pred": pred, "sim": sim}))
+        chain.predsim_heads = nn.ModuleList(heads).to(device=ref.device, dtype=ref.dtype)
+
+    def loss(
+        self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None, *, noise: object = None
+    ):
+        """Sum of the block losses l_k (per example); logs ``loss``, ``pred``, ``sim`` ``[N]``."""
+        n, batch = chain.num_blocks, y.shape[0]
+        losses, preds, sims = [], [], []
+        inp = x
+        for k in range(n):
+            h = chain.families[k].mean(chain.forward_message(k, inp))  # input detached, k > 0
+            if k < n - 1:
+                heads = chain.predsim_heads[k]
+                ce = masked_cross_entropy(heads["pred"](h), y, mask).sum() / batch
+                sim = similarity_loss(heads["sim"](h), y, self.num_classes)
+                losses.append((1 - self.beta) * ce + self.beta * sim)
+            else:
+                ce = masked_cross_entropy(chain.head(h), y, mask).sum() / batch
+                sim = torch.zeros_like(ce)
+                losses.append(ce)
+            preds.append(ce)
+            sims.append(sim)
+            inp = h
+        per_block = torch.stack(losses)
+        logs = {
+            "loss": per_block.detach(),
+            "pred": torch.stack(preds).detach(),
+            "sim": torch.stack(sims).detach(),
+        }
+        return per_block.sum(), logs
