@@ -19,10 +19,13 @@ def finished_metrics(cfg: RunConfig) -> dict[str, Any] | None:
     if not path.exists():
         return None
     m = json.loads(path.read_text())
+    resolved = replace(cfg)
+    resolved.validate()  # fills the task's defaults, as the stored config has them
     same = RunConfig.from_dict({**m["config"], "overwrite": cfg.overwrite}).to_dict() == (
-        cfg.to_dict()
+        resolved.to_dict()
     )
-    return m if same and m["epochs_done"] == cfg.epochs else None
+    done = m["epochs_done"] == cfg.epochs or m.get("budget_exhausted", False)
+    return m if same and done else None
 
 
 def run_seeds(base: RunConfig, seeds: list[int], out_prefix: str) -> dict[str, Any]:

@@ -34,6 +34,11 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _per_task(key: str, fallback: object) -> str:
+    """An option's default for every task, for the help text: "s2s_reverse 50, ..."."""
+    return ", ".join(f"{n} {t.DEFAULTS.get(key, fallback)}" for n, t in TASKS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="number of blocks N; must divide --layers (default: N = L, a local "
-        "loss after every layer as in the paper)",
+        "loss after every layer as in the paper); vision tasks: 1 to the residual units "
+        "of --arch (default 4, the paper)",
     )
     p.add_argument("--d-model", type=int, default=d.d_model, help="width of the residual stream")
     p.add_argument(
@@ -80,22 +86,34 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.train_size,
         help="s2s_reverse: fresh training sequences per epoch (default 10000); "
-        "fashion_mnist_mlp: train on the first N images (default all)",
+        "image tasks: train on the first N images (default all)",
     )
     p.add_argument(
         "--test-size",
         type=int,
         default=d.test_size,
         help="test examples (default: s2s_reverse 1000 held-out permutations, "
-        "fashion_mnist_mlp the full test set)",
+        "image tasks the full test set)",
     )
     p.add_argument(
         "--data-dir",
-        default=d.data_dir,
-        help="fashion_mnist_mlp: directory with the idx files (Debian dataset-fashion-mnist)",
+        default=None,
+        help="fashion_mnist(_mlp): directory with the idx files (Debian package "
+        "dataset-fashion-mnist); cifar10: directory holding cifar-10-batches-py/ (tried: "
+        "torchvision's download). Default: " + _per_task("data_dir", "-"),
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="mini-batch size (default: " + _per_task("batch_size", d.batch_size) + ")",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="Adam learning rate (default: " + _per_task("lr", d.lr) + ")",
+    )
     p.add_argument(
         "--pred-weight",
         type=float,
@@ -170,14 +188,40 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start afresh in an --out that already holds checkpoints (they are replaced)",
     )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="vision: run convolutions and batches in the channels_last memory format "
+        "(faster on recent GPUs)",
+    )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="bf16 autocast of forward passes and losses (needs --device cuda)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=d.max_minutes,
+        help="time budget of training plus evaluation: stop after the epoch during which "
+        "it is used up (metrics.json: elapsed_seconds, budget_exhausted)",
+    )
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="vision: no random crop / flip of training batches",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     ns = build_parser().parse_args(argv)
-    fields = {k: v for k, v in vars(ns).items() if k not in ("family_arg", "no_progress")}
-    cfg = RunConfig(**fields, family_args=dict(ns.family_arg))
+    skip = ("family_arg", "no_progress", "no_augment", "task")
+    fields = {k: v for k, v in vars(ns).items() if k not in skip}
+    cfg = RunConfig.for_task(
+        ns.task, **fields, augment=not ns.no_augment, family_args=dict(ns.family_arg)
+    )
     return cfg, not ns.no_progress
 
 

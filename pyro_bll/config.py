@@ -20,13 +20,13 @@ class RunConfig:
     family: str = "gaussian"
     family_args: dict[str, Any] = field(default_factory=dict)
     layers: int = 20
-    blocks: int | None = None  # None: one block per layer
+    blocks: int | None = None  # None: the task's default (one block per layer; vision: 4)
     d_model: int = 32
     seq_len: int = 10
     epochs: int = 5
     train_size: int | None = None  # None: the task's default (s2s_reverse: 10,000 per epoch)
     test_size: int | None = None  # None: the task's default (s2s_reverse: 1,000)
-    data_dir: str = "/usr/share/datasets/fashion-mnist"
+    data_dir: str | None = None  # None: the task's default (its DEFAULTS["data_dir"])
     batch_size: int = 50
     lr: float = 2e-3
     pred_weight: float = 1.0
@@ -41,6 +41,10 @@ class RunConfig:
     seed: int = 0
     out: str = "runs/s2s_reverse"
     device: str = "cpu"
+    channels_last: bool = False  # channels_last memory format for convolutions and batches
+    amp: bool = False  # bf16 autocast of forward passes and losses (CUDA only)
+    max_minutes: float | None = None  # time budget: stop after the epoch that uses it up
+    augment: bool = True  # vision: random crop (and flip, cifar10) of training batches
     threads: int = 0  # 0: leave torch's default
     resume: bool = False
     overwrite: bool = False  # allow a fresh run into a directory that holds checkpoints
@@ -81,10 +85,15 @@ class RunConfig:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
                 )
-        if self.num_blocks <= 0 or self.layers % self.num_blocks:
-            raise ConfigError(
-                f"--blocks {self.num_blocks} must be positive and divide --layers {self.layers}"
-            )
+        task = TASKS[self.task]
+        for key, value in task.DEFAULTS.items():  # fill only the options left unset (None)
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        task.check_config(self)  # per task: blocks divide layers, or fit the ResNet's units
+        if self.amp and not self.device.startswith("cuda"):
+            raise ConfigError("--amp (bf16 autocast) needs --device cuda; drop --amp on CPU")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.ridge < 0:
@@ -105,3 +114,11 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def for_task(cls, task: str, **options: Any) -> RunConfig:
+        """A config with ``task``'s defaults (``TASKS[task].DEFAULTS``) under ``options``."""
+        from .tasks import TASKS
+
+        defaults = getattr(TASKS.get(task), "DEFAULTS", {})
+        return cls(task=task, **{**defaults, **options})

@@ -37,6 +37,7 @@ def _rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "random": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
@@ -44,6 +45,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["random"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -98,15 +101,23 @@ class Trainer:
             raise ConfigError(str(e)) from None
         self.task = TASKS[cfg.task](cfg)
         self.chain: BLLChain = self.task.build_chain(self.family).to(self.device)
+        if cfg.channels_last:
+            self.chain.to(memory_format=torch.channels_last)
+        self.amp = cfg.amp  # bf16 autocast of forward passes and losses (self.autocast)
         self.method = METHODS[cfg.method](self.chain, cfg)
         self.optimizer = torch.optim.Adam(self.chain.parameters(), lr=cfg.lr)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
 
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast on the run's device while ``amp`` is on; a no-op context otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
     # ---- one step ----------------------------------------------------------------------
     def step(self, x, y, mask) -> dict[str, torch.Tensor]:
         """One optimiser step; returns per-block values ``[N]`` (``loss`` and its terms)."""
-        loss, logs = self.method.loss(self.chain, x, y, mask)
+        with self.autocast():
+            loss, logs = self.method.loss(self.chain, x, y, mask)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -147,6 +158,8 @@ class Trainer:
         pyro.enable_validation(False)  # shape checks cost time in the hot loop
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
+                if self.budget_exhausted():  # --max-minutes: the last epoch used it up
+                    break
                 self._epoch(out, epoch, progress)
         finally:
             pyro.enable_validation(True)
@@ -180,7 +193,10 @@ class Trainer:
             count += 1
             bar.set_postfix(loss=f"{per_block.sum().item():.3f}")
         train_time = time.perf_counter() - t0
-        metrics = self.task.evaluate(self.chain, self.device)
+        t1 = time.perf_counter()
+        with self.autocast():
+            metrics = self.task.evaluate(self.chain, self.device)
+        eval_time = time.perf_counter() - t1
         means = {k: (v / max(count, 1)).tolist() for k, v in (total or {}).items()}
         block_losses = means.pop("loss", [])
         self.history.append(
@@ -189,6 +205,7 @@ class Trainer:
                 "block_losses": block_losses,
                 "block_terms": means,  # BLL: mean kl, nll and pred term of every block
                 "train_seconds": train_time,
+                "eval_seconds": eval_time,
                 **metrics,
             }
         )
@@ -202,11 +219,22 @@ class Trainer:
             flush=True,
         )
 
+    def elapsed_seconds(self) -> float:
+        """Training plus evaluation time of all epochs so far (resumed ones included)."""
+        return sum(h["train_seconds"] + h.get("eval_seconds", 0.0) for h in self.history)
+
+    def budget_exhausted(self) -> bool:
+        return self.cfg.max_minutes is not None and (
+            self.elapsed_seconds() >= 60 * self.cfg.max_minutes
+        )
+
     def metrics(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {"test_accuracy": math.nan}
         return {
             **{k: v for k, v in last.items() if k.startswith("test_")},
             "epochs_done": len(self.history),
+            "elapsed_seconds": self.elapsed_seconds(),
+            "budget_exhausted": self.budget_exhausted(),  # --max-minutes ended the run
             "seconds_per_epoch": (
                 float(np.mean([h["train_seconds"] for h in self.history]))
                 if self.history

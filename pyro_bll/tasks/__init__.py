@@ -2,7 +2,13 @@
 
 from .fashion_mnist_mlp import FashionMNISTMLPTask
 from .s2s_reverse import S2SReverseTask
+from .vision import CIFAR10Task, FashionMNISTTask
 
-TASKS = {"s2s_reverse": S2SReverseTask, "fashion_mnist_mlp": FashionMNISTMLPTask}
+TASKS = {
+    "s2s_reverse": S2SReverseTask,
+    "fashion_mnist_mlp": FashionMNISTMLPTask,
+    "fashion_mnist": FashionMNISTTask,
+    "cifar10": CIFAR10Task,
+}
 
-__all__ = ["TASKS", "FashionMNISTMLPTask", "S2SReverseTask"]
+__all__ = ["TASKS", "CIFAR10Task", "FashionMNISTMLPTask", "FashionMNISTTask", "S2SReverseTask"]

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from ..chain import BLLChain
 from ..config import ConfigError, RunConfig
-from ..data import DataError, load_fashion_mnist
+from ..data import DEFAULT_FASHION_MNIST, DataError, load_fashion_mnist
 from ..families import Family
 from ..likelihoods import CategoricalHead
+from .base import check_blocks_divide_layers, check_diagnostic_size
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
 
@@ -25,14 +26,20 @@ MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
 class FashionMNISTMLPTask:
     """Data, network and evaluation for ``--task fashion_mnist_mlp``."""
 
+    DEFAULTS = {"data_dir": DEFAULT_FASHION_MNIST}
     event_dim = 1
     num_classes = 10
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        check_blocks_divide_layers(cfg)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         try:
-            x_train, y_train = load_fashion_mnist(cfg.data_dir, "train")
-            x_test, y_test = load_fashion_mnist(cfg.data_dir, "test")
+            directory = cfg.data_dir or DEFAULT_FASHION_MNIST
+            x_train, y_train = load_fashion_mnist(directory, "train")
+            x_test, y_test = load_fashion_mnist(directory, "test")
         except (DataError, OSError) as e:
             raise ConfigError(str(e)) from None
         n_train = cfg.train_size or len(x_train)
@@ -76,6 +83,11 @@ class FashionMNISTMLPTask:
         for i in range(0, len(order), self.cfg.batch_size):
             idx = order[i : i + self.cfg.batch_size]
             yield self.x_train[idx], self.y_train[idx], None
+
+    def diagnostic_batch(self, n: int) -> tuple[Tensor, Tensor, None]:
+        """The first n test images ``[n, 784]`` (normalised) and labels ``[n]``."""
+        n = check_diagnostic_size(n, len(self.x_test))
+        return self.x_test[:n], self.y_test[:n], None
 
     @torch.no_grad()
     def evaluate(self, chain: BLLChain, device: torch.device) -> dict[str, float]:

@@ -22,6 +22,7 @@ from ..chain import BLLChain
 from ..config import RunConfig
 from ..families import Family
 from ..likelihoods import CategoricalHead
+from .base import check_blocks_divide_layers, check_diagnostic_size
 
 TEST_SEED = 2_305_149_74  # the held-out set is the same for every run
 
@@ -43,7 +44,12 @@ def make_sequences(perms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class S2SReverseTask:
     """Data, network and evaluation for ``--task s2s_reverse``."""
 
+    DEFAULTS: dict = {}  # RunConfig's own defaults are this task's
     event_dim = 2  # latents are [B, T, D]
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        check_blocks_divide_layers(cfg)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -94,6 +100,11 @@ class S2SReverseTask:
         perms = perms[keep]
         for i in range(0, len(perms), self.cfg.batch_size):
             yield make_sequences(perms[i : i + self.cfg.batch_size])
+
+    def diagnostic_batch(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher-forced x, y, mask ``[n, 2 seq_len]`` of the first n held-out permutations."""
+        n = check_diagnostic_size(n, len(self.test_perms))
+        return make_sequences(self.test_perms[:n])
 
     # ---- evaluation --------------------------------------------------------------------
     @torch.no_grad()

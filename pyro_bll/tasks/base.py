@@ -1,0 +1,60 @@
+"""What every task provides, and the configuration checks that several tasks share.
+
+A task (``TASKS[name](cfg)``) owns its data, its network and its evaluation:
+
+    DEFAULTS                  class attribute: RunConfig values this task wants when the
+                              user does not set them (``RunConfig.for_task``)
+    check_config(cfg)         classmethod: ConfigError for options this task cannot take
+    build_chain(family)       the forward network, feedback guide and heads as a BLLChain
+    steps_per_epoch()         optimiser steps in one epoch
+    train_batches(epoch)      ``(x, y, mask)`` batches of one epoch, the same for a given
+                              (seed, epoch)
+    evaluate(chain, device)   ``{"test_accuracy": ..., ...}`` on the test set
+    diagnostic_batch(n)       the first n test examples as ``(x, y, mask)``, inputs as the
+                              chain consumes them (diagnostics, issue 5)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from ..chain import BLLChain
+from ..config import ConfigError, RunConfig
+from ..families import Family
+
+Batch = tuple[Tensor, Tensor, Tensor | None]
+
+
+class Task(Protocol):
+    DEFAULTS: ClassVar[dict[str, Any]]
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None: ...
+
+    def build_chain(self, family: Family) -> BLLChain: ...
+
+    def steps_per_epoch(self) -> int: ...
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]: ...
+
+    def evaluate(self, chain: BLLChain, device: torch.device) -> dict[str, float]: ...
+
+    def diagnostic_batch(self, n: int) -> Batch: ...
+
+
+def check_blocks_divide_layers(cfg: RunConfig) -> None:
+    """Layer-stack tasks (transformer, MLP): N blocks of L / N layers each."""
+    if cfg.num_blocks <= 0 or cfg.layers % cfg.num_blocks:
+        raise ConfigError(
+            f"--blocks {cfg.num_blocks} must be positive and divide --layers {cfg.layers}"
+        )
+
+
+def check_diagnostic_size(n: int, available: int) -> int:
+    if n <= 0:
+        raise ValueError(f"diagnostic_batch needs n > 0, got {n}")
+    return min(n, available)

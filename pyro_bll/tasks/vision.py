@@ -1,0 +1,140 @@
+"""Image classification with ResNets cut into blocks: ``fashion_mnist`` and ``cifar10``.
+
+Data (``pyro_bll.data``): the whole training and test splits live on the run's device
+as uint8 ``[N, H, W, C]``; each epoch is a seeded permutation there, and training batches
+are augmented on the device:
+
+    fashion_mnist   28x28x1, random crop with 2 pixels of zero padding (the garments
+                    fill most of the frame; 4 would cut off sleeves and soles), no flip
+    cifar10         32x32x3, random crop with 4 pixels of zero padding and a random
+                    horizontal flip (the standard CIFAR augmentation)
+
+then normalised with the per-channel mean and std of the training images in use.
+``--no-augment`` switches crop and flip off. ``--train-size N`` trains on the first N
+training images; the test accuracy is on the full test set (10,000 images) unless
+``--test-size`` says otherwise. The test set is only ever evaluated, after every epoch,
+and never used to choose anything: the reported number is the last epoch's.
+
+Network: ``models/resnet.py`` (``--arch resnet18|resnet50``, ``--width``, ``--blocks``,
+default 4 as in the paper) with linear feedback from the one-hot label per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..chain import BLLChain
+from ..config import ConfigError, RunConfig
+from ..data import (
+    DEFAULT_CIFAR10,
+    DEFAULT_FASHION_MNIST,
+    DataError,
+    DeviceImageData,
+    load_cifar10,
+    load_fashion_mnist,
+)
+from ..data.device_data import Augmentation
+from ..families import Family
+from .base import check_diagnostic_size
+
+_VISION_DEFAULTS: dict[str, Any] = {"blocks": 4, "batch_size": 128, "lr": 1e-3}
+
+
+class VisionTask:
+    """Shared by the image tasks; subclasses say how to load their splits and augment."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = _VISION_DEFAULTS
+    num_classes = 10
+    augmentation = Augmentation()
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        try:
+            x_train, y_train = self.load(cfg, "train")
+            x_test, y_test = self.load(cfg, "test")
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+        n_train = cfg.train_size or len(x_train)
+        n_test = cfg.test_size or len(x_test)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.data = DeviceImageData(
+            (x_train[:n_train], y_train[:n_train]),
+            (x_test[:n_test], y_test[:n_test]),
+            torch.device(cfg.device),
+            self.augmentation,
+            memory_format=fmt,
+        )
+
+    # ---- per data set ------------------------------------------------------------------
+    @classmethod
+    def load(cls, cfg: RunConfig, split: str) -> tuple[Tensor, Tensor]:
+        """``(images [N, H, W, C] uint8, labels [N] int64)`` on the CPU."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        from ..models.resnet import check_num_blocks
+
+        check_num_blocks(cfg.arch, cfg.num_blocks)
+
+    # ---- network -----------------------------------------------------------------------
+    def build_chain(self, family: Family) -> BLLChain:
+        from ..models.resnet import build_resnet_chain
+
+        return build_resnet_chain(
+            self.cfg.arch, self.data.in_channels, self.num_classes, family, self.cfg
+        )
+
+    # ---- data --------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.data.y_train) // self.cfg.batch_size)
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, None]]:
+        """Shuffled, augmented, normalised batches ``[B, C, H, W]``, on the run's device."""
+        cfg = self.cfg
+        for x, y in self.data.batches(cfg.batch_size, cfg.seed, epoch, augment=cfg.augment):
+            yield x, y, None
+
+    def diagnostic_batch(self, n: int) -> tuple[Tensor, Tensor, None]:
+        """The first n test images (normalised, not augmented) and labels, on the device."""
+        n = check_diagnostic_size(n, len(self.data.y_test))
+        return self.data.prepare(self.data.x_test[:n]), self.data.y_test[:n], None
+
+    # ---- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, chain: BLLChain, device: torch.device) -> dict[str, float]:
+        """Top-1 accuracy of f_out(m(alpha_N)) on the test split (BatchNorm in eval mode)."""
+        was_training = chain.training
+        chain.eval()
+        correct = torch.zeros((), dtype=torch.long, device=self.data.device)
+        for x, y in self.data.test_batches(1000):
+            correct += (chain.predict_logits(x).argmax(-1) == y).sum()
+        chain.train(was_training)
+        return {"test_accuracy": correct.item() / len(self.data.y_test)}
+
+
+class FashionMNISTTask(VisionTask):
+    """``--task fashion_mnist``: the idx files of the Debian package dataset-fashion-mnist."""
+
+    DEFAULTS = {**_VISION_DEFAULTS, "data_dir": DEFAULT_FASHION_MNIST}
+    augmentation = Augmentation(crop_padding=2, flip=False)
+
+    @classmethod
+    def load(cls, cfg: RunConfig, split: str) -> tuple[Tensor, Tensor]:
+        images, labels = load_fashion_mnist(cfg.data_dir or DEFAULT_FASHION_MNIST, split)
+        return images.unsqueeze(-1), labels  # [N, 28, 28, 1]
+
+
+class CIFAR10Task(VisionTask):
+    """``--task cifar10``: the python-format batches (torchvision's download as fallback)."""
+
+    DEFAULTS = {**_VISION_DEFAULTS, "data_dir": DEFAULT_CIFAR10}
+    augmentation = Augmentation(crop_padding=4, flip=True)
+
+    @classmethod
+    def load(cls, cfg: RunConfig, split: str) -> tuple[Tensor, Tensor]:
+        return load_cifar10(cfg.data_dir or DEFAULT_CIFAR10, split)
