@@ -84,10 +84,10 @@ class PredSim:
             heads.append(nn.ModuleDict({"pred": pred, "sim": sim}))
         chain.predsim_heads = nn.ModuleList(heads).to(device=ref.device, dtype=ref.dtype)
 
-    def loss(
-        self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None, *, noise: object = None
-    ):
-        """Sum of the block losses l_k (per example); logs ``loss``, ``pred``, ``sim`` ``[N]``."""
+    def block_losses(
+        self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """l_k of every block ``[N]`` (per example, with graph) and detached logs."""
         n, batch = chain.num_blocks, y.shape[0]
         losses, preds, sims = [], [], []
         inp = x
@@ -102,13 +102,17 @@ class PredSim:
                 ce = masked_cross_entropy(chain.head(h), y, mask).sum() / batch
                 sim = torch.zeros_like(ce)
                 losses.append(ce)
-            preds.append(ce)
-            sims.append(sim)
+            preds.append(ce.detach())
+            sims.append(sim.detach())
             inp = h
         per_block = torch.stack(losses)
-        logs = {
-            "loss": per_block.detach(),
-            "pred": torch.stack(preds).detach(),
-            "sim": torch.stack(sims).detach(),
-        }
+        logs = {"loss": per_block.detach(), "pred": torch.stack(preds), "sim": torch.stack(sims)}
+        return per_block, logs
+
+    def loss(
+        self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None, *, noise: object = None
+    ):
+        """Sum of the block losses l_k (Pred-Sim draws no noise); logs ``loss``, ``pred``,
+        ``sim`` ``[N]``."""
+        per_block, logs = self.block_losses(chain, x, y, mask)
         return per_block.sum(), logs

@@ -1,0 +1,206 @@
+"""ResNet-18/50 cut into blocks (models/resnet.py) and feedback messages on feature maps."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from pyro_bll import BlockLocalELBO, seed_everything
+from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.families import FAMILIES, make_family
+from pyro_bll.guides import BroadcastMessage, PoolMessage
+from pyro_bll.models import RESNET_ARCHS, build_resnet_chain, resnet_blocks
+from pyro_bll.models.resnet import block_layer_counts, split_units
+
+from utils import assert_close
+
+TINY = 1 / 16  # stage widths (4, 8, 16, 32)
+
+
+def tiny_chain(arch="resnet18", family="gaussian", **cfg):
+    cfg = RunConfig(width=TINY, **cfg)
+    return build_resnet_chain(arch, 1, 10, make_family(family), cfg)
+
+
+def latent_shapes(chain, x):
+    shapes, inp, cache = [], x, {}
+    for k in range(chain.num_blocks):
+        alpha = chain.forward_message(k, inp, cache)
+        inp = chain.families[k].mean(alpha)
+        shapes.append(tuple(inp.shape[1:]))
+    return shapes
+
+
+# (arch, blocks) -> units per block and latent [H, W, C] of every block, 12x12 grey input,
+# worked out by hand: stage s (0-based) halves the map s times (12, 6, 3, 2) and has
+# 4 * 2^s channels (ResNet-18) or 16 * 2^s (ResNet-50, bottleneck expansion 4).
+CASES = {
+    ("resnet18", 1): ([8], [(2, 2, 32)]),
+    ("resnet18", 3): ([3, 3, 2], [(6, 6, 8), (3, 3, 16), (2, 2, 32)]),
+    ("resnet18", 4): ([2, 2, 2, 2], [(12, 12, 4), (6, 6, 8), (3, 3, 16), (2, 2, 32)]),
+    ("resnet50", 1): ([16], [(2, 2, 128)]),
+    ("resnet50", 4): ([4, 4, 4, 4], [(6, 6, 32), (3, 3, 64), (3, 3, 64), (2, 2, 128)]),
+}
+
+
+@pytest.mark.parametrize(("arch", "blocks"), sorted(CASES))
+def test_units_and_latent_shapes(arch, blocks):
+    units, shapes = CASES[arch, blocks]
+    chain = tiny_chain(arch, blocks=blocks)
+    assert [len(b.units) for b in chain.blocks] == units
+    assert latent_shapes(chain, torch.randn(4, 1, 12, 12)) == shapes
+    assert chain.predict_logits(torch.randn(4, 1, 12, 12)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("arch", sorted(RESNET_ARCHS))
+def test_one_block_per_unit(arch):
+    n = RESNET_ARCHS[arch].num_units
+    chain = tiny_chain(arch, blocks=n)
+    assert [len(b.units) for b in chain.blocks] == [1] * n
+    shapes = latent_shapes(chain, torch.randn(2, 1, 8, 8))
+    assert len(shapes) == n and shapes[-1][:2] == (1, 1)
+
+
+def test_layer_counts_against_the_paper():
+    assert block_layer_counts("resnet18", 4) == [5, 4, 4, 5]  # paper: (4, 5, 4, 5)
+    assert block_layer_counts("resnet50", 4) == [13, 12, 12, 13]  # paper: (12, 13, 12, 13)
+    for arch, total in (("resnet18", 18), ("resnet50", 50)):
+        for n in range(1, RESNET_ARCHS[arch].num_units + 1):
+            assert sum(block_layer_counts(arch, n)) == total
+    assert split_units(16, 5) == [4, 3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("arch", sorted(RESNET_ARCHS))
+def test_same_function_as_torchvision(arch):
+    """Full width: with torchvision's weights copied in, the chain's deterministic
+    prediction equals torchvision's ResNet with a 3x3 stride-1 stem and no max-pool."""
+    seed_everything(0)
+    tv = getattr(torchvision.models, arch)(num_classes=10)
+    tv.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+    tv.maxpool = nn.Identity()
+    chain = build_resnet_chain(arch, 3, 10, make_family("gaussian"), RunConfig(pred_weight=0))
+    ours = [t for b in chain.blocks for t in b.state_dict().values()]
+    ours += list(chain.head.state_dict().values())
+    theirs = list(tv.state_dict().values())
+    assert [t.shape for t in ours] == [t.shape for t in theirs]
+    with torch.no_grad():
+        for a, b in zip(ours, theirs, strict=True):
+            if b.is_floating_point():  # move BatchNorm off its identity initialisation
+                b.add_(0.01 * torch.randn_like(b))
+            a.copy_(b)
+    chain.eval()
+    tv.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = chain.predict_logits(x)
+        assert out.abs().max() > 0.1  # not a degenerate comparison
+        assert_close(out, tv(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("arch", sorted(RESNET_ARCHS))
+def test_every_family_on_a_tiny_resnet(name, arch):
+    chain = tiny_chain(arch, name)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
+    assert losses.per_block.shape == (4,) and torch.isfinite(losses.per_block).all()
+    losses.total.backward()
+    grads = [p.grad for p in chain.blocks[0].parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().max() > 0 for g in grads)
+
+
+def test_locality_of_the_resnet_chain():
+    """As tests/test_locality.py: block k's parameters get gradients from l_k only."""
+    chain = tiny_chain("resnet18", blocks=3).double()
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
+    params = list(chain.parameters())
+    grads = torch.autograd.grad(losses.total, params, retain_graph=True)
+    total = dict(zip(map(id, params), grads, strict=True))
+    owned = set()
+    for k in range(chain.num_blocks):
+        mine = chain.block_parameters(k)
+        owned |= {id(p) for p in mine}
+        others = [p for p in params if all(p is not q for q in mine)]
+        local = torch.autograd.grad(losses.per_block[k], mine, retain_graph=True)
+        for p, g in zip(mine, local, strict=True):
+            assert_close(g, total[id(p)], atol=1e-12, rtol=1e-10)
+        leak = torch.autograd.grad(
+            losses.per_block[k], others, retain_graph=True, allow_unused=True
+        )
+        assert all(g is None or g.abs().max() == 0 for g in leak)
+    assert owned == {id(p) for p in params}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_pool_is_broadcast_of_beta_over_hw_and_a_potential_on_mean_statistics(name):
+    """rho_pool(z) is proportional to alpha(z) exp(<beta, mean_hw T(z_hw)>): the log ratio
+    minus that potential is the same for every z; and it equals broadcast with beta / HW."""
+    fam = make_family(name)
+    b, h, w, c = 3, 4, 5, 8
+    alpha = fam.params(torch.randn(b, h, w, fam.raw_size(c), dtype=torch.float64))
+    beta = fam.feedback_potential(torch.randn(b, fam.feedback_size(c), dtype=torch.float64))
+    pool = fam.posterior(alpha, PoolMessage().place(beta, alpha))
+    scaled = BroadcastMessage().place(tuple(t / (h * w) for t in beta), alpha)
+    for p, q in zip(pool, fam.posterior(alpha, scaled), strict=True):
+        assert_close(p, q, atol=1e-12, rtol=1e-12)
+    broad = fam.posterior(alpha, BroadcastMessage().place(beta, alpha))
+    placed = tuple(t[:, None, None] for t in beta)  # [B, 1, 1, C(, K)]
+    for rho, reduce in ((pool, lambda t: t.mean((1, 2))), (broad, lambda t: t.sum((1, 2)))):
+        offsets = []
+        for _ in range(3):
+            z = fam.distribution(rho).sample()
+            log_ratio = (fam.log_prob(rho, z) - fam.log_prob(alpha, z)).sum((1, 2, 3))
+            potential = reduce(fam.inner(placed, fam.sufficient_stats(z))).sum(-1)
+            offsets.append(log_ratio - potential)  # -log normaliser, independent of z
+        for o in offsets[1:]:
+            assert_close(o, offsets[0], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("message", ["pool", "broadcast"])
+@pytest.mark.parametrize("name", ["gaussian", "categorical", "gamma"])
+def test_prototype_logits_on_the_map(message, name):
+    """pool: the prototype classifier on spatially averaged statistics; broadcast: the
+    product over locations of the per-location class densities."""
+    chain = tiny_chain("resnet18", name, message=message)
+    fam = chain.families[0]
+    x = torch.randn(4, 1, 6, 6)
+    z = fam.distribution(chain.forward_message(0, x)).sample()  # [4, 6, 6, C(/K)]
+    protos = chain.class_potentials(0)  # [V, C(/K)(, K)]
+    stats = [s.flatten(3) for s in fam.sufficient_stats(z)]  # [B, H, W, C']
+    reduce = {"pool": lambda t: t.mean((1, 2)), "broadcast": lambda t: t.sum((1, 2))}[message]
+    n = {"pool": 1, "broadcast": 36}[message]
+    hand = sum(reduce(s) @ p.flatten(1).T for s, p in zip(stats, protos, strict=True))
+    hand = hand - n * fam.log_normalizer(protos).flatten(1).sum(-1)  # [B, V]
+    q = chain.local_likelihoods[0](chain, 0, z)
+    assert q.batch_shape == (4,)
+    assert_close(q.logits, torch.log_softmax(hand, -1), atol=1e-4, rtol=1e-5)
+
+
+def test_bad_input_names_the_fix():
+    fam = make_family("gaussian")
+    with pytest.raises(
+        ConfigError, match=r"--blocks 9 exceeds the 8 residual units of resnet18; use 1\.\.8"
+    ):
+        resnet_blocks("resnet18", 1, 9, TINY, fam)
+    with pytest.raises(
+        ConfigError, match=r"exceeds the 16 residual units of resnet50; use 1\.\.16"
+    ):
+        tiny_chain("resnet50", blocks=17)
+    with pytest.raises(ConfigError, match="--blocks must be positive"):
+        tiny_chain(blocks=0)
+    with pytest.raises(ConfigError, match="unknown --arch 'resnet34'; valid: resnet18, resnet50"):
+        tiny_chain("resnet34")
+    with pytest.raises(ConfigError, match="--width must be positive"):
+        resnet_blocks("resnet18", 1, 4, 0.0, fam)
+    with pytest.raises(ConfigError, match="group_size 3 does not divide the 4 channels"):
+        resnet_blocks("resnet18", 1, 4, TINY, make_family("categorical", group_size=3))
+    for bad, match in (
+        ({"arch": "vgg"}, "unknown arch 'vgg'"),
+        ({"message": "sum"}, "unknown message 'sum'"),
+        ({"width": -1.0}, "--width must be positive"),
+        ({"sim_weight": 1.5}, "--sim-weight"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            RunConfig(**bad).validate()
