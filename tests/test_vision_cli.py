@@ -1,0 +1,190 @@
+"""The vision tasks end to end through experiments/run.py on tiny files in the real formats."""
+
+import json
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from vision_files import tiny_cifar10, tiny_fashion_mnist, write_idx
+
+from pyro_bll.config import RunConfig
+from pyro_bll.data import DEFAULT_CIFAR10, DEFAULT_FASHION_MNIST
+from pyro_bll.data import cifar10 as cifar_module
+from pyro_bll.families import make_family
+from pyro_bll.tasks import TASKS
+from pyro_bll.training import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import run  # noqa: E402
+from common import finished_metrics  # noqa: E402
+
+TINY = ["--width", "0.05", "--train-size", "8", "--test-size", "8", "--batch-size", "4",
+        "--epochs", "1", "--threads", "1", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "fashion_mnist": tiny_fashion_mnist(root / "fashion"),
+        "cifar10": tiny_cifar10(root / "cifar"),
+    }
+
+
+def _args(data, task, out, *extra):
+    return ["--task", task, "--data-dir", str(data[task]), *TINY, "--out", str(out), *extra]
+
+
+def _metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("method", ["bp", "fa", "predsim", "bll"])
+def test_one_epoch_of_every_method_and_arch_on_fashion_mnist(data, tmp_path, method, arch):
+    out = tmp_path / "run"
+    assert run.cli(_args(data, "fashion_mnist", out, "--method", method, "--arch", arch)) == 0
+    m = _metrics(out)
+    assert 0 <= m["test_accuracy"] <= 1 and m["epochs_done"] == 1
+    assert m["config"]["blocks"] == 4 and m["config"]["arch"] == arch
+    assert m["config"]["data_dir"] == str(data["fashion_mnist"])
+    losses = m["history"][0]["block_losses"]
+    assert len(losses) == (1 if method in ("bp", "fa") else 4)
+    assert all(v == v for v in losses)  # finite numbers, no NaN
+    assert (out / "checkpoints" / "epoch_000.pt").exists()
+
+
+def test_one_epoch_on_cifar10_with_flips_and_crops(data, tmp_path):
+    out = tmp_path / "run"
+    assert run.cli(_args(data, "cifar10", out, "--blocks", "2")) == 0
+    m = _metrics(out)
+    assert 0 <= m["test_accuracy"] <= 1 and len(m["history"][0]["block_losses"]) == 2
+    task = TASKS["cifar10"](RunConfig.from_dict(m["config"]))
+    assert task.data.x_train.shape == (8, 32, 32, 3) and len(task.data.y_test) == 8
+    assert task.data.augmentation.flip and task.data.augmentation.crop_padding == 4
+
+
+def test_task_defaults_and_explicit_options():
+    cfg, _ = run.parse_config(["--task", "cifar10"])
+    assert (cfg.blocks, cfg.data_dir) == (None, None)  # unset: validate fills the task's
+    cfg.validate()
+    assert (cfg.blocks, cfg.batch_size, cfg.lr, cfg.data_dir) == (4, 128, 1e-3, DEFAULT_CIFAR10)
+    cfg, _ = run.parse_config(["--task", "fashion_mnist", "--batch-size", "7", "--lr", "0.1"])
+    cfg.validate()
+    assert (cfg.batch_size, cfg.lr, cfg.data_dir) == (7, 0.1, DEFAULT_FASHION_MNIST)
+    cfg, _ = run.parse_config(["--task", "fashion_mnist_mlp", "--no-augment"])
+    cfg.validate()
+    assert (cfg.batch_size, cfg.data_dir, cfg.augment) == (50, DEFAULT_FASHION_MNIST, False)
+    cfg, _ = run.parse_config([])
+    assert (cfg.task, cfg.blocks, cfg.batch_size, cfg.num_blocks) == ("s2s_reverse", None, 50, 20)
+    direct = RunConfig(task="fashion_mnist")  # unset options are filled by validate
+    direct.validate()
+    assert (direct.blocks, direct.data_dir) == (4, DEFAULT_FASHION_MNIST)
+    assert RunConfig.for_task("cifar10", blocks=2).blocks == 2
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--data-dir", "MISSING"], "apt-get install dataset-fashion-mnist"),
+        (["--data-dir", "CORRUPT"], "holds 6278 bytes, its header promises 6288 (truncated)"),
+        (["--arch", "resnet34"], "invalid choice: 'resnet34'"),
+        (["--method", "sgd"], "unknown method 'sgd'"),
+        (["--blocks", "9"], "--blocks 9 exceeds the 8 residual units of resnet18"),
+        (["--arch", "resnet50", "--blocks", "17"], "exceeds the 16 residual units of resnet50"),
+        (["--amp"], "--amp (bf16 autocast) needs --device cuda"),
+        (["--max-minutes", "0"], "--max-minutes must be positive"),
+        (["--task", "cifar10", "--data-dir", "MISSING"], "the download failed (<urlopen error"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code_2(data, tmp_path, capsys, monkeypatch, extra, needle):
+    corrupt = tmp_path / "corrupt"
+    tiny_fashion_mnist(corrupt)
+    path = write_idx(corrupt / "t10k-images-idx3-ubyte", torch.zeros(8, 28, 28).numpy())
+    path.write_bytes(path.read_bytes()[:-10])
+
+    def offline(directory):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(cifar_module, "_download", offline)
+    dirs = {"MISSING": str(tmp_path / "nowhere"), "CORRUPT": str(corrupt)}
+    argv = [*_args(data, "fashion_mnist", tmp_path / "x"), *[dirs.get(a, a) for a in extra]]
+    assert run.cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and err.startswith("error: ")
+
+
+def test_max_minutes_stops_after_the_epoch_that_uses_it_up(data, tmp_path):
+    out = tmp_path / "budget"
+    argv = _args(data, "fashion_mnist", out, "--epochs", "3", "--max-minutes", "1e-5")
+    assert run.cli(argv) == 0
+    m = _metrics(out)
+    assert m["epochs_done"] == 1 and m["budget_exhausted"] is True
+    assert m["elapsed_seconds"] >= 60 * 1e-5 and m["config"]["max_minutes"] == 1e-5
+    h = m["history"][0]
+    assert m["elapsed_seconds"] == pytest.approx(h["train_seconds"] + h["eval_seconds"])
+    cfg, _ = run.parse_config(argv)
+    assert finished_metrics(cfg) is not None  # benchmarks read a budget-stopped run back
+    unlimited = _args(data, "fashion_mnist", tmp_path / "free", "--epochs", "2")
+    assert run.cli(unlimited) == 0
+    assert _metrics(tmp_path / "free")["epochs_done"] == 2
+    assert _metrics(tmp_path / "free")["budget_exhausted"] is False
+
+
+def test_resume_and_channels_last_reproduce_the_uninterrupted_run(data, tmp_path):
+    args = _args(data, "fashion_mnist", tmp_path / "full", "--epochs", "2")
+    assert run.cli(args) == 0
+    part = _args(data, "fashion_mnist", tmp_path / "part", "--epochs", "1")
+    assert run.cli(part) == 0
+    assert run.cli([*part[:-2], "--epochs", "2", "--resume"]) == 0
+    cl = _args(data, "fashion_mnist", tmp_path / "cl", "--epochs", "2", "--channels-last")
+    assert run.cli(cl) == 0
+    full = _metrics(tmp_path / "full")["history"]
+    for other in ("part", "cl"):
+        for a, b in zip(full, _metrics(tmp_path / other)["history"], strict=True):
+            assert a["block_losses"] == pytest.approx(b["block_losses"], rel=1e-4)
+            assert a["test_accuracy"] == b["test_accuracy"]
+    ckpt = torch.load(tmp_path / "part" / "checkpoints" / "epoch_001.pt", weights_only=False)
+    assert "cuda" in ckpt["rng"]
+
+
+@pytest.mark.parametrize("method", ["bll", "bp"])
+def test_amp_autocasts_the_step_to_bf16(data, tmp_path, method):
+    """The --amp code path, run with CPU bf16 autocast (the option itself needs CUDA)."""
+    cfg, _ = run.parse_config(_args(data, "fashion_mnist", tmp_path / "amp", "--method", method))
+    trainer = Trainer(cfg)
+    trainer.amp = True
+    x, y, mask = next(iter(trainer.task.train_batches(0)))
+    with trainer.autocast():
+        assert trainer.chain.blocks[0](x).dtype == torch.bfloat16
+    before = [p.detach().clone() for p in trainer.chain.parameters()]
+    logs = trainer.step(x, y, mask)
+    assert torch.isfinite(logs["loss"]).all()
+    after = list(trainer.chain.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert 0 <= trainer.task.evaluate(trainer.chain, trainer.device)["test_accuracy"] <= 1
+
+
+def _task(name, data, tmp_path):
+    fashion = str(tiny_fashion_mnist(tmp_path / "f")) if name == "fashion_mnist_mlp" else None
+    cfg = RunConfig.for_task(
+        name, data_dir=fashion or str(data.get(name, "")), width=0.05, layers=2, d_model=8,
+        seq_len=4, train_size=8, test_size=6,
+    )  # fmt: skip
+    cfg.validate()
+    return TASKS[name](cfg)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_diagnostic_batch_of_every_task(data, tmp_path, name):
+    task = _task(name, data, tmp_path)
+    x, y, mask = task.diagnostic_batch(5)
+    assert len(x) == len(y) == 5 and (mask is None or mask.shape == y.shape)
+    chain = task.build_chain(make_family("gaussian"))
+    chain.eval()
+    with torch.no_grad():
+        logits = chain.predict_logits(x)
+    assert logits.shape[:-1] == y.shape
+    assert len(task.diagnostic_batch(100)[1]) == 6  # capped at the test set
