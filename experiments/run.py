@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.method,
         help=f"{', '.join(METHODS)}: bll trains every block on its own local loss "
         "(no backward pass across blocks); bp is end-to-end backprop on the "
-        "same network",
+        "same network; fa is backprop with fixed random backward weights for every Linear "
+        "and Conv2d (feedback alignment); predsim trains every block on Noekland & Eidnes' "
+        "local prediction + similarity-matching loss",
     )
     p.add_argument(
         "--family",

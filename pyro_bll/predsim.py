@@ -32,7 +32,15 @@ from .likelihoods import PooledHead, masked_cross_entropy
 
 
 def similarity_matrix(u: Tensor) -> Tensor:
-    """S(u) ``[B, B]`` for ``u`` of shape ``[B, F]`` or an NCHW map ``[B, C, H, W]``."""
+    """S(u) ``[B, B]`` for ``u`` of shape ``[B, F]`` or an NCHW map ``[B, C, H, W]``.
+
+    Computed in float32 even under bf16 autocast (cosines of nearby codes need the digits).
+    """
+    with torch.autocast(u.device.type, enabled=False):
+        return _similarity(u.float())
+
+
+def _similarity(u: Tensor) -> Tensor:
     if u.dim() == 4 and u.shape[1] > 3 and u.shape[2] * u.shape[3] > 1:
         u = u.flatten(2).std(dim=2)  # [B, C]: per-channel spread over space
     u = u.flatten(1)
@@ -82,7 +90,13 @@ class PredSim:
             pred = PooledHead(c, self.num_classes) if spatial else nn.Linear(c, self.num_classes)
             sim = _MapSimilarity(c) if spatial else nn.Linear(c, c)
             heads.append(nn.ModuleDict({"pred": pred, "sim": sim}))
-        chain.predsim_heads = nn.ModuleList(heads).to(device=ref.device, dtype=ref.dtype)
+        # same device, dtype and memory format (channels_last or not) as the network
+        convs = [p for p in chain.blocks.parameters() if p.dim() == 4]
+        channels_last = bool(convs) and all(
+            p.is_contiguous(memory_format=torch.channels_last) for p in convs
+        )
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        chain.predsim_heads = nn.ModuleList(heads).to(ref.device, ref.dtype, memory_format=fmt)
 
     def block_losses(
         self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None
