@@ -3,7 +3,8 @@
 Each takes ``(num_classes, sizes, init_std)`` (raw feedback width per block, initial
 output scale) and provides
 ``forward(y, k)``, ``class_outputs(k)`` (the output for every label, ``[V, size_k]``) and
-``block_module(k)`` (the parameters owned by block k).
+``block_module(k)`` (the parameters owned by block k). ``MESSAGES`` (``spatial.py``) says
+how such a per-example message meets a feature map: pooled or broadcast over space.
 """
 
 from .linear import LinearFeedback
