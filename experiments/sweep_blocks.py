@@ -1,8 +1,12 @@
-"""Test accuracy against the number of blocks (paper Fig. 3C).
+"""Test accuracy against the number of blocks (paper Fig. 3C; Fig. 3A with --task cifar10).
 
     python experiments/sweep_blocks.py --layers 20 --blocks 1 2 4 5 10 20 --seeds 0
+    python experiments/sweep_blocks.py --task cifar10 --arch resnet50 --blocks 1 2 4 8 16 \\
+        --methods bll predsim --epochs 10 --device cuda --channels-last --amp
 
-Every N must divide --layers. Writes ``results/sweep_blocks.json`` and a PNG.
+s2s_reverse: every N must divide --layers. Image tasks: N from 1 to the residual units of
+--arch (8 for ResNet-18, 16 for ResNet-50). Writes ``sweep_blocks.json`` and
+``sweep_blocks.png`` (``sweep_blocks_TASK_ARCH.*`` for image tasks) under --results.
 """
 
 from __future__ import annotations
@@ -15,46 +19,93 @@ from pathlib import Path
 import torch
 from common import run_seeds
 
-from pyro_bll.config import RunConfig
+from pyro_bll.config import ConfigError, RunConfig
 from pyro_bll.plots import plot_sweep
+from pyro_bll.tasks import TASKS
+from pyro_bll.tasks.vision import VisionTask
 
 
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--layers", type=int, default=20)
+    p.add_argument("--task", default="s2s_reverse", choices=list(TASKS), help="task to sweep")
+    p.add_argument("--layers", type=int, default=20, help="s2s_reverse: transformer layers")
     p.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4, 5, 10, 20])
+    p.add_argument("--methods", nargs="+", default=["bll"], help="one curve per method")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--train-size", type=int, default=10_000)
+    p.add_argument("--train-size", type=int, default=None, help="default: the task's")
+    p.add_argument("--test-size", type=int, default=None, help="default: the task's")
+    p.add_argument("--arch", default="resnet50", help="image tasks: resnet18 | resnet50")
+    p.add_argument("--width", type=float, default=1.0, help="image tasks: channel multiplier")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the task's")
+    p.add_argument("--lr", type=float, default=None, help="default: the task's")
+    p.add_argument("--max-minutes", type=float, default=None, help="time budget per run")
+    p.add_argument("--data-dir", default=None, help="default: the task's")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true", help="channels_last (GPU)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs-dir", default="runs/sweep_blocks")
     p.add_argument("--results", default="results")
     args = p.parse_args()
-    bad = [n for n in args.blocks if n <= 0 or args.layers % n]
-    if bad:
-        print(f"error: --blocks {bad} must divide --layers {args.layers}", file=sys.stderr)
+    given = {k: getattr(args, k) for k in ("batch_size", "lr") if getattr(args, k) is not None}
+    vision = issubclass(TASKS[args.task], VisionTask)
+    bases = {}
+    try:
+        for method in args.methods:
+            for n in args.blocks:
+                cfg = RunConfig.for_task(
+                    args.task,
+                    **given,
+                    method=method,
+                    layers=args.layers,
+                    blocks=n,
+                    epochs=args.epochs,
+                    train_size=args.train_size,
+                    test_size=args.test_size,
+                    arch=args.arch,
+                    width=args.width,
+                    max_minutes=args.max_minutes,
+                    data_dir=args.data_dir,
+                    device=args.device,
+                    channels_last=args.channels_last,
+                    amp=args.amp,
+                    threads=args.threads,
+                )
+                cfg.validate()
+                bases[method, n] = cfg
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    acc = []
-    for n in args.blocks:
-        base = RunConfig(
-            layers=args.layers,
-            blocks=n,
-            epochs=args.epochs,
-            train_size=args.train_size,
-            threads=args.threads,
-        )
-        acc.append(run_seeds(base, args.seeds, f"{args.runs_dir}/N{n}"))
+    tag = f"_{args.task}_{args.arch}" if vision else ""
+    by_method = {
+        method: [
+            run_seeds(bases[method, n], args.seeds, f"{args.runs_dir}{tag}/{method}_N{n}")
+            for n in args.blocks
+        ]
+        for method in args.methods
+    }
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep_blocks.json").write_text(
-        json.dumps({"args": vars(args), "blocks": args.blocks, "results": acc}, indent=2)
+    first = by_method[args.methods[0]]
+    (out / f"sweep_blocks{tag}.json").write_text(
+        json.dumps(
+            {"args": vars(args), "blocks": args.blocks, "results": first, "by_method": by_method},
+            indent=2,
+        )
     )
-    plot_sweep(args.blocks, {"BLL": [r["acc_mean"] for r in acc]}, out / "sweep_blocks.png")
-    for n, r in zip(args.blocks, acc, strict=True):
-        print(f"N={n}: test acc {100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f}")
+    plot_sweep(
+        args.blocks,
+        {m.upper(): [r["acc_mean"] for r in rs] for m, rs in by_method.items()},
+        out / f"sweep_blocks{tag}.png",
+        ylabel="test accuracy" if vision else "test token accuracy",
+    )
+    for method, rs in by_method.items():
+        for n, r in zip(args.blocks, rs, strict=True):
+            print(f"{method} N={n}: test acc {100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f}")
     return 0
 
 

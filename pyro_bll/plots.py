@@ -52,12 +52,17 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_sweep(blocks: Sequence[int], acc: dict[str, Sequence[float]], path: Path) -> None:
-    """Test accuracy against the number of blocks (paper Fig. 3C)."""
+def plot_sweep(
+    blocks: Sequence[int],
+    acc: dict[str, Sequence[float]],
+    path: Path,
+    ylabel: str = "test token accuracy",
+) -> None:
+    """Test accuracy against the number of blocks (paper Fig. 3A / 3C)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, values in acc.items():
         ax.plot(blocks, values, "o-", label=label)
-    ax.set(xlabel="number of blocks", ylabel="test token accuracy", xscale="log")
+    ax.set(xlabel="number of blocks", ylabel=ylabel, xscale="log")
     ax.set_xticks(list(blocks), [str(b) for b in blocks])
     ax.legend()
     fig.tight_layout()

@@ -188,3 +188,15 @@ def test_diagnostic_batch_of_every_task(data, tmp_path, name):
         logits = chain.predict_logits(x)
     assert logits.shape[:-1] == y.shape
     assert len(task.diagnostic_batch(100)[1]) == 6  # capped at the test set
+
+
+def test_reproduce_table1_bad_input_is_one_line(tmp_path, capsys):
+    import reproduce_table1
+
+    base = ["--width", "0.05", "--runs-dir", str(tmp_path / "r"), "--results", str(tmp_path)]
+    assert reproduce_table1.main([*base, "--fashion-dir", str(tmp_path / "none")]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert reproduce_table1.main([*base, "--blocks", "9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --blocks 9 exceeds the 8 residual units of resnet18; use 1..8"
+    assert not (tmp_path / "table1.md").exists()
