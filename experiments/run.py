@@ -214,12 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="vision: no random crop / flip of training batches",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="after training, write the ArviZ InferenceData of forward/feedback agreement "
+        "(first 200 test examples, 100 draws; pyro_bll.diagnostics) to OUT/diagnostics.nc",
+    )
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     ns = build_parser().parse_args(argv)
-    skip = ("family_arg", "no_progress", "no_augment", "task")
+    skip = ("family_arg", "no_progress", "no_augment", "task", "diagnostics")
     fields = {k: v for k, v in vars(ns).items() if k not in skip}
     cfg = RunConfig.for_task(
         ns.task, **fields, augment=not ns.no_augment, family_args=dict(ns.family_arg)
@@ -242,6 +248,14 @@ def cli(argv: list[str] | None = None) -> int:
         return 1
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
     print(f"final {shown}; results in {cfg.out}")
+    if build_parser().parse_args(argv).diagnostics:
+        from pyro_bll.diagnostics import write_diagnostics
+
+        try:
+            print(f"diagnostics: {write_diagnostics(cfg.out, device=cfg.device)}")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

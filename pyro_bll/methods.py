@@ -1,7 +1,8 @@
 """Training methods on the same chain: BLL, backprop, feedback alignment and Pred-Sim.
 
 A method turns a batch into a scalar loss (per example) plus, for logging, a dict of
-per-block values ``[N]``: ``loss`` (l_k) and, for BLL, its terms ``kl``, ``nll``, ``pred``;
+per-block values ``[N]``: ``loss`` (l_k) and, for BLL, its terms ``kl``, ``nll``, ``pred``
+and the cheap agreement statistics ``agreement_*`` (``pyro_bll.agreement.step_statistics``);
 the training step (``training.py``) owns ``backward()`` and the optimiser.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .agreement import step_statistics
 from .chain import BLLChain
 from .config import ConfigError, RunConfig
 from .elbo import BlockLocalELBO
@@ -45,6 +47,7 @@ class BLL:
         per_block = losses.per_block / y.shape[0]
         logs = {"loss": per_block.detach()}
         logs.update({k: v.detach() / y.shape[0] for k, v in losses.terms.items()})
+        logs.update(step_statistics(chain, cache, y, mask))  # agreement_*: cheap, no grad
         return per_block.sum(), logs
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .chain import BLLChain
 from .config import ConfigError, RunConfig
-from .families import FamilyError, make_family
+from .families import Family, FamilyError, make_family
 from .methods import METHODS
 from .seed import seed_everything
 from .tasks import TASKS
@@ -79,6 +79,21 @@ def prepare_out_dir(cfg: RunConfig) -> Path:
     return out
 
 
+def build_from_config(cfg: RunConfig) -> tuple[Family, Any, BLLChain]:
+    """Family, task and chain of a run config, as training builds them (fresh weights).
+
+    ``pyro_bll.diagnostics`` rebuilds a saved run through this and loads its checkpoint.
+    """
+    try:
+        family = make_family(cfg.family, **cfg.family_args)
+        # the block outputs must fit the family's parameter layout: check it up front
+        family.params(torch.zeros(1, family.raw_size(cfg.d_model)))
+    except FamilyError as e:
+        raise ConfigError(str(e)) from None
+    task = TASKS[cfg.task](cfg)
+    return family, task, task.build_chain(family)
+
+
 class Trainer:
     """Builds task, family, chain and method from a config and trains them."""
 
@@ -93,14 +108,8 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
-        try:
-            self.family = make_family(cfg.family, **cfg.family_args)
-            # the block outputs must fit the family's parameter layout: check it up front
-            self.family.params(torch.zeros(1, self.family.raw_size(cfg.d_model)))
-        except FamilyError as e:
-            raise ConfigError(str(e)) from None
-        self.task = TASKS[cfg.task](cfg)
-        self.chain: BLLChain = self.task.build_chain(self.family).to(self.device)
+        self.family, self.task, chain = build_from_config(cfg)
+        self.chain: BLLChain = chain.to(self.device)
         if cfg.channels_last:
             self.chain.to(memory_format=torch.channels_last)
         self.amp = cfg.amp  # bf16 autocast of forward passes and losses (self.autocast)
@@ -199,11 +208,15 @@ class Trainer:
         eval_time = time.perf_counter() - t1
         means = {k: (v / max(count, 1)).tolist() for k, v in (total or {}).items()}
         block_losses = means.pop("loss", [])
+        agreement = {  # BLL: forward/feedback agreement per block (pyro_bll.agreement)
+            k.removeprefix("agreement_"): means.pop(k) for k in list(means) if "agreement_" in k
+        }
         self.history.append(
             {
                 "epoch": epoch + 1,
                 "block_losses": block_losses,
                 "block_terms": means,  # BLL: mean kl, nll and pred term of every block
+                **({"block_agreement": agreement} if agreement else {}),
                 "train_seconds": train_time,
                 "eval_seconds": eval_time,
                 **metrics,

@@ -1,0 +1,251 @@
+"""Agreement between the forward message alpha_k and the feedback message beta_k, per block.
+
+Pure torch; ``pyro_bll.diagnostics`` turns these numbers into ArviZ ``InferenceData`` and the
+training step logs the cheap ones every epoch (``step_statistics``).
+
+Shapes. Block k's forward message alpha_k parametrises a latent ``[B, *S, C]``: ``S`` are
+the axes between batch and channel ("sites": none for an MLP ``[B, C]``, positions for the
+transformer ``[B, T, C]``, space for a ResNet ``[B, H, W, C]``); channels are always last
+(a categorical family's channel is a group of ``group_size`` values). Labels are ``[B, *L]``
+with ``L`` a prefix of ``S`` (``[B]`` per example, ``[B, T]`` per position) and an optional
+mask of the same shape. A site is *valid* when its label is observed (mask true);
+s2s_reverse's prompt half is not valid (its feedback is zero, so rho = alpha there).
+
+Definitions, with rho_k = F(eta(alpha_k) + beta_k) (``chain.guide``), m(.) the family's
+mean, and the class prototype pi_c = F(beta_c): the family member whose density is
+proportional to h(z) exp(<beta_c, T(z)>) for the class potential beta_c that the prototype
+likelihood uses (``chain.class_potentials``). The prototype likelihood is exactly
+q_k(y = c | z) = softmax_c log pi_c(z), a "closest prototype" classifier; for the paper's
+Gaussian, m(pi_c) is the feedback output b_c.
+
+* ``kl``: KL(rho_k || alpha_k) summed over channels at a site, averaged over valid sites
+  (``kl_channel``: per channel). For an MLP this is the per-example KL of the loss; for the
+  transformer the loss sums it over the labelled positions. Zero iff beta_k = 0.
+* ``mean_msd``, ``mean_cos``: mean over channels of (m(rho_k) - m(alpha_k))^2, and the
+  cosine of the two channel vectors, at every site, averaged over valid sites.
+* ``proto_msd``, ``proto_cos``: the same between m(alpha_k) and the label's prototype
+  mean m(pi_y) (``proto_msd_class``: per true class). Zero / one iff the forward mean is
+  the prototype. With a pooling spatial message (``--message pool``) the prototype
+  likelihood reads the spatial mean of the statistics, so m(alpha_k) is averaged over
+  space first; with ``broadcast`` every location is compared. For families with positive
+  means (Bernoulli, categorical, Poisson, Gamma, Beta) cosines are positive by construction.
+* ``local_acc``: accuracy of block k's local likelihood q_k(y | z_k) at draws
+  z_k ~ alpha_k (the forward message alone, as at test time; at draws from rho_k the label
+  would leak in through beta_k), per valid label; the last block uses the output head
+  (at m(alpha_N), or at the draw with ``head_input="sample"``) (``local_acc_class``: per
+  true class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributions import Distribution
+
+from .chain import BLLChain, _prototype
+from .families import Params
+
+SCALARS = ("kl", "mean_msd", "mean_cos", "proto_msd", "proto_cos", "local_acc")
+LOGGED = ("mean_cos", "proto_cos", "local_acc")  # cheap enough for every training step
+
+
+@dataclass
+class BlockSums:
+    """One block's statistics summed per example over its valid sites (bootstrap-ready).
+
+    Dividing a weighted sum over examples by the same weighted sum of the counts gives the
+    averages of the module docstring for any example weights (1 = the batch, multinomial
+    counts = a bootstrap resample).
+    """
+
+    sites: Tensor  # [B] valid latent sites (or pooled maps) per example
+    labels: Tensor  # [B] valid labels per example
+    kl: Tensor  # [B, C] KL per channel
+    mean_msd: Tensor  # [B]
+    mean_cos: Tensor  # [B]
+    proto_sites: Tensor  # [B] sites compared with the prototype
+    proto_msd: Tensor  # [B]
+    proto_cos: Tensor  # [B]
+    correct: Tensor  # [B, D] correct local-likelihood predictions, one column per draw
+    class_sites: Tensor | None = None  # [B, V] prototype sites per true class
+    proto_msd_class: Tensor | None = None  # [B, V]
+    class_labels: Tensor | None = None  # [B, V] valid labels per true class
+    correct_class: Tensor | None = None  # [B, V, D]
+
+
+def _expand_labels(t: Tensor, shape: torch.Size) -> Tensor:
+    """A label-shaped ``[B, *L]`` tensor broadcast over the sites ``[B, *L, *rest]``."""
+    if tuple(shape[: t.dim()]) != tuple(t.shape):
+        raise ValueError(f"labels {tuple(t.shape)} do not index the latent sites {tuple(shape)}")
+    return t.reshape(t.shape + (1,) * (len(shape) - t.dim())).expand(shape)
+
+
+def _per_example(t: Tensor, keep: int = 0) -> Tensor:
+    """Sum over every axis but the batch axis and the last ``keep`` axes."""
+    return t.reshape(t.shape[0], -1, *t.shape[t.dim() - keep :]).sum(1)
+
+
+def _label_logits(fn: Distribution) -> Tensor:
+    return fn.logits if hasattr(fn, "logits") else fn.probs.log()
+
+
+def prototype_means(chain: BLLChain, k: int) -> Tensor:
+    """m(pi_c) for every class c, ``[V, C]``: the means of the normalised class potentials."""
+    fam = chain.families[k]
+    return fam.mean(fam.from_natural(chain.class_potentials(k)))
+
+
+def local_logits(chain: BLLChain, k: int, alpha: Params, z: Tensor) -> Tensor:
+    """Logits of q_k(y | z_k) ``[B, *L, V]`` at a draw z ``[B, *S, C]`` (head for the last)."""
+    if k < chain.num_blocks - 1:
+        lik = chain.local_likelihoods[k] if chain.local_likelihoods is not None else _prototype
+        return _label_logits(lik(chain, k, z))
+    fam = chain.families[k]
+    h = fam.features(z).to(alpha[0].dtype) if chain.head_input == "sample" else fam.mean(alpha)
+    logits = _label_logits(chain.head.distribution(h))
+    return logits if chain.head_input == "sample" else logits.expand(z.shape[0], *logits.shape[1:])
+
+
+def _spatial_axes(chain: BLLChain) -> tuple[int, ...] | None:
+    """Axes averaged before the prototype comparison (pooling spatial messages only)."""
+    message = getattr(chain, "message", None)
+    if message is None or getattr(message, "name", "") != "pool":
+        return None
+    return tuple(range(1, 1 + message.spatial_dims))
+
+
+def block_sums(
+    chain: BLLChain,
+    k: int,
+    alpha: Params,
+    y: Tensor,
+    mask: Tensor | None,
+    draws: int = 1,
+    per_class: bool = False,
+    chunk: int = 16,
+) -> BlockSums:
+    """Every statistic of block k on a batch, summed per example (see the module docstring).
+
+    ``alpha`` is block k's forward message on the batch; ``draws`` z_k ~ alpha_k are taken
+    for the local-likelihood accuracy (``chunk`` at a time, folded into the batch axis).
+    """
+    fam = chain.families[k]
+    b = y.shape[0]
+    labels_valid = torch.ones_like(y, dtype=torch.bool) if mask is None else mask.bool()
+    beta = chain.feedback_message(k, y, mask, alpha)
+    rho = fam.posterior(alpha, beta)
+    kl = fam.kl(rho, alpha)  # [B, *S, C]
+    valid = _expand_labels(labels_valid, kl.shape[:-1]).to(kl.dtype)  # [B, *S]
+    m_a, m_r = fam.mean(alpha), fam.mean(rho)  # [B, *S, C']
+
+    protos = prototype_means(chain, k).to(m_a.dtype)  # [V, C']
+    num_classes = protos.shape[0]
+    y_safe = torch.where(labels_valid, y, torch.zeros_like(y))
+    pooled = _spatial_axes(chain)
+    m_ap, p_valid = m_a, valid
+    if pooled is not None and y.dim() == 1:
+        m_ap, p_valid = m_a.mean(pooled), valid.mean(pooled)
+    y_sites = _expand_labels(y_safe, m_ap.shape[:-1])
+    diff_p = m_ap - protos[y_sites]
+    proto_sq = diff_p.pow(2).mean(-1)
+    proto_cos = F.cosine_similarity(m_ap, protos[y_sites], dim=-1, eps=1e-12)
+
+    lab = F.one_hot(y_safe, num_classes).to(kl.dtype) * labels_valid.unsqueeze(-1)  # [B,*L,V]
+    correct, correct_class = [], []
+    dist_a = fam.distribution(alpha)
+    for start in range(0, draws, chunk):
+        n = min(chunk, draws - start)
+        z = dist_a.sample((n,))  # [n, B, *S, C], folded into the batch axis below
+        alpha_n = tuple(p.repeat(n, *([1] * (p.dim() - 1))) for p in alpha)
+        logits = local_logits(chain, k, alpha_n, z.reshape(n * b, *z.shape[2:]))
+        hit = ((logits.argmax(-1).reshape(n, *y.shape) == y) & labels_valid).to(kl.dtype)
+        correct.append(_per_example(hit.movedim(0, -1), keep=1))  # [B, n]
+        if per_class:  # [B, V, n]
+            correct_class.append(
+                _per_example(lab.unsqueeze(-1) * hit.movedim(0, -1).unsqueeze(-2), keep=2)
+            )
+    sums = BlockSums(
+        sites=_per_example(valid),
+        labels=_per_example(labels_valid.to(kl.dtype)),
+        kl=_per_example(kl * valid.unsqueeze(-1), keep=1),
+        mean_msd=_per_example((m_r - m_a).pow(2).mean(-1) * valid),
+        mean_cos=_per_example(F.cosine_similarity(m_r, m_a, dim=-1, eps=1e-12) * valid),
+        proto_sites=_per_example(p_valid),
+        proto_msd=_per_example(proto_sq * p_valid),
+        proto_cos=_per_example(proto_cos * p_valid),
+        correct=torch.cat(correct, dim=1) if correct else kl.new_zeros(b, 0),
+    )
+    if per_class:
+        onehot = F.one_hot(y_sites, num_classes).to(kl.dtype) * p_valid.unsqueeze(-1)
+        sums.class_sites = _per_example(onehot, keep=1)
+        sums.proto_msd_class = _per_example(onehot * proto_sq.unsqueeze(-1), keep=1)
+        sums.class_labels = _per_example(lab, keep=1)
+        sums.correct_class = torch.cat(correct_class, dim=-1)
+    return sums
+
+
+def summarise(sums: BlockSums, weights: Tensor | None = None) -> dict[str, Tensor]:
+    """The averages of the module docstring under example weights ``[R, B]``.
+
+    ``weights=None`` weighs every example once (``R = 1``, local accuracy averaged over
+    the draws). With ``R`` equal to the number of draws, replicate r uses draw r (a
+    bootstrap resample paired with one Monte Carlo draw). Returns ``[R]`` per scalar,
+    ``[R, C]`` for ``kl_channel`` and ``[R, V]`` for the per-class statistics (NaN where a
+    replicate holds no example of the class).
+    """
+    w = sums.sites.new_ones(1, sums.sites.shape[0]) if weights is None else weights.to(sums.kl)
+    paired = weights is not None and w.shape[0] == sums.correct.shape[1]
+    sites, psites, labels = w @ sums.sites, w @ sums.proto_sites, w @ sums.labels
+    if paired:
+        correct = (w * sums.correct.T).sum(-1)
+    else:
+        correct = w @ sums.correct.mean(-1)
+    out = {
+        "kl": (w @ sums.kl.sum(-1)) / sites,
+        "mean_msd": (w @ sums.mean_msd) / sites,
+        "mean_cos": (w @ sums.mean_cos) / sites,
+        "proto_msd": (w @ sums.proto_msd) / psites,
+        "proto_cos": (w @ sums.proto_cos) / psites,
+        "local_acc": correct / labels,
+        "kl_channel": (w @ sums.kl) / sites.unsqueeze(-1),
+    }
+    if sums.correct_class is not None:
+        out["proto_msd_class"] = (w @ sums.proto_msd_class) / (w @ sums.class_sites)
+        if paired:
+            hits = torch.einsum("rb,bvr->rv", w, sums.correct_class)
+        else:
+            hits = w @ sums.correct_class.mean(-1)
+        out["local_acc_class"] = hits / (w @ sums.class_labels)
+    return out
+
+
+def bootstrap_weights(batch: int, replicates: int, generator: torch.Generator) -> Tensor:
+    """``[R, B]`` multinomial counts: R bootstrap resamples of the batch's examples."""
+    idx = torch.randint(0, batch, (replicates, batch), generator=generator)
+    return torch.zeros(replicates, batch).scatter_add_(1, idx, torch.ones(replicates, batch))
+
+
+@torch.no_grad()
+def step_statistics(
+    chain: BLLChain, cache: dict[int, Params], y: Tensor, mask: Tensor | None
+) -> dict[str, Tensor]:
+    """The cheap per-step statistics ``LOGGED``, ``[N]`` each, from the step's cached alpha_k.
+
+    One draw per block for the local accuracy, taken under a forked RNG so that logging
+    leaves the training's random stream (and hence its results) unchanged. Blocks whose
+    alpha_k is not in the cache (a segment of the block-parallel runtime) log zeros, as
+    their losses do.
+    """
+    device = y.device
+    rows = {name: torch.zeros(chain.num_blocks, device=device) for name in LOGGED}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for k in range(chain.num_blocks):
+            if k not in cache:
+                continue
+            stats = summarise(block_sums(chain, k, cache[k], y, mask, draws=1))
+            for name in LOGGED:
+                rows[name][k] = stats[name][0]
+    return {f"agreement_{name}": v for name, v in rows.items()}

@@ -1,0 +1,328 @@
+"""ArviZ diagnostics of forward/feedback agreement: trained runs -> ``InferenceData``.
+
+One ``InferenceData`` holds any number of runs of the same configuration (seeds); every run
+is an ArviZ *chain*. Groups and variables (dims after ``chain``, ``draw``):
+
+    posterior      z (block, example, position, channel)  draws z_k ~ rho_k (the guide)
+    prior          z (block, example, position, channel)  draws z_k ~ alpha_k (the model)
+    observed_data  y (example[, label_position])          labels of the diagnostic batch
+    constant_data  mask (example, label_position)         which labels are observed
+                   position_index (block, position)       site index of each kept position
+    agreement      kl, mean_msd, mean_cos, proto_msd, proto_cos, local_acc (block)
+                   kl_channel (block, channel)             NaN beyond a block's width
+                   proto_msd_class, local_acc_class (block, class)
+
+The statistics are defined in ``pyro_bll.agreement``. In ``posterior``/``prior`` a draw is
+a Monte Carlo draw; in ``agreement`` draw d is bootstrap resample d of the batch's
+examples, paired with draw d of z_k ~ alpha_k for the local accuracy, so the within-run
+spread is the sampling error of the batch estimate. To stay small, ``z`` keeps the first
+``examples`` examples, ``positions`` valid sites spread evenly over the first example's
+valid sites (flattened index over the axes between batch and channel, in
+``position_index``; one site for an MLP) and the first ``channels`` channels of every block.
+
+Across runs (R-hat, ESS): the per-block scalars and the per-class statistics are
+meaningful, since blocks and classes are the same in every run; R-hat near 1 says that the
+seeds agree on a statistic within its batch-sampling error. Raw latent coordinates (``z``)
+and per-channel statistics are not: channels are not identified across independently
+trained networks (any permutation or rescaling of a block's channels, with the matching
+change of the next block, is the same network), so compare them within a run only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import arviz as az
+import numpy as np
+import torch
+from torch import Tensor
+
+from .agreement import SCALARS, _expand_labels, block_sums, bootstrap_weights, summarise
+from .chain import BLLChain
+from .config import ConfigError, RunConfig
+from .families import Params
+from .seed import seed_everything
+from .training import build_from_config
+
+# config keys that may differ between runs compared as chains (they do not change the
+# network, the task or the diagnostic batch)
+FREE_KEYS = {
+    "seed",
+    "out",
+    "threads",
+    "device",
+    "resume",
+    "overwrite",
+    "epochs",
+    "lr",
+    "batch_size",
+    "train_size",
+    "test_size",
+    "data_dir",
+    "augment",
+    "channels_last",
+}
+
+
+@dataclass
+class LoadedRun:
+    """A run directory rebuilt: its config, task, chain (eval mode) and history."""
+
+    path: Path
+    cfg: RunConfig
+    task: Any
+    chain: BLLChain
+    checkpoints: list[Path]
+    history: list[dict[str, Any]]
+    epoch: int = -1  # 1-based epoch of the loaded weights
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def load_epoch(self, checkpoint: Path) -> int:
+        """Load the weights of one checkpoint of this run; returns its 1-based epoch."""
+        state = _read_checkpoint(checkpoint)
+        _check_same_config(self.cfg, state.get("config", {}), checkpoint, self.path)
+        try:
+            self.chain.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()
+            reason = first[1].strip() if len(first) > 1 else first[0]
+            raise ConfigError(
+                f"{checkpoint}: the weights do not fit the network of "
+                f"{self.path / 'config.json'} ({reason}); diagnose it with its own config"
+            ) from None
+        self.epoch = int(state.get("epoch", -1)) + 1
+        return self.epoch
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ConfigError(f"{path} is not a pyro-bll checkpoint (no 'model' entry)")
+    return state
+
+
+def _model_config(d: dict[str, Any]) -> dict[str, Any]:
+    full = RunConfig.from_dict(d).to_dict()
+    return {k: v for k, v in full.items() if k not in FREE_KEYS}
+
+
+def _check_same_config(cfg: RunConfig, other: dict, what: Path, run: Path) -> None:
+    a, b = _model_config(cfg.to_dict()), _model_config(other)
+    diff = [k for k in a if a[k] != b[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"{what} was written by an incompatible configuration ({k} {b[k]!r}, but "
+            f"{run / 'config.json'} says {a[k]!r}); diagnose each run with its own checkpoints"
+        )
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
+    """Rebuild a run from ``config.json`` and load its newest checkpoint.
+
+    Raises ``ConfigError`` (one line) for a directory without ``config.json``,
+    ``metrics.json`` or checkpoints, and for a checkpoint of an incompatible configuration.
+    """
+    path = Path(run_dir)
+    for name in ("config.json", "metrics.json"):
+        if not (path / name).is_file():
+            raise ConfigError(
+                f"{path} has no {name}; pass a run directory written by experiments/run.py"
+            )
+    ckpts = sorted((path / "checkpoints").glob("epoch_*.pt"))
+    if not ckpts:
+        raise ConfigError(f"{path} has no checkpoints/epoch_*.pt; train the run first")
+    try:
+        cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+        history = json.loads((path / "metrics.json").read_text()).get("history", [])
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ConfigError(f"{path}: unreadable config.json or metrics.json ({e})") from None
+    cfg.device, cfg.resume, cfg.overwrite = device, False, False
+    cfg.validate()
+    _, task, chain = build_from_config(cfg)
+    run = LoadedRun(path, cfg, task, chain.to(device).eval(), ckpts, history)
+    run.load_epoch(ckpts[-1])
+    return run
+
+
+def check_comparable(runs: list[LoadedRun]) -> None:
+    """ConfigError unless all runs share network, task and method (seeds may differ)."""
+    first = runs[0]
+    for run in runs[1:]:
+        _check_same_config(first.cfg, run.cfg.to_dict(), run.path / "config.json", first.path)
+
+
+def diagnostic_batch(task: Any, n: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The task's first n test examples; ConfigError for n <= 0 or an empty batch."""
+    if n <= 0:
+        raise ConfigError(f"--batch must be positive, got {n}")
+    x, y, mask = task.diagnostic_batch(n)
+    if y.shape[0] == 0 or (mask is not None and not mask.any()):
+        raise ConfigError("the diagnostic batch is empty (no labelled example); use a test set")
+    return x, y, mask
+
+
+@torch.no_grad()
+def forward_messages(chain: BLLChain, x: Tensor) -> list[Params]:
+    """alpha_k for every block, propagated as in ``BLLChain.predict_logits``."""
+    out, inp = [], x
+    for k in range(chain.num_blocks):
+        alpha = chain.families[k].params(chain.blocks[k](inp))
+        out.append(alpha)
+        inp = alpha if chain.propagate == "params" else chain.families[k].mean(alpha)
+    return out
+
+
+@dataclass
+class RunDiagnostics:
+    """One run's draws and statistics as numpy arrays (draw axis first)."""
+
+    z_rho: np.ndarray  # [D, N, E, P, K]
+    z_alpha: np.ndarray  # [D, N, E, P, K]
+    position_index: np.ndarray  # [N, P]
+    stats: dict[str, np.ndarray] = field(default_factory=dict)  # [D, N, ...]
+
+
+@torch.no_grad()
+def collect(
+    chain: BLLChain,
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor | None,
+    *,
+    draws: int = 100,
+    examples: int = 2,
+    positions: int = 2,
+    channels: int = 4,
+    seed: int = 0,
+    alphas: list[Params] | None = None,
+) -> RunDiagnostics:
+    """Draws from rho_k and alpha_k and the bootstrapped statistics of every block."""
+    if draws <= 0:
+        raise ConfigError(f"--draws must be positive, got {draws}")
+    seed_everything(seed)
+    g = torch.Generator().manual_seed(seed)
+    alphas = forward_messages(chain, x) if alphas is None else alphas
+    weights = bootstrap_weights(y.shape[0], draws, g)
+    e = min(examples, y.shape[0])
+    labels_valid = torch.ones_like(y, dtype=torch.bool) if mask is None else mask.bool()
+    sums = [block_sums(chain, k, a, y, mask, draws, per_class=True) for k, a in enumerate(alphas)]
+    width = [s.kl.shape[-1] for s in sums]
+    k_keep = min(channels, *width)
+    sites = [
+        a[0].shape[1 : a[0].dim() - 1 - chain.families[k].stat_dims] for k, a in enumerate(alphas)
+    ]
+    valid0 = [_expand_labels(labels_valid[:1], (1, *s))[0].flatten() for s in sites]
+    valid0 = [v if v.any() else torch.ones_like(v) for v in valid0]  # example 0 unlabelled
+    p_keep = min(positions, *(int(v.sum()) for v in valid0))
+    z_rho, z_alpha, pos = [], [], []
+    for k, alpha in enumerate(alphas):
+        fam = chain.families[k]
+        a_e = tuple(t[:e] for t in alpha)
+        m_e = None if mask is None else mask[:e]
+        rho = fam.posterior(a_e, chain.feedback_message(k, y[:e], m_e, a_e))
+        idx = valid0[k].nonzero().flatten()
+        idx = idx[((torch.arange(p_keep) + 0.5) * idx.numel() / p_keep).long()]
+        pos.append(idx)
+        for params, out in ((rho, z_rho), (a_e, z_alpha)):
+            z = fam.distribution(params).sample((draws,))  # [D, E, *S, C]
+            z = z.reshape(draws, e, -1, z.shape[-1])[:, :, idx, :k_keep]
+            out.append(z.float())
+    stats: dict[str, list[np.ndarray]] = {}
+    for s in sums:
+        for name, v in summarise(s, weights).items():
+            v = v.float()
+            if name == "kl_channel":  # pad to the widest block
+                v = torch.nn.functional.pad(v, (0, max(width) - v.shape[-1]), value=np.nan)
+            stats.setdefault(name, []).append(v.numpy())
+    return RunDiagnostics(
+        z_rho=torch.stack(z_rho, 1).numpy(),
+        z_alpha=torch.stack(z_alpha, 1).numpy(),
+        position_index=torch.stack(pos).numpy(),
+        stats={name: np.stack(v, 1) for name, v in stats.items()},
+    )
+
+
+@torch.no_grad()
+def point_statistics(
+    chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None, draws: int = 4, seed: int = 0
+) -> dict[str, list[float]]:
+    """Whole-batch values of the per-block scalars ``SCALARS`` (no bootstrap), ``[N]`` each."""
+    seed_everything(seed)
+    out: dict[str, list[float]] = {name: [] for name in SCALARS}
+    for k, alpha in enumerate(forward_messages(chain, x)):
+        stats = summarise(block_sums(chain, k, alpha, y, mask, draws))
+        for name in SCALARS:
+            out[name].append(stats[name].item())
+    return out
+
+
+def to_inference_data(
+    runs: list[RunDiagnostics],
+    y: Tensor,
+    mask: Tensor | None,
+    attrs: dict[str, Any] | None = None,
+) -> az.InferenceData:
+    """The groups of the module docstring; ``attrs`` are stored JSON-encoded on each group."""
+    z_dims = ["block", "example", "position", "channel"]
+    label_dims = ["example", "label_position"][: y.dim()]
+    dims: dict[str, list[str]] = {
+        "z": z_dims,
+        "y": label_dims,
+        "mask": label_dims,
+        "position_index": ["block", "position"],
+    }
+    constant = {"position_index": runs[0].position_index}
+    if mask is not None:
+        constant["mask"] = mask.cpu().numpy()
+    idata = az.from_dict(
+        posterior={"z": np.stack([r.z_rho for r in runs])},
+        prior={"z": np.stack([r.z_alpha for r in runs])},
+        observed_data={"y": y.cpu().numpy()},
+        constant_data=constant,
+        dims=dims,
+    )
+    stat_dims = {name: ["block"] for name in SCALARS}
+    stat_dims |= {
+        "kl_channel": ["block", "channel"],
+        "proto_msd_class": ["block", "class"],
+        "local_acc_class": ["block", "class"],
+    }
+    stats = {name: np.stack([r.stats[name] for r in runs]) for name in stat_dims}
+    idata.add_groups({"agreement": az.dict_to_dataset(stats, dims=stat_dims)})
+    encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (attrs or {}).items()}
+    for group in idata.groups():
+        idata[group].attrs.update(encoded)
+    return idata
+
+
+def write_diagnostics(
+    run_dir: str | Path, batch: int = 200, draws: int = 100, device: str = "cpu", seed: int = 0
+) -> Path:
+    """``run_dir/diagnostics.nc``: the InferenceData of one run's newest checkpoint."""
+    run = load_run(run_dir, device=device)
+    x, y, mask = diagnostic_batch(run.task, batch)
+    idata = to_inference_data(
+        [collect(run.chain, x, y, mask, draws=draws, seed=seed)],
+        y,
+        mask,
+        {
+            "runs": [run.name],
+            "epochs": [run.epoch],
+            "config": run.cfg.to_dict(),
+            "batch": int(y.shape[0]),
+            "statistics": "pyro_bll/agreement.py",
+        },
+    )
+    path = run.path / "diagnostics.nc"
+    idata.to_netcdf(str(path))
+    return path

@@ -1,0 +1,174 @@
+"""Agreement statistics and their InferenceData: known cases, every family and model kind."""
+
+from functools import cache
+
+import arviz as az
+import numpy as np
+import torch
+from conftest import TEST_OPTIONS
+from test_learning import _clusters
+
+from pyro_bll import BlockLocalELBO, make_family, seed_everything
+from pyro_bll.agreement import LOGGED, SCALARS, block_sums, step_statistics, summarise
+from pyro_bll.config import RunConfig
+from pyro_bll.diagnostics import collect, forward_messages, to_inference_data
+from pyro_bll.models.resnet import build_resnet_chain
+from pyro_bll.tasks import S2SReverseTask
+from pyro_bll.tasks.s2s_reverse import make_sequences
+
+from utils import assert_close, mlp_chain
+
+
+def _zero_feedback(chain):
+    """beta_k = 0 for every block: rho_k = alpha_k exactly."""
+    original = chain.feedback_message
+
+    def zero(k, y, mask, alpha=None):
+        return tuple(torch.zeros_like(b) for b in original(k, y, mask, alpha))
+
+    chain.feedback_message = zero
+    return chain
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two-sample Kolmogorov-Smirnov distance of the draws (axis 0) of every coordinate."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    out = []
+    for u, v in zip(a.T, b.T, strict=True):
+        grid = np.concatenate([u, v])
+        cdf_u = np.searchsorted(np.sort(u), grid, side="right") / len(u)
+        cdf_v = np.searchsorted(np.sort(v), grid, side="right") / len(v)
+        out.append(np.abs(cdf_u - cdf_v).max())
+    return np.array(out)
+
+
+def test_feedback_equal_to_the_forward_message_gives_zero_disagreement(family):
+    chain = _zero_feedback(mlp_chain(family, register_params=False).eval())
+    x, y = _clusters(64, torch.Generator().manual_seed(1))
+    run = collect(chain, x, y, None, draws=400, examples=2, positions=1, channels=6)
+    for name, value in (("kl", 0.0), ("mean_msd", 0.0), ("mean_cos", 1.0)):
+        assert_close(run.stats[name], np.full_like(run.stats[name], value), atol=1e-5, msg=name)
+    ks = _ks(run.z_rho, run.z_alpha)  # rho = alpha: the densities overlap
+    assert ks.mean() < 0.06 and ks.max() < 0.2, ks
+    # the prototype statistics vanish when the forward message is the label's prototype
+    for k in range(chain.num_blocks):
+        fam = chain.families[k]
+        alpha = fam.from_natural(tuple(p[y] for p in chain.class_potentials(k)))
+        s = summarise(block_sums(chain, k, alpha, y, None, draws=2))
+        assert_close(s["proto_msd"], [0.0], atol=1e-6)
+        assert_close(s["proto_cos"], [1.0], atol=1e-5)
+
+
+@cache
+def _trained(name: str):
+    """A 3-block MLP trained briefly with BLL on four clusters, and a held-out batch."""
+    seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    x_train, y_train = _clusters(512, g)
+    chain = mlp_chain(make_family(name, **TEST_OPTIONS.get(name, {})), register_params=False)
+    elbo, opt = BlockLocalELBO(chain.num_blocks), torch.optim.Adam(chain.parameters(), lr=1e-2)
+    for _ in range(80):
+        idx = torch.randint(0, 512, (64,), generator=g)
+        loss = elbo.block_losses(chain.model, chain.guide, x_train[idx], y_train[idx]).total / 64
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return chain.eval(), _clusters(256, g)
+
+
+def _stats(chain, x, y, draws=8):
+    return [summarise(block_sums(chain, k, a, y, None, draws)) for k, a in
+            enumerate(forward_messages(chain, x))]  # fmt: skip
+
+
+def test_scrambled_feedback_gives_large_kl_and_chance_accuracy(family):
+    chain, (x, y) = _trained(family.name)
+    trained = _stats(chain, x, y)
+    assert trained[0]["local_acc"].item() > 0.5  # the trained feedback carries the label
+    scrambled_acc = []
+    for rep in range(6):
+        torch.manual_seed(rep)
+        bad = mlp_chain(chain.families[0], register_params=False).eval()
+        bad.load_state_dict(chain.state_dict())
+        with torch.no_grad():
+            for layer in bad.feedback.layers:  # random feedback, unrelated to the network
+                layer.weight.copy_(5 * torch.randn_like(layer.weight))
+        stats = _stats(bad, x, y)
+        for k in range(chain.num_blocks):
+            assert stats[k]["kl"].item() > 3 * trained[k]["kl"].item(), (k, rep)
+        scrambled_acc += [s["local_acc"].item() for s in stats[:-1]]  # last: the head
+        if rep == 0:
+            runs = [collect(m, x, y, None, draws=200, positions=1) for m in (chain, bad)]
+    assert 0.15 < np.mean(scrambled_acc) < 0.35, scrambled_acc  # chance: 1 / 4
+    # and the densities of rho and alpha move apart
+    assert _ks(runs[1].z_rho, runs[1].z_alpha).mean() > _ks(runs[0].z_rho, runs[0].z_alpha).mean()
+
+
+def _tiny_models(family):
+    """(chain, x, y, mask, sites, channels): an MLP, a transformer and a ResNet.
+
+    ``sites`` is the fewest valid sites of any block, ``channels`` the narrowest block's
+    latent channels (categorical groups of 3 for the categorical family).
+    """
+    group = 3 if family.name == "categorical" else 1
+    g = torch.Generator().manual_seed(0)
+    x, y = _clusters(10, g)
+    yield mlp_chain(family, register_params=False, widths=(6, 12, 6)), x, y, None, 1, 6 // group
+    task = S2SReverseTask(RunConfig(layers=2, d_model=12, seq_len=3))
+    x, y, mask = make_sequences(task.test_perms[:5])
+    yield task.build_chain(family), x, y, mask, 3, 12 // group  # positions 3..5 carry labels
+    cfg = RunConfig(task="fashion_mnist", width=6 / 64, blocks=3, message="pool")
+    resnet = build_resnet_chain("resnet18", 1, 4, family, cfg)  # maps 8x8, 4x4, 2x2
+    yield resnet, torch.randn(3, 1, 16, 16), torch.tensor([0, 3, 1]), None, 4, 12 // group
+
+
+def test_inference_data_groups_dims_and_shapes_for_every_model_kind(family, tmp_path):
+    for i, (chain, x, y, mask, sites, width) in enumerate(_tiny_models(family)):
+        chain.eval()
+        runs = [collect(chain, x, y, mask, draws=12, examples=2, positions=5, channels=5, seed=s)
+                for s in range(2)]  # fmt: skip
+        idata = to_inference_data(runs, y, mask, {"runs": ["a", "b"]})
+        assert set(idata.groups()) == {
+            "posterior", "prior", "observed_data", "constant_data", "agreement"
+        }  # fmt: skip
+        n, v = chain.num_blocks, chain.feedback.num_classes
+        p, c = min(5, sites), min(5, width)
+        for group in ("posterior", "prior"):
+            z = idata[group]["z"]
+            assert z.dims == ("chain", "draw", "block", "example", "position", "channel")
+            assert z.shape == (2, 12, n, 2, p, c)
+        for name in SCALARS:
+            assert idata.agreement[name].dims == ("chain", "draw", "block")
+            assert idata.agreement[name].shape == (2, 12, n)
+        assert idata.agreement["local_acc_class"].shape == (2, 12, n, v)
+        assert idata.agreement["kl_channel"].dims[-1] == "channel"
+        assert idata.observed_data["y"].shape == tuple(y.shape)
+        assert idata.constant_data["position_index"].shape == (n, p)
+        assert np.isfinite(idata.agreement["kl"].values).all()
+        if i != 1:  # the netCDF round trip once, on the transformer (it has every group)
+            continue
+        path = tmp_path / "transformer.nc"
+        idata.to_netcdf(str(path))
+        back = az.from_netcdf(str(path))
+        assert set(back.groups()) == set(idata.groups())
+        for group in idata.groups():
+            assert back[group].identical(idata[group]), group
+        assert back.agreement.attrs["runs"] == '["a", "b"]'
+
+
+def test_step_statistics_leave_the_rng_alone_and_equal_block_sums(family):
+    chain = mlp_chain(family, register_params=False)
+    x, y = _clusters(32, torch.Generator().manual_seed(2))
+    cache = {}
+    inp = x
+    for k in range(chain.num_blocks):
+        inp = chain.next_input(k, chain.forward_message(k, inp, cache), None)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    logged = step_statistics(chain, cache, y, None)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert set(logged) == {f"agreement_{n}" for n in LOGGED}
+    for k in range(chain.num_blocks):
+        expected = summarise(block_sums(chain, k, cache[k], y, None, draws=1))
+        for name in LOGGED:
+            assert_close(logged[f"agreement_{name}"][k], expected[name][0], atol=1e-6)

@@ -1,0 +1,120 @@
+"""run.py --diagnostics, experiments/diagnose.py on two seeds, its plots and its bad input."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import arviz as az
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import diagnose  # noqa: E402
+import run  # noqa: E402
+
+from pyro_bll import diagnostic_plots as plots  # noqa: E402
+from pyro_bll import make_family  # noqa: E402
+from pyro_bll.agreement import LOGGED, SCALARS  # noqa: E402
+from pyro_bll.diagnostics import collect, to_inference_data  # noqa: E402
+
+from utils import mlp_chain, toy_batch  # noqa: E402
+
+TINY = ["--layers", "2", "--d-model", "8", "--seq-len", "4", "--train-size", "64",
+        "--test-size", "16", "--batch-size", "16", "--threads", "1", "--no-progress"]  # fmt: skip
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    """Two 2-epoch runs of the tiny transformer (seeds 0, 1); the first with --diagnostics."""
+    root = tmp_path_factory.mktemp("runs")
+    dirs = [root / f"seed{s}" for s in (0, 1)]
+    for s, d in enumerate(dirs):
+        extra = ["--diagnostics"] if s == 0 else []
+        assert run.cli([*TINY, "--epochs", "2", "--seed", str(s), "--out", str(d), *extra]) == 0
+    return dirs
+
+
+def test_training_logs_agreement_and_run_writes_netcdf(two_seeds):
+    history = json.loads((two_seeds[0] / "metrics.json").read_text())["history"]
+    for h in history:
+        agreement = h["block_agreement"]
+        assert set(agreement) == set(LOGGED) and all(len(v) == 2 for v in agreement.values())
+        assert all(0 <= a <= 1 for a in agreement["local_acc"])
+        assert all(-1 <= c <= 1 for c in agreement["mean_cos"] + agreement["proto_cos"])
+    idata = az.from_netcdf(str(two_seeds[0] / "diagnostics.nc"))
+    assert idata.agreement.sizes == {"chain": 1, "draw": 100, "block": 2, "channel": 8,
+                                     "class": 5}  # fmt: skip
+    assert json.loads(idata.posterior.attrs["epochs"]) == [2]
+    assert not (two_seeds[1] / "diagnostics.nc").exists()
+
+
+def test_diagnose_two_seeds_writes_tables_plots_and_netcdf(two_seeds, tmp_path, capsys):
+    out = tmp_path / "diag"
+    argv = [*map(str, two_seeds), "--out", str(out), "--batch", "8", "--draws", "12"]
+    assert diagnose.cli(argv) == 0
+    assert "2 run(s), 2 blocks, batch 8" in capsys.readouterr().out
+    for name in ("densities", "forest_kl", "agreement_by_block", "agreement_epochs",
+                 "runs_side_by_side", "training_agreement"):  # fmt: skip
+        png = (out / f"{name}.png").read_bytes()
+        assert png.startswith(PNG) and len(png) > 5000, name
+    idata = az.from_netcdf(str(out / "diagnostics.nc"))
+    assert idata.agreement.sizes["chain"] == 2 and idata.posterior.sizes["draw"] == 12
+    assert json.loads(idata.agreement.attrs["runs"]) == ["seed0", "seed1"]
+    summary = (out / "summary.csv").read_text()
+    assert "r_hat" in summary and "ess_bulk" in summary and "local_acc_class[1, 3]" in summary
+    table = (out / "summary.md").read_text().splitlines()
+    assert table[2].startswith("| block | kl |") and len(table) == 2 + 2 + 2
+    curves = json.loads((out / "curves.json").read_text())
+    assert set(curves) == {"seed0", "seed1"} and set(curves["seed0"]) == {"1", "2"}
+    assert set(curves["seed0"]["2"]) == set(SCALARS)
+
+
+def test_plots_render_for_a_discrete_family(tmp_path):
+    chain = mlp_chain(make_family("categorical", group_size=3), register_params=False).eval()
+    x, y = toy_batch()
+    idata = to_inference_data([collect(chain, x, y, None, draws=10)], y, None)
+    plots.plot_densities(idata, tmp_path / "d.png")
+    plots.plot_kl_forest(idata, tmp_path / "f.png")
+    plots.plot_runs(idata, ["only"], tmp_path / "r.png")
+    for name in ("d", "f", "r"):
+        assert (tmp_path / f"{name}.png").read_bytes().startswith(PNG)
+    assert not plots.plot_training({"old": [{"epoch": 1}]}, tmp_path / "t.png")
+
+
+def _bad(tmp_path, two_seeds):
+    """Run directories that diagnose.py must refuse, with the words its error names."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_ckpt = tmp_path / "no_ckpt"
+    shutil.copytree(two_seeds[0], no_ckpt)
+    shutil.rmtree(no_ckpt / "checkpoints")
+    other = tmp_path / "other_width"  # a checkpoint of a wider network in a narrow run
+    assert run.cli([*TINY, "--d-model", "12", "--epochs", "1", "--out", str(other)]) == 0
+    foreign = tmp_path / "foreign"
+    shutil.copytree(two_seeds[0], foreign)
+    shutil.copy(other / "checkpoints" / "epoch_000.pt", foreign / "checkpoints" / "epoch_009.pt")
+    hacked = tmp_path / "hacked"  # right config entry, wrong weights
+    shutil.copytree(two_seeds[0], hacked)
+    state = torch.load(other / "checkpoints" / "epoch_000.pt", weights_only=False)
+    state["config"] = json.loads((hacked / "config.json").read_text())
+    torch.save(state, hacked / "checkpoints" / "epoch_009.pt")
+    return [
+        ([empty], "has no config.json"),
+        ([no_ckpt], "has no checkpoints/epoch_*.pt"),
+        ([foreign], "incompatible configuration (d_model 12"),
+        ([hacked], "the weights do not fit the network"),
+        ([two_seeds[0], other], "incompatible configuration"),
+        ([two_seeds[0], "--batch", "0"], "--batch must be positive"),
+        ([two_seeds[0], "--draws", "0"], "--draws must be positive"),
+    ]
+
+
+def test_bad_input_is_one_line_with_exit_code_2(two_seeds, tmp_path, capsys):
+    for argv, needle in _bad(tmp_path, two_seeds):
+        code = diagnose.cli([*map(str, argv), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and "\n" not in err, (argv, err)
