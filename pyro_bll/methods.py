@@ -2,7 +2,7 @@
 
 A method turns a batch into a scalar loss (per example) plus, for logging, a dict of
 per-block values ``[N]``: ``loss`` (l_k) and, for BLL, its terms ``kl``, ``nll``, ``pred``
-and the cheap agreement statistics ``agreement_*`` (``pyro_bll.agreement.step_statistics``);
+and the cheap agreement statistics ``agreement_*`` (``pyro_bll.agreement.StepAgreement``);
 the training step (``training.py``) owns ``backward()`` and the optimiser.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .agreement import step_statistics
+from .agreement import StepAgreement
 from .chain import BLLChain
 from .config import ConfigError, RunConfig
 from .elbo import BlockLocalELBO
@@ -30,6 +30,7 @@ class BLL:
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         chain.detach = True
         self.elbo = BlockLocalELBO(chain.num_blocks)
+        self.agreement = StepAgreement()  # forward/feedback agreement for the logs
         self.solve = cfg.feedback_update == "solve"
         self.ridge = cfg.ridge
         if self.solve:
@@ -47,7 +48,7 @@ class BLL:
         per_block = losses.per_block / y.shape[0]
         logs = {"loss": per_block.detach()}
         logs.update({k: v.detach() / y.shape[0] for k, v in losses.terms.items()})
-        logs.update(step_statistics(chain, cache, y, mask))  # agreement_*: cheap, no grad
+        logs.update(self.agreement(chain, cache, y, mask))  # agreement_*: no grad
         return per_block.sum(), logs
 
 

@@ -180,6 +180,8 @@ class Trainer:
         self.chain.train()
         t0 = time.perf_counter()
         total, count = None, 0
+        if hasattr(self.method, "agreement"):  # BLL: agreement statistics restart per epoch
+            self.method.agreement.reset()
         bar = tqdm(
             self.task.train_batches(epoch),
             total=self.task.steps_per_epoch(),

@@ -9,7 +9,14 @@ from conftest import TEST_OPTIONS
 from test_learning import _clusters
 
 from pyro_bll import BlockLocalELBO, make_family, seed_everything
-from pyro_bll.agreement import LOGGED, SCALARS, block_sums, step_statistics, summarise
+from pyro_bll.agreement import (
+    LOGGED,
+    SCALARS,
+    StepAgreement,
+    block_sums,
+    step_statistics,
+    summarise,
+)
 from pyro_bll.config import RunConfig
 from pyro_bll.diagnostics import collect, forward_messages, to_inference_data
 from pyro_bll.models.resnet import build_resnet_chain
@@ -172,3 +179,18 @@ def test_step_statistics_leave_the_rng_alone_and_equal_block_sums(family):
         expected = summarise(block_sums(chain, k, cache[k], y, None, draws=1))
         for name in LOGGED:
             assert_close(logged[f"agreement_{name}"][k], expected[name][0], atol=1e-6)
+
+
+def test_step_agreement_computes_every_tenth_step_and_restarts_per_epoch():
+    chain = mlp_chain(make_family("gaussian"), register_params=False)
+    x, y = _clusters(16, torch.Generator().manual_seed(3))
+    cache = {}
+    inp = x
+    for k in range(chain.num_blocks):
+        inp = chain.next_input(k, chain.forward_message(k, inp, cache), None)
+    log = StepAgreement(every=10)
+    first = [log(chain, cache, y, None) for _ in range(10)]
+    assert all(f is first[0] for f in first)  # held between computations
+    assert log(chain, cache, y, None) is not first[0]  # step 10 computes again
+    log.reset()
+    assert log(chain, cache, y, None) is not first[0]
