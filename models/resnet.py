@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..chain import BLLChain
 from ..config import ConfigError, RunConfig
 from ..families import Family, FamilyError
-from ..likelihoods import PooledHead
+from ..likelihoods import GridPooledHead, PooledHead
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 
@@ -65,6 +65,7 @@ class _Unit(nn.Module):
             else nn.Identity()
         )
         self.out_channels = cout
+        self.stride = stride
 
     def forward(self, h: Tensor) -> Tensor:
         return self.residual(h) + self.shortcut(h)
@@ -201,14 +202,33 @@ def resnet_blocks(
     return blocks
 
 
+def block_map_sizes(blocks: list[ResNetBlock], image_size: int) -> list[int]:
+    """Side of every block's latent map for square ``image_size`` inputs.
+
+    Every stride-2 unit halves the side (rounding up, as a padded 3x3 conv does).
+    """
+    sizes, side = [], image_size
+    for block in blocks:
+        for unit in block.units:
+            side = -(-side // unit.stride)
+        sizes.append(side)
+    return sizes
+
+
 def build_resnet_chain(
-    arch: str, in_channels: int, num_classes: int, family: Family, cfg: RunConfig
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    family: Family,
+    cfg: RunConfig,
+    image_size: int = 32,
 ) -> BLLChain:
     """A ResNet chain with the paper's linear feedback and pooled heads.
 
     Reads ``cfg.blocks`` (None: 4, the paper), ``cfg.width``, ``cfg.message``,
-    ``cfg.feedback``, ``cfg.pred_weight`` (per-block pooled predictive heads when > 0)
-    and ``cfg.propagate``. Inputs are images ``[B, in_channels, H, W]``, labels ``[B]``.
+    ``cfg.feedback``, ``cfg.pred_weight`` (per-block predictive heads when > 0: average
+    pool to at most 2048 features, then linear, ``GridPooledHead``) and ``cfg.propagate``.
+    Inputs are images ``[B, in_channels, image_size, image_size]``, labels ``[B]``.
     """
     from ..guides import FEEDBACKS, MESSAGES
 
@@ -222,7 +242,12 @@ def build_resnet_chain(
     feedback = FEEDBACKS[cfg.feedback](
         num_classes, [family.feedback_size(c) for c in channels], family.feedback_init_std
     )
-    pred = [PooledHead(c, num_classes) for c in channels[:-1]] if cfg.pred_weight > 0 else None
+    sides = block_map_sizes(blocks, image_size)
+    pred = (
+        [GridPooledHead(c, num_classes, s) for c, s in zip(channels[:-1], sides, strict=False)]
+        if cfg.pred_weight > 0
+        else None
+    )
     return BLLChain(
         blocks,
         family,

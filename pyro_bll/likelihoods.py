@@ -59,6 +59,34 @@ class PooledHead(CategoricalHead):
         return self.linear(h)
 
 
+class GridPooledHead(nn.Module):
+    """Predictive head of a feature-map block: ReLU, average pool to ``s x s``, linear.
+
+    ``[B, H, W, C] -> [B, V]``. The grid side ``s`` is the largest with ``C * s^2 <=
+    max_features`` and ``s <= spatial`` (the block's map size): Noekland & Eidnes (2019)
+    average-pool a block's output down to at most 2048 features before the linear layer
+    of their prediction loss. A global pool (``s = 1``) throws away where things are, and
+    for the narrow early blocks of a reduced-width ResNet (8 channels) leaves the local
+    classifier almost nothing to work with.
+    """
+
+    def __init__(
+        self, channels: int, num_classes: int, spatial: int, max_features: int = 2048
+    ) -> None:
+        super().__init__()
+        side = max(1, min(spatial, math.isqrt(max(max_features // channels, 1))))
+        self.side = side
+        self.linear = nn.Linear(channels * side * side, num_classes)
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = torch.relu(h).permute(0, 3, 1, 2)  # [B, C, H, W]
+        h = F.adaptive_avg_pool2d(h, self.side)  # [B, C, s, s]
+        return self.linear(h.flatten(1))
+
+    def distribution(self, h: Tensor) -> Distribution:
+        return dist.Categorical(logits=self(h))
+
+
 class PrototypeLikelihood:
     """The default local likelihood, tied to the feedback weights (DESIGN.md, section 1).
 

@@ -5,7 +5,10 @@ input detached (the same blocks as BLL):
 
     l_k = (1 - beta) * CE( p_k(h_k), y ) + beta * || S(s_k(h_k)) - S(onehot(y)) ||^2 / B^2
 
-* p_k, the prediction head: ReLU, global average pool, linear (a linear map for vectors);
+* p_k, the prediction head: the chain's predictive head of block k when it has one
+  (for ResNets ``GridPooledHead``: ReLU, average pool to at most 2048 features, linear,
+  as in the authors' code), otherwise ReLU, global average pool, linear (a linear map
+  for vectors);
 * s_k, the learned similarity transform: a 3x3 convolution (C_k -> C_k, after the ReLU)
   for feature maps, a linear map for vectors;
 * S(u) ``[B, B]``, the similarity matrix as in the authors' code: each example's features
@@ -87,7 +90,12 @@ class PredSim:
         heads = []
         for k in range(chain.num_blocks - 1):
             c = chain.feedback.class_outputs(k).shape[-1] // chain.families[k].n_feedback
-            pred = PooledHead(c, self.num_classes) if spatial else nn.Linear(c, self.num_classes)
+            if chain.pred_heads is not None:  # the chain's own predictive heads (BLL's)
+                pred = chain.pred_heads[k]
+            elif spatial:
+                pred = PooledHead(c, self.num_classes)
+            else:
+                pred = nn.Linear(c, self.num_classes)
             sim = _MapSimilarity(c) if spatial else nn.Linear(c, c)
             heads.append(nn.ModuleDict({"pred": pred, "sim": sim}))
         # same device, dtype and memory format (channels_last or not) as the network

@@ -73,6 +73,10 @@ class DeviceImageData:
     def in_channels(self) -> int:
         return self.x_train.shape[-1]
 
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[1]  # square images [N, H, W, C]
+
     def epoch_generator(self, seed: int, epoch: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed * 100_003 + epoch)
 

@@ -86,7 +86,12 @@ class VisionTask:
         from ..models.resnet import build_resnet_chain
 
         return build_resnet_chain(
-            self.cfg.arch, self.data.in_channels, self.num_classes, family, self.cfg
+            self.cfg.arch,
+            self.data.in_channels,
+            self.num_classes,
+            family,
+            self.cfg,
+            image_size=self.data.image_size,
         )
 
     # ---- data --------------------------------------------------------------------------
