@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start afresh in an --out that already holds checkpoints (they are replaced)",
     )
+    _add_distributed_options(p, d)
     p.add_argument(
         "--channels-last",
         action="store_true",
@@ -223,6 +224,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _add_distributed_options(p: argparse.ArgumentParser, d: RunConfig) -> None:
+    g = p.add_argument_group(
+        "block-parallel training (launch with torchrun --nproc_per_node=K ... --distributed)"
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one process (rank) per group of blocks, forward messages sent rank to rank "
+        "with torch.distributed; every rank trains its own blocks (--method bll)",
+    )
+    g.add_argument(
+        "--schedule",
+        default=d.schedule,
+        choices=["pipelined", "sync"],
+        help="pipelined: ranks work on successive micro-batches at once; sync: lock-step, "
+        "one rank after the other (reference); both give the single-process result",
+    )
+    g.add_argument(
+        "--rank-blocks",
+        type=_int_list,
+        default=None,
+        metavar="N0,N1,...",
+        help="blocks per rank, in order (default: as even as possible); must add up to --blocks",
+    )
+    g.add_argument(
+        "--dist-backend",
+        default=d.dist_backend,
+        choices=["auto", "gloo", "nccl"],
+        help="auto: gloo on CPU, NCCL with --device cuda (one GPU per rank); gloo with cuda "
+        "stages messages through host memory (ranks may share a GPU)",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=d.dist_timeout,
+        help="seconds to wait for the rendezvous, a message or a silent rank before the job "
+        "stops with an error naming the rank",
+    )
+    g.add_argument(
+        "--pipeline-depth",
+        type=int,
+        default=d.pipeline_depth,
+        help="pipelined schedule: forward messages a rank may have in flight to the next",
+    )
+
+
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     ns = build_parser().parse_args(argv)
     skip = ("family_arg", "no_progress", "no_augment", "task", "diagnostics")
@@ -238,6 +294,14 @@ def cli(argv: list[str] | None = None) -> int:
         cfg, progress = parse_config(argv)
     except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2)
         return int(e.code or 0)
+    if cfg.distributed:  # this process is one rank of a torchrun job
+        from pyro_bll.distributed.launch import main as distributed_main
+
+        try:
+            return distributed_main(cfg, progress=progress)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         metrics = main(cfg, progress=progress)
     except ConfigError as e:

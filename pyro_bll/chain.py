@@ -17,7 +17,11 @@ Guide (the feedback network N_B; structured, it reuses alpha_k):
 parameter tuple, e.g. mean and scale) or "sample" (the site's draw of z_k). With
 ``detach=True`` every block input is detached, so each block's parameters get gradients
 only from its own sites. Forward messages are computed once per step and shared by guide
-and model through the ``cache`` dict that ``BlockLocalELBO`` passes to both.
+and model through the ``cache`` dict that ``BlockLocalELBO`` passes to both; the training
+step may put a ``NoiseKey`` under ``cache["noise"]`` so that every block draws z_k from its
+own stream (``pyro_bll.noise``). ``segment=(a, b)`` runs blocks a..b-1 only, with ``x``
+then block a's input message; the guide leaves the outgoing message m(alpha_{b-1}) in
+``cache["message"]`` (the block-parallel runtime, ``pyro_bll.distributed``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch.distributions import Distribution
 
 from .families import Family, Natural, Params
 from .likelihoods import PrototypeLikelihood, masked_cross_entropy
+from .noise import block_noise
 
 if TYPE_CHECKING:
     from .guides.spatial import SpatialMessage
@@ -191,26 +196,53 @@ class BLLChain(nn.Module):
             fn = fn.mask(mask)
         return fn.to_event(self.label_event_dim)
 
-    def guide(self, x: Tensor, y: Tensor, mask: Tensor | None = None, cache: dict | None = None):
+    def _segment(self, segment: tuple[int, int] | None) -> range:
+        if segment is None:
+            return range(self.num_blocks)
+        a, b = segment
+        if not 0 <= a < b <= self.num_blocks:
+            raise ValueError(f"segment {segment} is not a range of the {self.num_blocks} blocks")
+        return range(a, b)
+
+    def guide(
+        self,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None = None,
+        cache: dict | None = None,
+        segment: tuple[int, int] | None = None,
+    ):
         """Structured guide: rho_k proportional to alpha_k * beta_k for every block."""
         if self.register_params:
             pyro.module(self._pyro_name, self)
         inp: Any = x
+        noise = None if cache is None else cache.get("noise")
         with pyro.plate("data", y.shape[0], dim=-1):
-            for k in range(self.num_blocks):
+            for k in self._segment(segment):
                 alpha = self.forward_message(k, inp, cache)
                 rho = self.families[k].posterior(alpha, self.feedback_message(k, y, mask, alpha))
-                z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
+                with block_noise(noise, k, rho[0].device):
+                    z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
                 inp = self.next_input(k, alpha, z)
+        if cache is not None:
+            cache["message"] = inp
 
-    def model(self, x: Tensor, y: Tensor, mask: Tensor | None = None, cache: dict | None = None):
+    def model(
+        self,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None = None,
+        cache: dict | None = None,
+        segment: tuple[int, int] | None = None,
+    ):
         """The forward network as a latent chain with block-local likelihood sites."""
         if self.register_params:
             pyro.module(self._pyro_name, self)
         inp: Any = x
         last = self.num_blocks - 1
+        blocks = self._segment(segment)
         with pyro.plate("data", y.shape[0], dim=-1):
-            for k in range(self.num_blocks):
+            for k in blocks:
                 alpha = self.forward_message(k, inp, cache)
                 z = pyro.sample(f"z_{k}", self._latent(k, alpha), infer={"block": k})
                 if k < last and self.local_likelihoods is not None:
@@ -222,6 +254,8 @@ class BLLChain(nn.Module):
                         f"pred_{k}", -self.pred_weight * masked_cross_entropy(logits, y, mask), k
                     )
                 inp = self.next_input(k, alpha, z)
+            if blocks.stop <= last:  # the output head belongs to the last block
+                return
             fam = self.families[last]
             h = (
                 fam.features(z).to(alpha[0].dtype)

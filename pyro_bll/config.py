@@ -48,6 +48,13 @@ class RunConfig:
     threads: int = 0  # 0: leave torch's default
     resume: bool = False
     overwrite: bool = False  # allow a fresh run into a directory that holds checkpoints
+    # block-parallel training across processes (pyro_bll.distributed, launched by torchrun)
+    distributed: bool = False
+    schedule: str = "pipelined"  # pipelined | sync
+    rank_blocks: list[int] | None = None  # blocks per rank; None: as even as possible
+    dist_backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
+    dist_timeout: float = 300.0  # seconds before a silent peer or rendezvous counts as failed
+    pipeline_depth: int = 2  # forward messages a rank may have in flight to the next rank
 
     @property
     def num_blocks(self) -> int:
@@ -106,6 +113,10 @@ class RunConfig:
             raise ConfigError(f"--pred-weight must be >= 0, got {self.pred_weight}")
         if self.device not in ("cpu",) and not self.device.startswith("cuda"):
             raise ConfigError(f"unknown --device {self.device!r}; use cpu or cuda[:N]")
+        if self.distributed:
+            from .distributed.group import validate_options
+
+            validate_options(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -62,14 +62,22 @@ def check_solvable(chain: BLLChain) -> None:
 
 @torch.no_grad()
 def solve_feedback(
-    chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None, ridge: float, cache: dict
+    chain: BLLChain,
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor | None,
+    ridge: float,
+    cache: dict,
+    blocks: range | None = None,
 ) -> None:
     """Set every block's feedback weights to the closed-form optimum on this batch.
 
     Fills ``cache`` with the forward messages, so the loss computed next reuses them.
+    ``blocks`` (default all) restricts the solve to a segment a..b-1, with ``x`` block a's
+    input message (the block-parallel runtime).
     """
     inp = x
-    for k in range(chain.num_blocks):
+    for k in blocks if blocks is not None else range(chain.num_blocks):
         with torch.enable_grad():
             alpha = chain.forward_message(k, inp, cache)
         mean = chain.families[k].mean(alpha).detach()

@@ -3,7 +3,9 @@
 A method turns a batch into a scalar loss (per example) plus, for logging, a dict of
 per-block values ``[N]``: ``loss`` (l_k) and, for BLL, its terms ``kl``, ``nll``, ``pred``
 and the cheap agreement statistics ``agreement_*`` (``pyro_bll.agreement.StepAgreement``);
-the training step (``training.py``) owns ``backward()`` and the optimiser.
+the training step (``training.py``) owns ``backward()`` and the optimiser. ``loss`` takes
+the step's ``noise`` key (``pyro_bll.noise``: every block's Monte Carlo draw gets its own
+stream, so a block draws the same noise in one process as on a rank of its own).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .elbo import BlockLocalELBO
 from .feedback_alignment import FeedbackAlignment
 from .feedback_solve import check_solvable, solve_feedback
 from .likelihoods import masked_cross_entropy
+from .noise import NoiseKey
 from .predsim import PredSim
 
 
@@ -40,11 +43,27 @@ class BLL:
                 raise ConfigError(str(e)) from None
             chain.feedback.requires_grad_(False)
 
-    def loss(self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None):
-        cache: dict = {}
+    def loss(
+        self,
+        chain: BLLChain,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None,
+        *,
+        noise: NoiseKey | None = None,
+        segment: tuple[int, int] | None = None,
+        cache: dict | None = None,
+    ):
+        """Sum of l_k; with ``segment=(a, b)`` only blocks a..b-1 (``x`` is block a's input
+        message, other blocks log zeros) and ``cache["message"]`` receives m(alpha_{b-1})."""
+        cache = {} if cache is None else cache
+        cache["noise"] = noise
         if self.solve:
-            solve_feedback(chain, x, y, mask, self.ridge, cache)
-        losses = self.elbo.block_losses(chain.model, chain.guide, x, y, mask, cache=cache)
+            blocks = None if segment is None else range(*segment)
+            solve_feedback(chain, x, y, mask, self.ridge, cache, blocks)
+        losses = self.elbo.block_losses(
+            chain.model, chain.guide, x, y, mask, cache=cache, segment=segment
+        )
         per_block = losses.per_block / y.shape[0]
         logs = {"loss": per_block.detach()}
         logs.update({k: v.detach() / y.shape[0] for k, v in losses.terms.items()})
@@ -60,7 +79,15 @@ class Backprop:
             raise ConfigError("--feedback-update solve applies to --method bll only")
         chain.detach = False
 
-    def loss(self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None):
+    def loss(
+        self,
+        chain: BLLChain,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None,
+        *,
+        noise: NoiseKey | None = None,  # BP draws no latents
+    ):
         loss = masked_cross_entropy(chain.predict_logits(x), y, mask).sum() / y.shape[0]
         return loss, {"loss": loss.detach().reshape(1)}
 

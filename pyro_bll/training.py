@@ -24,6 +24,7 @@ from .chain import BLLChain
 from .config import ConfigError, RunConfig
 from .families import Family, FamilyError, make_family
 from .methods import METHODS
+from .noise import NoiseKey
 from .seed import seed_everything
 from .tasks import TASKS
 
@@ -118,6 +119,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.chain.parameters(), lr=cfg.lr)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.steps_done = 0  # optimiser steps so far; names each step's noise (noise.py)
 
     def autocast(self) -> torch.autocast:
         """bf16 autocast on the run's device while ``amp`` is on; a no-op context otherwise."""
@@ -126,11 +128,13 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------
     def step(self, x, y, mask) -> dict[str, torch.Tensor]:
         """One optimiser step; returns per-block values ``[N]`` (``loss`` and its terms)."""
+        noise = NoiseKey(self.cfg.seed, self.steps_done)
         with self.autocast():
-            loss, logs = self.method.loss(self.chain, x, y, mask)
+            loss, logs = self.method.loss(self.chain, x, y, mask, noise=noise)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.steps_done += 1
         return logs
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -145,6 +149,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "history": self.history,
                 "rng": _rng_state(),
+                "steps_done": self.steps_done,
             },
             tmp,
         )
@@ -157,6 +162,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = state["history"]
         self.start_epoch = state["epoch"] + 1
+        self.steps_done = state.get("steps_done", 0)
         _set_rng_state(state["rng"])
 
     # ---- the loop ----------------------------------------------------------------------

@@ -1,0 +1,14 @@
+"""Block-parallel BLL across processes and devices with torch.distributed.
+
+One process (rank) per contiguous group of blocks (``group``); forward messages flow
+rank to rank by point-to-point sends (``transport``) in a synchronous or pipelined
+schedule (``schedule``); each rank trains its own blocks on their local losses with its
+own optimiser (``runtime``), writes its own checkpoints, which ``checkpoint.assemble``
+merges into one single-process checkpoint; a failed rank stops all (``fault``).
+``launch.main`` is what ``experiments/run.py --distributed`` calls under torchrun.
+"""
+
+from .checkpoint import assemble, complete_epochs
+from .group import BlockGroups
+
+__all__ = ["BlockGroups", "assemble", "complete_epochs"]

@@ -1,0 +1,133 @@
+"""Which rank owns which blocks: contiguous groups, checked before any training starts.
+
+Rank r owns the blocks ``segment(r) = [a_r, b_r)``; the segments tile 0..N-1 in order, so
+rank r receives its input message m(alpha_{a_r - 1}) from rank r - 1 and sends
+m(alpha_{b_r - 1}) to rank r + 1. Rank 0 also owns the input, the last rank the output
+head. By default the N blocks are split as evenly as possible (the first N mod K ranks
+get one block more); ``--rank-blocks`` gives the number of blocks of every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..chain import BLLChain
+from ..config import ConfigError, RunConfig
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def validate_options(cfg: RunConfig) -> None:
+    """The distributed options that can be checked without knowing the world size."""
+    from .schedule import SCHEDULES
+
+    if cfg.method != "bll":
+        raise ConfigError(
+            f"--distributed trains block-local losses: use --method bll (--method {cfg.method} "
+            "needs a backward pass across all blocks)"
+        )
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown --schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if cfg.dist_backend not in BACKENDS:
+        raise ConfigError(
+            f"unknown --dist-backend {cfg.dist_backend!r}; valid: {', '.join(BACKENDS)}"
+        )
+    if not cfg.dist_timeout > 0:
+        raise ConfigError(f"--dist-timeout must be positive, got {cfg.dist_timeout}")
+    if cfg.pipeline_depth < 1:
+        raise ConfigError(f"--pipeline-depth must be at least 1, got {cfg.pipeline_depth}")
+    if cfg.rank_blocks is not None:
+        if any(n <= 0 for n in cfg.rank_blocks):
+            raise ConfigError(f"--rank-blocks {_fmt(cfg.rank_blocks)}: every rank needs >= 1 block")
+        if sum(cfg.rank_blocks) != cfg.num_blocks:
+            raise ConfigError(
+                f"--rank-blocks {_fmt(cfg.rank_blocks)} covers {sum(cfg.rank_blocks)} blocks, "
+                f"but the network has {cfg.num_blocks}; the numbers must add up to --blocks"
+            )
+
+
+def _fmt(sizes: Iterable[int]) -> str:
+    return ",".join(str(n) for n in sizes)
+
+
+@dataclass(frozen=True)
+class BlockGroups:
+    """Blocks per rank, ``sizes[r]``; rank r owns the contiguous blocks ``segment(r)``."""
+
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def make(cls, num_blocks: int, world_size: int, sizes: list[int] | None = None) -> BlockGroups:
+        """Validate (or choose) the grouping for ``world_size`` ranks; ConfigError if bad."""
+        if world_size > num_blocks:
+            raise ConfigError(
+                f"{world_size} ranks for {num_blocks} blocks: every rank needs at least one "
+                f"block; launch at most {num_blocks} processes or split the network into more "
+                "--blocks"
+            )
+        if sizes is None:
+            q, extra = divmod(num_blocks, world_size)
+            return cls(tuple(q + 1 if r < extra else q for r in range(world_size)))
+        if len(sizes) != world_size:
+            raise ConfigError(
+                f"--rank-blocks {_fmt(sizes)} describes {len(sizes)} ranks, but the world size "
+                f"is {world_size}; give one number per rank (torchrun's --nnodes x "
+                "--nproc_per_node)"
+            )
+        if any(n <= 0 for n in sizes) or sum(sizes) != num_blocks:
+            raise ConfigError(
+                f"--rank-blocks {_fmt(sizes)} must be positive and add up to the {num_blocks} "
+                "blocks"
+            )
+        return cls(tuple(sizes))
+
+    @property
+    def world_size(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.sizes)
+
+    def segment(self, rank: int) -> tuple[int, int]:
+        a = sum(self.sizes[:rank])
+        return a, a + self.sizes[rank]
+
+    def __str__(self) -> str:
+        parts = []
+        for r in range(self.world_size):
+            a, b = self.segment(r)
+            parts.append(
+                f"rank {r}: block{'s' if b - a > 1 else ''} "
+                + (f"{a}" if b - a == 1 else f"{a}-{b - 1}")
+            )
+        return "; ".join(parts)
+
+
+def owned_state_keys(chain: BLLChain, segment: tuple[int, int], rank: int) -> list[str]:
+    """The ``chain.state_dict()`` keys a rank saves: its blocks' modules (rank 0 also any
+    entry no block owns, which then keeps its initial value on every rank)."""
+    prefixes = []
+    named = {id(m): name for name, m in chain.named_modules()}
+    for k in range(*segment):
+        for mod in chain.block_modules(k):
+            prefixes.append(named[id(mod)] + ".")
+    all_prefixes = []
+    for k in range(chain.num_blocks):
+        all_prefixes += [named[id(m)] + "." for m in chain.block_modules(k)]
+
+    def under(key: str, pre: list[str]) -> bool:
+        return any(key.startswith(p) for p in pre)
+
+    keys = list(chain.state_dict())
+    mine = [k for k in keys if under(k, prefixes)]
+    if rank == 0:
+        mine += [k for k in keys if not under(k, all_prefixes)]
+    return mine
+
+
+def owned_parameter_index(chain: BLLChain, segment: tuple[int, int]) -> list[int]:
+    """Positions in ``list(chain.parameters())`` of the parameters of blocks a..b-1."""
+    mine = {id(p) for k in range(*segment) for p in chain.block_parameters(k)}
+    return [i for i, p in enumerate(chain.parameters()) if id(p) in mine]

@@ -1,0 +1,367 @@
+"""One rank of block-parallel BLL: its blocks, its optimiser, its epochs and checkpoints.
+
+Every rank builds the *full* chain from the run seed (``Trainer``: identical
+initialisation everywhere), keeps only its own blocks' parameters in its Adam, and reads
+the same batches in the same order from the task's seeded generator (checked once per
+epoch by comparing a hash of the first batch across ranks). Per micro-batch it computes
+the block-local losses l_k of its segment a..b-1 through the Pyro model and guide
+(``BLL.loss(..., segment=(a, b))``) with the step's noise key, so every block draws the
+same z_k as it would in one process (``pyro_bll.noise``); see ``schedule`` for the
+order of work.
+
+At the end of an epoch the ranks send their blocks' state and per-block loss sums to
+rank 0, which evaluates the assembled network with the task's ``evaluate`` and writes
+``metrics.json`` and ``learning_curve.png`` as a single-process run does; every rank
+writes its own checkpoint (``checkpoint``). All decisions that could fail on only some
+ranks (output directories, resume point, data check) are all-gathered first, so every
+rank raises the same ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+from ..config import ConfigError, RunConfig
+from ..noise import NoiseKey
+from ..training import Trainer, TrainingDiverged, _rng_state, _set_rng_state
+from . import checkpoint as ckpt
+from .group import BlockGroups, owned_parameter_index, owned_state_keys
+from .schedule import SCHEDULES, StageStats, device_batches
+from .transport import Channel, Message, PeerFailure
+
+
+class RankStage:
+    """Blocks a..b-1 of the chain on one rank, with an Adam over their parameters only."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: str) -> None:
+        self.groups = BlockGroups.make(cfg.num_blocks, world_size, cfg.rank_blocks)
+        self.rank, self.world_size = rank, world_size
+        self.segment = self.groups.segment(rank)
+        self.cfg = cfg
+        self.trainer = Trainer(replace(cfg, device=device))  # full chain, seeded init
+        self.trainer.cfg = cfg
+        self.chain, self.task, self.method = (
+            self.trainer.chain,
+            self.trainer.task,
+            self.trainer.method,
+        )
+        self.device = self.trainer.device
+        params = list(self.chain.parameters())
+        self.param_index = owned_parameter_index(self.chain, self.segment)
+        self.optimizer = torch.optim.Adam([params[i] for i in self.param_index], lr=cfg.lr)
+        self.trainer.optimizer = self.optimizer  # nothing else may step the others' blocks
+        self.state_keys = owned_state_keys(self.chain, self.segment, rank)
+        self.first = self.segment[0] == 0
+        self.last = self.segment[1] == self.chain.num_blocks
+        self.steps_done = 0
+        self.epoch = 0
+
+    def compute(
+        self, inp: Any, y: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor], Message | None]:
+        """Local losses of the segment (summed) and the message for the next rank."""
+        cache: dict = {}
+        noise = NoiseKey(self.cfg.seed, self.steps_done)
+        with self.trainer.autocast():  # --amp, as in the single-process step
+            loss, logs = self.method.loss(
+                self.chain, inp, y, mask, noise=noise, segment=self.segment, cache=cache
+            )
+        a, b = self.segment
+        own = logs["loss"][a:b]
+        if not torch.isfinite(own).all():
+            bad = a + int((~torch.isfinite(own)).nonzero()[0])
+            raise TrainingDiverged(
+                f"block {bad} local loss is {logs['loss'][bad].item()} in epoch "
+                f"{self.epoch + 1}; checkpoints up to epoch {self.epoch} are kept; "
+                "try a smaller --lr"
+            )
+        return loss, logs, None if self.last else cache["message"]
+
+    def update(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps_done += 1
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def own_state(self) -> dict[str, Tensor]:
+        sd = self.chain.state_dict()
+        return {k: sd[k].detach().cpu() for k in self.state_keys}
+
+    def save(self, out: Path, epoch: int, history: list[dict[str, Any]]) -> Path:
+        return ckpt.save_atomic(
+            {
+                "format": ckpt.FORMAT,
+                "epoch": epoch,
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "rank_blocks": list(self.groups.sizes),
+                "segment": list(self.segment),
+                "config": self.cfg.to_dict(),
+                "model": self.own_state(),
+                "param_index": self.param_index,
+                "num_params": len(list(self.chain.parameters())),
+                "optimizer": self.optimizer.state_dict(),
+                "steps_done": self.steps_done,
+                "rng": _rng_state(),
+                "history": history,
+            },
+            ckpt.rank_checkpoint(out, self.rank, epoch),
+        )
+
+    def load(self, path: Path) -> dict[str, Any]:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        missing, unexpected = self.chain.load_state_dict(state["model"], strict=False)
+        if unexpected or set(self.state_keys) & set(missing):
+            raise ConfigError(f"{path} does not hold the blocks of rank {self.rank}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = state["steps_done"]
+        _set_rng_state(state["rng"])
+        return state
+
+
+def _agree(local_error: str | None) -> None:
+    """All-gather each rank's verdict; raise the same ConfigError on every rank if any."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    _collective("checking the checkpoints", lambda: dist.all_gather_object(errors, local_error))
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise ConfigError(first)
+
+
+def _collective(what: str, fn) -> Any:
+    try:
+        return fn()
+    except (RuntimeError, OSError) as e:
+        raise PeerFailure(None, what, e) from e
+
+
+def _batch_hash(batch: tuple | None) -> str:
+    if batch is None:
+        return "empty"
+    h = hashlib.sha1()
+    for t in batch:
+        if t is not None:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class RankTrainer:
+    """The training loop of one rank (``fit``); rank 0 also evaluates and writes metrics."""
+
+    def __init__(
+        self, cfg: RunConfig, rank: int, world_size: int, device: str, backend: str
+    ) -> None:
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.stage = RankStage(cfg, rank, world_size, device)
+        self.channel = Channel(rank, world_size, self.stage.device, backend)
+        self.schedule = SCHEDULES[cfg.schedule]
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+
+    # ---- setup (collective) -------------------------------------------------------------
+    def prepare(self, out: Path, auto_resume: bool = False) -> None:
+        """Create the rank's directory and decide where training starts, on all ranks alike.
+
+        ``auto_resume`` (a torchrun restart) resumes from the last complete epoch if there
+        is one, as ``--resume`` does.
+        """
+        cfg, rank = self.cfg, self.rank
+        error, epochs, other = None, [], None
+        try:
+            ckpt.rank_dir(out, rank).mkdir(parents=True, exist_ok=True)
+            probe = ckpt.rank_dir(out, rank) / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+            epochs = ckpt.rank_epochs(out, rank)
+            if rank == 0:
+                single = sorted((out / "checkpoints").glob("epoch_*.pt"))
+                other = single[-1].name if single and not epochs else None
+        except OSError as e:
+            error = f"--out {cfg.out!r} cannot be written on rank {rank} ({e.strerror})"
+        # every decision below is taken from the same gathered views on every rank
+        views: list[Any] = [None] * self.world_size
+        mine = (error, epochs, other)
+        _collective("listing the checkpoints", lambda: dist.all_gather_object(views, mine))
+        first_error = next((v[0] for v in views if v[0] is not None), None)
+        if first_error is not None:
+            raise ConfigError(first_error)
+        per_rank = [set(v[1]) for v in views]
+        complete = sorted(set.intersection(*per_rank))
+        existing = any(per_rank) or views[0][2] is not None
+        resume = cfg.resume or (auto_resume and bool(complete))
+        if resume and not complete:
+            raise ConfigError(
+                f"--resume: no epoch has a checkpoint from all {self.world_size} ranks in "
+                f"{out}/rank_*/; run without --resume first"
+            )
+        if existing and not (resume or cfg.overwrite):
+            found = views[0][2] or "rank checkpoints"
+            raise ConfigError(
+                f"--out {cfg.out!r} already holds a run ({found}); pass --resume to continue "
+                "it, --overwrite to start it again, or choose another --out"
+            )
+        if resume:
+            epoch = complete[-1]
+            path = ckpt.rank_checkpoint(out, rank, epoch)
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            mismatch = None
+            if state["rank_blocks"] != list(self.stage.groups.sizes):
+                mismatch = (
+                    f"the checkpoints in {out}/rank_*/ were written with blocks per rank "
+                    f"{','.join(map(str, state['rank_blocks']))}, this launch has "
+                    f"{','.join(map(str, self.stage.groups.sizes))}; resume with the same "
+                    "grouping, or assemble them (experiments/assemble_checkpoint.py) and "
+                    "resume in one process"
+                )
+            _agree(mismatch)
+            self.history = self.stage.load(path)["history"]
+            self.start_epoch = epoch + 1
+        elif cfg.overwrite:
+            for e in epochs:  # a fresh run: stale checkpoints would confuse a later resume
+                ckpt.rank_checkpoint(out, rank, e).unlink()
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self, out: Path, progress: bool = True, auto_resume: bool = False) -> dict | None:
+        """Train all epochs; rank 0 returns the final metrics, the other ranks None."""
+        out = Path(out)
+        self.prepare(out, auto_resume)
+        if self.rank == 0:
+            (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        self.stage.trainer.history = self.history  # rank 0's: metrics and --max-minutes
+        pyro.enable_validation(False)  # shape checks cost time in the hot loop
+        trained = None
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                if not self._epoch(out, epoch, progress):
+                    break  # --max-minutes: the last epoch used the budget up
+                trained = epoch
+        finally:
+            pyro.enable_validation(True)
+        if self.rank != 0:
+            return None
+        if trained is not None and trained in ckpt.complete_epochs(out):
+            ckpt.assemble(out, trained)  # all ranks' files are on this filesystem
+        return self.stage.trainer.metrics()
+
+    def _check_same_data(self, epoch: int, first: tuple | None) -> bool:
+        """All ranks read the same batches (hash of the first); rank 0 decides whether the
+        time budget allows another epoch. Returns whether to train this epoch."""
+        views: list[Any] = [None] * self.world_size
+        mine = (_batch_hash(None if first is None else first[1:]),
+                self.rank == 0 and self.stage.trainer.budget_exhausted())  # fmt: skip
+        _collective("checking the data with", lambda: dist.all_gather_object(views, mine))
+        hashes = [v[0] for v in views]
+        if len(set(hashes)) > 1:  # the same gathered list on every rank: all raise
+            raise ConfigError(
+                f"the ranks read different training batches in epoch {epoch + 1} (label "
+                f"hashes {hashes}); every rank needs the same --seed, task options and data"
+            )
+        return not views[0][1]
+
+    def _epoch(self, out: Path, epoch: int, progress: bool) -> bool:
+        """Train one epoch (False: the time budget is used up, nothing done)."""
+        stage, cfg = self.stage, self.cfg
+        stage.epoch = epoch
+        stage.chain.train()
+        batches = iter(stage.task.train_batches(epoch))
+        first = next(batches, None)
+        if not self._check_same_data(epoch, first):
+            return False
+        if hasattr(stage.method, "agreement"):  # agreement statistics restart per epoch
+            stage.method.agreement.reset()
+        stream = itertools.chain([first] if first is not None else [], batches)
+        stream = device_batches(stream, stage.device, needs_x=stage.first)
+        if progress and self.rank == 0:
+            stream = tqdm(
+                stream,
+                total=stage.task.steps_per_epoch(),
+                desc=f"epoch {epoch + 1}/{cfg.epochs} [bll, {cfg.schedule}, rank 0]",
+                leave=False,
+                dynamic_ncols=True,
+            )
+        t0 = time.perf_counter()
+        stats = self.schedule(stage, self.channel, stream, cfg.pipeline_depth)
+        seconds = time.perf_counter() - t0
+        self._end_epoch(out, epoch, stats, seconds)
+        return True
+
+    def _end_epoch(self, out: Path, epoch: int, stats: StageStats, seconds: float) -> None:
+        stage = self.stage
+        payload = {
+            "state": stage.own_state(),
+            "sums": {k: v.detach().cpu() for k, v in stats.sums.items()},
+            "count": stats.count,
+            "seconds": seconds,
+            "busy": stats.busy,
+            "wait": stats.wait,
+        }
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        _collective(
+            "gathering the blocks on rank 0", lambda: dist.gather_object(payload, gathered, dst=0)
+        )
+        if self.rank == 0:
+            self._evaluate_and_log(out, epoch, gathered)
+        stage.save(out, epoch, self.history if self.rank == 0 else [])
+
+    def _evaluate_and_log(self, out: Path, epoch: int, parts: list[dict[str, Any]]) -> None:
+        stage = self.stage
+        merged = stage.chain.state_dict()
+        for p in parts:
+            merged.update(p["state"])
+        stage.chain.load_state_dict(merged)  # rank 0 never trains the other ranks' blocks
+        t0 = time.perf_counter()
+        with stage.trainer.autocast():
+            metrics = stage.task.evaluate(stage.chain, stage.device)
+        eval_seconds = time.perf_counter() - t0
+        count = max(parts[0]["count"], 1)
+        sums = {k: sum(p["sums"][k] for p in parts) for k in parts[0]["sums"]}
+        means = {k: (v / count).tolist() for k, v in sums.items()}
+        block_losses = means.pop("loss", [])
+        agreement = {
+            k.removeprefix("agreement_"): means.pop(k) for k in list(means) if "agreement_" in k
+        }
+        train_seconds = max(p["seconds"] for p in parts)
+        self.history.append(
+            {
+                "epoch": epoch + 1,
+                "block_losses": block_losses,
+                "block_terms": means,
+                **({"block_agreement": agreement} if agreement else {}),
+                "train_seconds": train_seconds,
+                "eval_seconds": eval_seconds,
+                "rank_busy_seconds": [p["busy"] for p in parts],
+                "rank_wait_seconds": [p["wait"] for p in parts],
+                **metrics,
+            }
+        )
+        stage.trainer.write_results(out)
+        losses = " ".join(f"{v:.3f}" for v in block_losses)
+        shown = "  ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items())
+        busy = " ".join(f"{p['busy'] / max(train_seconds, 1e-9):.0%}" for p in parts)
+        print(
+            f"epoch {epoch + 1}/{self.cfg.epochs}  {train_seconds:.1f}s  ranks busy [{busy}]  "
+            f"block losses [{losses}]  test {shown}",
+            flush=True,
+        )
+
+
+def final_line(metrics: dict[str, Any], out: str) -> str:
+    shown = ", ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_") and not math.isnan(v)
+    )
+    return f"final {shown}; results in {out}"

@@ -1,0 +1,179 @@
+"""Block-parallel training across processes (gloo on 127.0.0.1): equivalence with one
+process, resume, checkpoint assembly, learning, fault handling and the torchrun launch.
+
+Ranks are forked processes with torchrun's environment (``dist_harness``); one test runs
+the real ``torchrun``.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import run  # noqa: E402
+from dist_harness import Fault, launch  # noqa: E402
+
+from pyro_bll.config import RunConfig  # noqa: E402
+from pyro_bll.distributed import assemble  # noqa: E402
+from pyro_bll.training import Trainer  # noqa: E402
+
+from utils import assert_close  # noqa: E402
+
+END = Path("checkpoints") / "epoch_001.pt"  # the end of a two-epoch run
+TINY = ["--layers", "3", "--d-model", "8", "--seq-len", "5", "--train-size", "48",
+        "--test-size", "8", "--batch-size", "8", "--threads", "1", "--no-progress"]  # fmt: skip
+
+
+def _ok(results):
+    for r in results:
+        assert r.exitcode == 0, f"rank {r.rank} exit {r.exitcode}:\n{r.log[-3000:]}"
+
+
+def _same_checkpoints(a: Path, b: Path) -> None:
+    """Model, Adam state, step count and per-block losses agree to float tolerance."""
+    sa = torch.load(a, weights_only=False)
+    sb = torch.load(b, weights_only=False)
+    assert sa["model"].keys() == sb["model"].keys()
+    for k, v in sa["model"].items():
+        assert_close(sb["model"][k], v, atol=1e-6, rtol=1e-5, msg=k)
+    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert oa.keys() == ob.keys()
+    for i in oa:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert_close(ob[i][name], oa[i][name], atol=1e-7, rtol=1e-5)
+    assert sa["steps_done"] == sb["steps_done"] > 0
+    for ha, hb in zip(sa["history"], sb["history"], strict=True):
+        assert hb["block_losses"] == pytest.approx(ha["block_losses"], rel=1e-5)
+        assert hb["test_accuracy"] == ha["test_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The single-process reference: two epochs, checkpoints after each."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert run.cli([*TINY, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_sync_three_ranks_equal_the_single_process_run(tmp_path, single):
+    out = tmp_path / "sync3"
+    _ok(launch([*TINY, "--epochs", "2", "--out", out, "--schedule", "sync"], 3, tmp_path))
+    assert sorted(p.name for p in out.glob("rank_*")) == ["rank_0", "rank_1", "rank_2"]
+    # rank 0 assembled the last epoch itself; the first one is assembled here
+    _same_checkpoints(single / END, out / END)
+    metrics = json.loads((out / "metrics.json").read_text())
+    ref = json.loads((single / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == ref["test_accuracy"]
+    assert len(metrics["history"]) == 2 and len(metrics["history"][0]["rank_busy_seconds"]) == 3
+
+    # the assembled checkpoint of epoch 1 continues in ONE process to the same end
+    first = assemble(out, 0)
+    solo = tmp_path / "solo"
+    (solo / "checkpoints").mkdir(parents=True)
+    shutil.copy(first, solo / "checkpoints" / first.name)
+    assert run.cli([*TINY, "--epochs", "2", "--out", str(solo), "--resume"]) == 0
+    _same_checkpoints(single / END, solo / "checkpoints" / "epoch_001.pt")
+
+
+def test_sync_two_ranks_with_resume_equal_the_single_process_run(tmp_path, single):
+    out = tmp_path / "sync2"
+    args = [*TINY, "--out", out, "--schedule", "sync"]
+    _ok(launch([*args, "--epochs", "1"], 2, tmp_path))
+    # a resume needs an epoch that every rank completed: hide rank 1's, and it refuses
+    hidden = out / "rank_1" / "epoch_000.pt"
+    hidden.rename(hidden.with_suffix(".bak"))
+    results = launch([*args, "--epochs", "2", "--resume"], 2, tmp_path)
+    assert [r.exitcode for r in results] == [2, 2]
+    assert "no epoch has a checkpoint from all 2 ranks" in results[0].log
+    hidden.with_suffix(".bak").rename(hidden)
+    _ok(launch([*args, "--epochs", "2", "--resume"], 2, tmp_path))  # 2 ranks, blocks 2 + 1
+    _same_checkpoints(single / END, out / END)
+
+
+def test_pipelined_discrete_sampled_messages_equal_the_single_process_run(tmp_path):
+    """Bernoulli latents (score-function gradients) and sampled messages: the noise of
+    every block is the same on its rank as in one process, and the schedule only
+    changes timing."""
+    args = [*TINY, "--epochs", "1", "--family", "bernoulli", "--propagate", "sample"]
+    assert run.cli([*args, "--out", str(tmp_path / "one")]) == 0
+    _ok(launch([*args, "--out", tmp_path / "pipe", "--rank-blocks", "1,2"], 2, tmp_path))
+    _same_checkpoints(
+        tmp_path / "one" / "checkpoints" / "epoch_000.pt",
+        tmp_path / "pipe" / "checkpoints" / "epoch_000.pt",
+    )
+
+
+def test_pipelined_schedule_trains_a_tiny_transformer(tmp_path):
+    args = ["--layers", "2", "--d-model", "16", "--seq-len", "5", "--train-size", "6000",
+            "--test-size", "20", "--batch-size", "20", "--lr", "1e-2", "--epochs", "1",
+            "--threads", "1", "--no-progress", "--out", tmp_path / "run"]  # fmt: skip
+    results = launch(args, 2, tmp_path)
+    _ok(results)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.9, results[0].log
+
+
+@pytest.mark.parametrize("kind, failing", [("raise", 1), ("kill", 1), ("kill", 0)])
+def test_a_failed_rank_stops_every_rank_and_is_named(tmp_path, kind, failing):
+    """Rank ``failing`` raises or is SIGKILLed at step 3 (rank 0 also hosts the store);
+    every other rank exits non-zero within the timeout, naming it."""
+    timeout = 5
+    args = [*TINY, "--epochs", "2", "--out", tmp_path / "run", "--dist-timeout", timeout]
+    results = launch(args, 3, tmp_path, fault=Fault(failing, 3, kind), timeout=60)
+    dead = results[failing]
+    assert dead.exitcode == (1 if kind == "raise" else -9)
+    for r in results:
+        if r.rank == failing:
+            continue
+        assert r.exitcode == 1, r.log
+        assert r.seconds - dead.seconds < timeout + 2, (r.seconds, dead.seconds)
+        verdict = [ln for ln in r.log.splitlines() if ln.startswith("error: ")]
+        assert len(verdict) == 1, r.log
+        assert verdict[0].startswith(f"error: rank {failing} failed:"), verdict
+        assert verdict[0].endswith(f"rank {r.rank} stops")
+        if kind == "raise":
+            assert "RuntimeError: injected fault at step 3" in verdict[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no assembled end state
+
+
+def test_ranks_that_read_different_data_refuse_to_train(tmp_path):
+    results = launch([*TINY, "--epochs", "1", "--out", tmp_path / "run"], 2, tmp_path,
+                     rank_argv={1: ["--seed", "1"]})  # fmt: skip
+    assert [r.exitcode for r in results] == [2, 2]
+    assert "the ranks read different training batches in epoch 1" in results[0].log
+
+
+def test_torchrun_launch_and_assembled_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "experiments" / "run.py"),
+            *TINY,
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--distributed",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final test_accuracy" in proc.stdout
+    assert (out / "rank_0" / "epoch_000.pt").exists() and (out / "rank_1" / "epoch_000.pt").exists()
+    trainer = Trainer(RunConfig.from_dict(json.loads((out / "config.json").read_text())))
+    trainer.load(out / "checkpoints" / "epoch_000.pt")  # a normal single-process checkpoint
+    assert trainer.steps_done > 0 and len(trainer.history) == 1
