@@ -49,22 +49,10 @@ from .training import build_from_config
 
 # config keys that may differ between runs compared as chains (they do not change the
 # network, the task or the diagnostic batch)
-FREE_KEYS = {
-    "seed",
-    "out",
-    "threads",
-    "device",
-    "resume",
-    "overwrite",
-    "epochs",
-    "lr",
-    "batch_size",
-    "train_size",
-    "test_size",
-    "data_dir",
-    "augment",
-    "channels_last",
-}
+FREE_KEYS = frozenset(
+    "seed out threads device resume overwrite epochs lr batch_size train_size test_size "
+    "data_dir augment channels_last".split()
+)
 
 
 @dataclass
