@@ -10,7 +10,7 @@ import argparse
 import ast
 import sys
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import LR_SCHEDULES, ConfigError, RunConfig
 from pyro_bll.families import FAMILIES
 from pyro_bll.guides import FEEDBACKS, MESSAGES
 from pyro_bll.methods import METHODS
@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=argparse.SUPPRESS,
         help="Adam learning rate (default: " + _per_task("lr", d.lr) + ")",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        default=argparse.SUPPRESS,
+        choices=LR_SCHEDULES,
+        help="constant, or cosine: the learning rate decays per step to 0 over --epochs "
+        "(default: " + _per_task("lr_schedule", d.lr_schedule) + ")",
     )
     p.add_argument(
         "--pred-weight",

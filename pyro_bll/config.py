@@ -11,6 +11,9 @@ class ConfigError(ValueError):
     """Bad user input: reported as one line, exit code 2."""
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs. ``validate`` checks it before any work starts."""
@@ -29,6 +32,7 @@ class RunConfig:
     data_dir: str | None = None  # None: the task's default (its DEFAULTS["data_dir"])
     batch_size: int = 50
     lr: float = 2e-3
+    lr_schedule: str = "constant"  # constant | cosine (decay to 0 over the epochs)
     pred_weight: float = 1.0
     feedback: str = "linear"
     feedback_update: str = "grad"
@@ -74,6 +78,7 @@ class RunConfig:
             (self.propagate, ("mean", "sample"), "propagate"),
             (self.feedback, FEEDBACKS, "feedback"),
             (self.feedback_update, ("grad", "solve"), "feedback update"),
+            (self.lr_schedule, LR_SCHEDULES, "lr schedule"),
             (self.arch, RESNET_ARCHS, "arch"),
             (self.message, MESSAGES, "message"),
         ]:

@@ -51,6 +51,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def make_lr_schedule(
+    optimizer: torch.optim.Optimizer, kind: str, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factor: ``constant`` 1, or ``cosine``
+    0.5 * (1 + cos(pi * t / total_steps)), which decays from 1 to 0 over the run."""
+    schedules = {
+        "constant": lambda t: 1.0,
+        "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps)),
+    }
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[kind])
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     ckpts = sorted((out / "checkpoints").glob("epoch_*.pt"))
     return ckpts[-1] if ckpts else None
@@ -117,6 +129,9 @@ class Trainer:
         self.amp = cfg.amp  # bf16 autocast of forward passes and losses (self.autocast)
         self.method = METHODS[cfg.method](self.chain, cfg)
         self.optimizer = torch.optim.Adam(self.chain.parameters(), lr=cfg.lr)
+        self.scheduler = make_lr_schedule(
+            self.optimizer, cfg.lr_schedule, cfg.epochs * self.task.steps_per_epoch()
+        )
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.steps_done = 0  # optimiser steps so far; names each step's noise (noise.py)
@@ -134,6 +149,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.scheduler.step()
         self.steps_done += 1
         return logs
 
@@ -147,6 +163,7 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 "model": self.chain.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "history": self.history,
                 "rng": _rng_state(),
                 "steps_done": self.steps_done,
@@ -160,6 +177,8 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.chain.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.history = state["history"]
         self.start_epoch = state["epoch"] + 1
         self.steps_done = state.get("steps_done", 0)

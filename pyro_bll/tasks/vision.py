@@ -41,7 +41,12 @@ from ..data.device_data import Augmentation
 from ..families import Family
 from .base import check_diagnostic_size
 
-_VISION_DEFAULTS: dict[str, Any] = {"blocks": 4, "batch_size": 128, "lr": 1e-3}
+_VISION_DEFAULTS: dict[str, Any] = {
+    "blocks": 4,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "lr_schedule": "cosine",
+}
 
 
 class VisionTask:
