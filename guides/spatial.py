@@ -36,13 +36,14 @@ labels are one per example ``[B]``.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 from torch import Tensor
 
 from ..families import Natural, Params
 
 
-class SpatialMessage:
+class SpatialMessage(ABC):
     """Places per-example potentials on a map and reduces per-location logits."""
 
     name = "spatial"
@@ -59,9 +60,9 @@ class SpatialMessage:
         """H * W of the latent map that ``alpha`` parametrises (``[B, H, W, ...]``)."""
         return math.prod(alpha[0].shape[1 : 1 + self.spatial_dims])
 
+    @abstractmethod
     def weight(self, num_locations: int) -> float:
         """The factor multiplying beta at every location."""
-        raise NotImplementedError
 
     def place(self, beta: Natural, alpha: Params) -> Natural:
         """beta ``[B, *rest]`` -> ``[B, 1, 1, *rest]`` times ``weight(H W)``, beside alpha."""
@@ -69,9 +70,9 @@ class SpatialMessage:
         ones = (1,) * self.spatial_dims
         return tuple(b.reshape(b.shape[:1] + ones + b.shape[1:]) * w for b in beta)
 
+    @abstractmethod
     def reduce_logits(self, logits: Tensor) -> Tensor:
         """Per-location logits ``[B, H, W, V]`` -> per-example logits ``[B, V]``."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spatial_dims={self.spatial_dims})"

@@ -21,6 +21,7 @@ default 4 as in the paper) with linear feedback from the one-hot label per block
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -49,7 +50,7 @@ _VISION_DEFAULTS: dict[str, Any] = {
 }
 
 
-class VisionTask:
+class VisionTask(ABC):
     """Shared by the image tasks; subclasses say how to load their splits and augment."""
 
     DEFAULTS: ClassVar[dict[str, Any]] = _VISION_DEFAULTS
@@ -76,9 +77,9 @@ class VisionTask:
 
     # ---- per data set ------------------------------------------------------------------
     @classmethod
+    @abstractmethod
     def load(cls, cfg: RunConfig, split: str) -> tuple[Tensor, Tensor]:
         """``(images [N, H, W, C] uint8, labels [N] int64)`` on the CPU."""
-        raise NotImplementedError
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
