@@ -18,11 +18,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import assemble_checkpoint  # noqa: E402
+import bench_pipeline  # noqa: E402
 import run  # noqa: E402
 from dist_harness import Fault, launch  # noqa: E402
 
 from pyro_bll.config import RunConfig  # noqa: E402
-from pyro_bll.distributed import assemble  # noqa: E402
 from pyro_bll.training import Trainer  # noqa: E402
 
 from utils import assert_close  # noqa: E402
@@ -75,7 +76,8 @@ def test_sync_three_ranks_equal_the_single_process_run(tmp_path, single):
     assert len(metrics["history"]) == 2 and len(metrics["history"][0]["rank_busy_seconds"]) == 3
 
     # the assembled checkpoint of epoch 1 continues in ONE process to the same end
-    first = assemble(out, 0)
+    assert assemble_checkpoint.cli([str(out), "--epoch", "1"]) == 0
+    first = out / "checkpoints" / "epoch_000.pt"
     solo = tmp_path / "solo"
     (solo / "checkpoints").mkdir(parents=True)
     shutil.copy(first, solo / "checkpoints" / first.name)
@@ -177,3 +179,27 @@ def test_torchrun_launch_and_assembled_checkpoint(tmp_path):
     trainer = Trainer(RunConfig.from_dict(json.loads((out / "config.json").read_text())))
     trainer.load(out / "checkpoints" / "epoch_000.pt")  # a normal single-process checkpoint
     assert trainer.steps_done > 0 and len(trainer.history) == 1
+
+
+def test_assemble_cli_bad_input(tmp_path, capsys):
+    assert assemble_checkpoint.cli([str(tmp_path)]) == 2
+    assert "holds no rank_*/ directories" in capsys.readouterr().err
+
+
+def test_bench_pipeline_reports_every_variant(tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    monkeypatch.setattr("sys.argv", ["bench_pipeline.py", "--layers", "2", "--d-model", "8",
+                        "--seq-len", "5", "--batch-size", "8", "--steps", "3", "--warmup", "1",
+                        "--rounds", "1", "--out", str(out)])  # fmt: skip
+    try:
+        bench_pipeline.main()
+    finally:
+        torch.set_num_threads(1)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert set(result["samples_per_second"]) == {
+        "bll_1_thread", "bll_2_threads", "bp_1_thread", "bp_2_threads",
+        "2_ranks_pipelined", "2_ranks_sync",
+    }  # fmt: skip
+    assert all(v > 0 for v in result["samples_per_second"].values())
+    assert len(result["block_seconds_per_step"]) == 2 and 1 <= result["ideal_speedup"] <= 2
+    assert "measured / ideal" in out.with_suffix(".md").read_text()
