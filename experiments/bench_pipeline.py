@@ -192,7 +192,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=50, help="micro-batch size")
     p.add_argument("--steps", type=int, default=40, help="timed steps per variant and round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (best)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (best)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dist-backend", default="auto", choices=["auto", "gloo", "nccl"],
                    help="auto: gloo on CPU, NCCL on CUDA")  # fmt: skip

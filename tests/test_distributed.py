@@ -89,6 +89,9 @@ def test_sync_two_ranks_with_resume_equal_the_single_process_run(tmp_path, singl
     out = tmp_path / "sync2"
     args = [*TINY, "--out", out, "--schedule", "sync"]
     _ok(launch([*args, "--epochs", "1"], 2, tmp_path))
+    results = launch([*args, "--epochs", "2"], 2, tmp_path)  # never replaced silently
+    assert [r.exitcode for r in results] == [2, 2]
+    assert "already holds a run (rank checkpoints); pass --resume" in results[0].log
     # a resume needs an epoch that every rank completed: hide rank 1's, and it refuses
     hidden = out / "rank_1" / "epoch_000.pt"
     hidden.rename(hidden.with_suffix(".bak"))
@@ -96,7 +99,9 @@ def test_sync_two_ranks_with_resume_equal_the_single_process_run(tmp_path, singl
     assert [r.exitcode for r in results] == [2, 2]
     assert "no epoch has a checkpoint from all 2 ranks" in results[0].log
     hidden.with_suffix(".bak").rename(hidden)
-    _ok(launch([*args, "--epochs", "2", "--resume"], 2, tmp_path))  # 2 ranks, blocks 2 + 1
+    # a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes without --resume
+    restart = {"TORCHELASTIC_RESTART_COUNT": "1"}
+    _ok(launch([*args, "--epochs", "2"], 2, tmp_path, env=restart))  # blocks 2 + 1
     _same_checkpoints(single / END, out / END)
 
 
