@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 
 from pyro_bll.config import LR_SCHEDULES, ConfigError, RunConfig
@@ -305,10 +306,13 @@ def cli(argv: list[str] | None = None) -> int:
         from pyro_bll.distributed.launch import main as distributed_main
 
         try:
-            return distributed_main(cfg, progress=progress)
+            code = distributed_main(cfg, progress=progress)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if code or os.environ.get("RANK") != "0" or not build_parser().parse_args(argv).diagnostics:
+            return code
+        return _diagnostics(cfg)  # rank 0, from the checkpoint it assembled
     try:
         metrics = main(cfg, progress=progress)
     except ConfigError as e:
@@ -320,13 +324,18 @@ def cli(argv: list[str] | None = None) -> int:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
     print(f"final {shown}; results in {cfg.out}")
     if build_parser().parse_args(argv).diagnostics:
-        from pyro_bll.diagnostics import write_diagnostics
+        return _diagnostics(cfg)
+    return 0
 
-        try:
-            print(f"diagnostics: {write_diagnostics(cfg.out, device=cfg.device)}")
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+
+def _diagnostics(cfg: RunConfig) -> int:
+    from pyro_bll.diagnostics import write_diagnostics
+
+    try:
+        print(f"diagnostics: {write_diagnostics(cfg.out, device=cfg.device)}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -121,11 +121,14 @@ def test_pipelined_discrete_sampled_messages_equal_the_single_process_run(tmp_pa
 def test_pipelined_schedule_trains_a_tiny_transformer(tmp_path):
     args = ["--layers", "2", "--d-model", "16", "--seq-len", "5", "--train-size", "6000",
             "--test-size", "20", "--batch-size", "20", "--lr", "1e-2", "--epochs", "1",
-            "--threads", "1", "--no-progress", "--out", tmp_path / "run"]  # fmt: skip
+            "--threads", "1", "--no-progress", "--out", tmp_path / "run",
+            "--diagnostics"]  # fmt: skip
     results = launch(args, 2, tmp_path)
     _ok(results)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.9, results[0].log
+    # rank 0 diagnoses the checkpoint it assembled, like a single-process run
+    assert (tmp_path / "run" / "diagnostics.nc").stat().st_size > 0
 
 
 @pytest.mark.parametrize("kind, failing", [("raise", 1), ("kill", 1), ("kill", 0)])

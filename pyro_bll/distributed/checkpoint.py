@@ -117,7 +117,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     group["params"] = list(range(head["num_params"]))
     return {
         "epoch": head["epoch"],
-        "config": {**head["config"], "distributed": False},
+        "config": head["config"],  # the run's own (distributed) configuration
         "model": model,
         "optimizer": {"state": state, "param_groups": [group]},
         "history": head["history"],
