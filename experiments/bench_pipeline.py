@@ -43,8 +43,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pyro_bll.config import RunConfig
-from pyro_bll.distributed.runtime import RankStage
 from pyro_bll.distributed.schedule import SCHEDULES
+from pyro_bll.distributed.stage import RankStage
 from pyro_bll.distributed.transport import Channel
 from pyro_bll.training import Trainer
 

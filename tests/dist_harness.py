@@ -60,7 +60,7 @@ def _rank_main(rank, world, port, argv, log, fault, extra_env, rank_argv):
     os.dup2(f.fileno(), 2)
     sys.stdout = sys.stderr = f
     if fault is not None and fault.rank == rank:
-        from pyro_bll.distributed.runtime import RankStage
+        from pyro_bll.distributed.stage import RankStage
 
         original = RankStage.update
 

@@ -1,0 +1,117 @@
+"""One rank's blocks as a pipeline stage: their local losses, their optimiser, their state.
+
+Every rank builds the *full* chain from the run seed (``Trainer``: identical
+initialisation everywhere) and keeps only the parameters of its own blocks a..b-1 in its
+Adam. Per micro-batch ``compute`` evaluates the block-local losses l_a..l_{b-1} through
+the Pyro model and guide (``BLL.loss(..., segment=(a, b))``) from the input message, with
+the step's noise key, so every block draws the same z_k as in one process
+(``pyro_bll.noise``), and returns the message for the next rank; ``update`` takes the
+rank's own optimiser step. Adam is elementwise, so per-rank optimisers over disjoint
+parameter sets step exactly like one optimiser over all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError, RunConfig
+from ..noise import NoiseKey
+from ..training import Trainer, TrainingDiverged, _rng_state, _set_rng_state
+from . import checkpoint as ckpt
+from .group import BlockGroups, owned_parameter_index, owned_state_keys
+from .transport import Message
+
+
+class RankStage:
+    """Blocks a..b-1 of the chain on one rank, with an Adam over their parameters only."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: str) -> None:
+        self.groups = BlockGroups.make(cfg.num_blocks, world_size, cfg.rank_blocks)
+        self.rank, self.world_size = rank, world_size
+        self.segment = self.groups.segment(rank)
+        self.cfg = cfg
+        self.trainer = Trainer(replace(cfg, device=device))  # full chain, seeded init
+        self.trainer.cfg = cfg
+        self.chain, self.task, self.method = (
+            self.trainer.chain,
+            self.trainer.task,
+            self.trainer.method,
+        )
+        self.device = self.trainer.device
+        params = list(self.chain.parameters())
+        self.param_index = owned_parameter_index(self.chain, self.segment)
+        self.optimizer = torch.optim.Adam([params[i] for i in self.param_index], lr=cfg.lr)
+        self.trainer.optimizer = self.optimizer  # nothing else may step the others' blocks
+        self.state_keys = owned_state_keys(self.chain, self.segment, rank)
+        self.first = self.segment[0] == 0
+        self.last = self.segment[1] == self.chain.num_blocks
+        self.steps_done = 0
+        self.epoch = 0
+
+    def compute(
+        self, inp: Any, y: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor], Message | None]:
+        """Local losses of the segment (summed) and the message for the next rank."""
+        cache: dict = {}
+        noise = NoiseKey(self.cfg.seed, self.steps_done)
+        with self.trainer.autocast():  # --amp, as in the single-process step
+            loss, logs = self.method.loss(
+                self.chain, inp, y, mask, noise=noise, segment=self.segment, cache=cache
+            )
+        a, b = self.segment
+        own = logs["loss"][a:b]
+        if not torch.isfinite(own).all():
+            bad = a + int((~torch.isfinite(own)).nonzero()[0])
+            raise TrainingDiverged(
+                f"block {bad} local loss is {logs['loss'][bad].item()} in epoch "
+                f"{self.epoch + 1}; checkpoints up to epoch {self.epoch} are kept; "
+                "try a smaller --lr"
+            )
+        return loss, logs, None if self.last else cache["message"]
+
+    def update(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps_done += 1
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def own_state(self) -> dict[str, Tensor]:
+        sd = self.chain.state_dict()
+        return {k: sd[k].detach().cpu() for k in self.state_keys}
+
+    def save(self, out: Path, epoch: int, history: list[dict[str, Any]]) -> Path:
+        return ckpt.save_atomic(
+            {
+                "format": ckpt.FORMAT,
+                "epoch": epoch,
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "rank_blocks": list(self.groups.sizes),
+                "segment": list(self.segment),
+                "config": self.cfg.to_dict(),
+                "model": self.own_state(),
+                "param_index": self.param_index,
+                "num_params": len(list(self.chain.parameters())),
+                "optimizer": self.optimizer.state_dict(),
+                "steps_done": self.steps_done,
+                "rng": _rng_state(),
+                "history": history,
+            },
+            ckpt.rank_checkpoint(out, self.rank, epoch),
+        )
+
+    def load(self, path: Path) -> dict[str, Any]:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        missing, unexpected = self.chain.load_state_dict(state["model"], strict=False)
+        if unexpected or set(self.state_keys) & set(missing):
+            raise ConfigError(f"{path} does not hold the blocks of rank {self.rank}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = state["steps_done"]
+        _set_rng_state(state["rng"])
+        return state
