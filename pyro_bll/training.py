@@ -189,6 +189,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:
             self.load(latest_checkpoint(out))
+        else:  # --overwrite: the old run's checkpoints go only once the new run is set up,
+            # so that a later --resume cannot pick up one of them
+            for stale in (out / "checkpoints").glob("epoch_*.pt"):
+                stale.unlink()
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         pyro.enable_validation(False)  # shape checks cost time in the hot loop
         try:

@@ -112,14 +112,16 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
 
 def test_existing_run_is_never_silently_replaced(tmp_path, capsys):
     out = tmp_path / "run"
-    assert run.cli([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    assert run.cli([*TINY, "--epochs", "2", "--out", str(out)]) == 0
     ckpt = out / "checkpoints" / "epoch_000.pt"
     before = ckpt.read_bytes()
     assert run.cli([*TINY, "--epochs", "1", "--out", str(out), "--seed", "5"]) == 2
-    assert "already holds a run (epoch_000.pt)" in capsys.readouterr().err
+    assert "already holds a run (epoch_001.pt)" in capsys.readouterr().err
     assert ckpt.read_bytes() == before
     assert run.cli([*TINY, "--epochs", "1", "--out", str(out), "--seed", "5", "--overwrite"]) == 0
     assert ckpt.read_bytes() != before
+    # the overwritten run's later checkpoint is gone, so --resume continues the new run
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["epoch_000.pt"]
 
 
 def test_resume_without_checkpoint_and_unwritable_out(tmp_path, capsys):

@@ -115,7 +115,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     head = parts[0]
     group = {k: v for k, v in head["optimizer"]["param_groups"][0].items() if k != "params"}
     group["params"] = list(range(head["num_params"]))
-    return {
+    merged = {
         "epoch": head["epoch"],
         "config": head["config"],  # the run's own (distributed) configuration
         "model": model,
@@ -125,3 +125,6 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "steps_done": head["steps_done"],
         "assembled_from": {"world_size": len(parts), "rank_blocks": head["rank_blocks"]},
     }
+    if "scheduler" in head:  # one lr schedule, stepped identically on every rank
+        merged["scheduler"] = head["scheduler"]
+    return merged

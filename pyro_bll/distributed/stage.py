@@ -21,7 +21,13 @@ from torch import Tensor
 
 from ..config import ConfigError, RunConfig
 from ..noise import NoiseKey
-from ..training import Trainer, TrainingDiverged, _rng_state, _set_rng_state
+from ..training import (
+    Trainer,
+    TrainingDiverged,
+    _rng_state,
+    _set_rng_state,
+    make_lr_schedule,
+)
 from . import checkpoint as ckpt
 from .group import BlockGroups, owned_parameter_index, owned_state_keys
 from .transport import Message
@@ -47,6 +53,10 @@ class RankStage:
         self.param_index = owned_parameter_index(self.chain, self.segment)
         self.optimizer = torch.optim.Adam([params[i] for i in self.param_index], lr=cfg.lr)
         self.trainer.optimizer = self.optimizer  # nothing else may step the others' blocks
+        # one optimiser step per training batch, as in one process: the same lr schedule
+        self.scheduler = make_lr_schedule(
+            self.optimizer, cfg.lr_schedule, cfg.epochs * self.task.steps_per_epoch()
+        )
         self.state_keys = owned_state_keys(self.chain, self.segment, rank)
         self.first = self.segment[0] == 0
         self.last = self.segment[1] == self.chain.num_blocks
@@ -78,6 +88,7 @@ class RankStage:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.scheduler.step()
         self.steps_done += 1
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -99,6 +110,7 @@ class RankStage:
                 "param_index": self.param_index,
                 "num_params": len(list(self.chain.parameters())),
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "steps_done": self.steps_done,
                 "rng": _rng_state(),
                 "history": history,
@@ -112,6 +124,7 @@ class RankStage:
         if unexpected or set(self.state_keys) & set(missing):
             raise ConfigError(f"{path} does not hold the blocks of rank {self.rank}")
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.steps_done = state["steps_done"]
         _set_rng_state(state["rng"])
         return state
