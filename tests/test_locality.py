@@ -4,7 +4,7 @@ import torch
 
 from pyro_bll import BlockLocalELBO, seed_everything
 
-from utils import assert_close, mlp_chain, toy_batch
+from utils import assert_block_local, mlp_chain, toy_batch
 
 
 def test_total_gradient_equals_local_gradient_and_nothing_leaks(family):
@@ -13,23 +13,7 @@ def test_total_gradient_equals_local_gradient_and_nothing_leaks(family):
     x = x.double()
     seed_everything(1)
     losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
-    params = list(chain.parameters())
-    total_grads = torch.autograd.grad(losses.total, params, retain_graph=True, allow_unused=True)
-    total = {id(p): g for p, g in zip(params, total_grads, strict=True)}
-    owned = set()
-    for k in range(chain.num_blocks):
-        mine = chain.block_parameters(k)
-        owned |= {id(p) for p in mine}
-        others = [p for p in params if all(p is not q for q in mine)]
-        local = torch.autograd.grad(losses.per_block[k], mine, retain_graph=True)
-        for p, g in zip(mine, local, strict=True):
-            assert_close(g, total[id(p)], atol=1e-12, rtol=1e-10)
-        leak = torch.autograd.grad(
-            losses.per_block[k], others, retain_graph=True, allow_unused=True
-        )
-        for g in leak:
-            assert g is None or g.abs().max() == 0
-    assert owned == {id(p) for p in params}, "every parameter belongs to exactly one block"
+    assert_block_local(chain, losses.per_block)
 
 
 def test_without_detaching_gradients_do_cross_blocks(family):

@@ -12,7 +12,7 @@ from pyro_bll.guides import BroadcastMessage, PoolMessage
 from pyro_bll.models import RESNET_ARCHS, build_resnet_chain, resnet_blocks
 from pyro_bll.models.resnet import block_layer_counts, split_units
 
-from utils import assert_close
+from utils import assert_block_local, assert_close
 
 TINY = 1 / 16  # stage widths (4, 8, 16, 32)
 
@@ -115,22 +115,7 @@ def test_locality_of_the_resnet_chain():
     chain = tiny_chain("resnet18", blocks=3).double()
     x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
     losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
-    params = list(chain.parameters())
-    grads = torch.autograd.grad(losses.total, params, retain_graph=True)
-    total = dict(zip(map(id, params), grads, strict=True))
-    owned = set()
-    for k in range(chain.num_blocks):
-        mine = chain.block_parameters(k)
-        owned |= {id(p) for p in mine}
-        others = [p for p in params if all(p is not q for q in mine)]
-        local = torch.autograd.grad(losses.per_block[k], mine, retain_graph=True)
-        for p, g in zip(mine, local, strict=True):
-            assert_close(g, total[id(p)], atol=1e-12, rtol=1e-10)
-        leak = torch.autograd.grad(
-            losses.per_block[k], others, retain_graph=True, allow_unused=True
-        )
-        assert all(g is None or g.abs().max() == 0 for g in leak)
-    assert owned == {id(p) for p in params}
+    assert_block_local(chain, losses.per_block)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -30,3 +30,23 @@ def toy_batch(n=16, in_dim=6, classes=4):
     x = torch.randn(n, in_dim)
     y = torch.randint(0, classes, (n,))
     return x, y
+
+
+def assert_block_local(chain: BLLChain, per_block: torch.Tensor) -> None:
+    """DESIGN.md section 2, item 3, on block losses ``per_block [N]`` of ``chain``: the
+    total loss's gradient for block k's parameters equals that of l_k alone, l_k gives no
+    other parameter a gradient, and every parameter belongs to exactly one block."""
+    params = list(chain.parameters())
+    total_grads = torch.autograd.grad(per_block.sum(), params, retain_graph=True, allow_unused=True)
+    total = {id(p): g for p, g in zip(params, total_grads, strict=True)}
+    owned = set()
+    for k in range(chain.num_blocks):
+        mine = chain.block_parameters(k)
+        owned |= {id(p) for p in mine}
+        others = [p for p in params if all(p is not q for q in mine)]
+        local = torch.autograd.grad(per_block[k], mine, retain_graph=True)
+        for p, g in zip(mine, local, strict=True):
+            assert_close(g, total[id(p)], atol=1e-12, rtol=1e-10)
+        leak = torch.autograd.grad(per_block[k], others, retain_graph=True, allow_unused=True)
+        assert all(g is None or g.abs().max() == 0 for g in leak)
+    assert owned == {id(p) for p in params}, "every parameter belongs to exactly one block"
