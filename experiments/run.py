@@ -169,11 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--message",
-        default=d.message,
+        default=argparse.SUPPRESS,
         choices=sorted(MESSAGES),
         help="vision tasks: how the feedback message beta_k meets a block's feature map: "
-        "pool (a potential on the spatial mean of the statistics, beta_k / (H W) at every "
-        "location) or broadcast (beta_k at every location)",
+        "mean (default for the vision tasks: the latent z_k is the spatial mean of the map, "
+        "per channel, and beta_k acts on it; Gaussian families), pool (a potential on the "
+        "spatial mean of the statistics, beta_k / (H W) at every location) or broadcast "
+        "(beta_k at every location); default: " + _per_task("message", d.message),
     )
     p.add_argument(
         "--sim-weight",

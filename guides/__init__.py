@@ -9,7 +9,7 @@ how such a per-example message meets a feature map: pooled or broadcast over spa
 
 from .linear import LinearFeedback
 from .mlp import MLPFeedback
-from .spatial import MESSAGES, BroadcastMessage, PoolMessage, SpatialMessage
+from .spatial import MESSAGES, BroadcastMessage, MeanMessage, PoolMessage, SpatialMessage
 
 FEEDBACKS = {"linear": LinearFeedback, "mlp": MLPFeedback}
 
@@ -18,6 +18,7 @@ __all__ = [
     "MESSAGES",
     "BroadcastMessage",
     "LinearFeedback",
+    "MeanMessage",
     "MLPFeedback",
     "PoolMessage",
     "SpatialMessage",

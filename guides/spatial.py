@@ -1,15 +1,29 @@
-"""How a per-example feedback message meets a feature map (``--message pool|broadcast``).
+"""How a per-example feedback message meets a feature map (``--message pool|mean|broadcast``).
 
 The feedback network (``--feedback linear``: the paper's one linear layer per block from
 the one-hot label to the block's channel count) gives every example one potential
 beta_k ``[B, C]`` per natural parameter. A vision block's latent is a feature map
 z_k ``[B, H, W, C]`` (channels last, as the families expect), so the message must be
-spread over the H * W locations. Two exact choices, both conjugate potentials:
+spread over the H * W locations. Three exact choices, all conjugate potentials:
 
 * ``broadcast``: the potential exp(<beta, T(z_hw)>) at every location,
 
       rho(z) proportional to alpha(z) * prod_hw exp(<beta, T(z_hw)>),
       eta(rho_hw) = eta(alpha_hw) + beta                      (beta as ``[B, 1, 1, C]``);
+
+* ``mean``: the latent is the spatial mean itself (the map's other directions, which the
+  label says nothing about, are marginalised). With z_hw ~ F(alpha_hw) independent,
+  zbar = mean_hw z_hw ``[B, C]`` has law alpha(zbar) (for Gaussians N(mean_hw mu,
+  mean_hw s^2 / (H W)): ``Family.spatial_mean``), and the potential exp(<beta, T(zbar)>)
+  acts on it:
+
+      rho(zbar) proportional to alpha(zbar) * exp(<beta, T(zbar)>).
+
+  As the potential depends on z only through zbar, KL(rho || alpha) over the whole map
+  equals the KL of the two laws of zbar: only the spatial mean of the map is pulled
+  towards the label's prototype, not every location (``pool`` pulls every location,
+  with weight 1 / (H W), because T(z) = (z, z^2) holds per-location squares). Needs a
+  family closed under averaging (the Gaussians) and ``--propagate mean``.
 
 * ``pool``: one potential on the spatially averaged sufficient statistics,
 
@@ -27,7 +41,10 @@ logits l_c(z_hw) = <beta_c, T(z_hw)> - A(beta_c):
   the class's distribution F(beta_c));
 * ``pool``: logit_c = mean_hw l_c(z_hw) = <beta_c, mean_hw T(z_hw)> - A(beta_c), the
   prototype classifier applied to the spatially averaged statistics (l_c is affine in
-  T, so the mean of the logits is the logit of the mean).
+  T, so the mean of the logits is the logit of the mean);
+* ``mean``: logit_c = <beta_c, T(zbar)> - A(beta_c) on the latent zbar itself. For the
+  fixed-variance Gaussian this equals ``pool``'s logits at the same map up to a
+  class-independent term (both are linear in the spatial mean).
 
 Spatial axes are the ``spatial_dims`` axes right after the batch axis (``[B, H, W, ...]``);
 labels are one per example ``[B]``.
@@ -40,7 +57,7 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor
 
-from ..families import Natural, Params
+from ..families import Family, Natural, Params
 
 
 class SpatialMessage(ABC):
@@ -59,6 +76,14 @@ class SpatialMessage(ABC):
     def num_locations(self, alpha: Params) -> int:
         """H * W of the latent map that ``alpha`` parametrises (``[B, H, W, ...]``)."""
         return math.prod(alpha[0].shape[1 : 1 + self.spatial_dims])
+
+    def latent_params(self, family: Family, alpha: Params) -> Params:
+        """Parameters of the latent site given the map's forward message (the map itself)."""
+        return alpha
+
+    def latent_event_dim(self, event_dim: int) -> int:
+        """Event axes of the latent site for a map with ``event_dim`` event axes."""
+        return event_dim
 
     @abstractmethod
     def weight(self, num_locations: int) -> float:
@@ -102,4 +127,29 @@ class PoolMessage(SpatialMessage):
         return logits.mean(self._axes())
 
 
-MESSAGES: dict[str, type[SpatialMessage]] = {"pool": PoolMessage, "broadcast": BroadcastMessage}
+class MeanMessage(SpatialMessage):
+    """The latent is the spatial mean zbar ``[B, C]`` of the map; beta acts on it as is."""
+
+    name = "mean"
+
+    def latent_params(self, family: Family, alpha: Params) -> Params:
+        return family.spatial_mean(alpha, self._axes())  # [B, H, W, C] -> [B, C]
+
+    def latent_event_dim(self, event_dim: int) -> int:
+        return event_dim - self.spatial_dims
+
+    def weight(self, num_locations: int) -> float:
+        return 1.0
+
+    def place(self, beta: Natural, alpha: Params) -> Natural:
+        return beta  # alpha is already the law of zbar, [B, C] like beta
+
+    def reduce_logits(self, logits: Tensor) -> Tensor:
+        return logits  # computed on zbar: already [B, V]
+
+
+MESSAGES: dict[str, type[SpatialMessage]] = {
+    "pool": PoolMessage,
+    "broadcast": BroadcastMessage,
+    "mean": MeanMessage,
+}

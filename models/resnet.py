@@ -236,9 +236,20 @@ def build_resnet_chain(
         raise ConfigError(f"unknown --message {cfg.message!r}; valid: {', '.join(MESSAGES)}")
     if cfg.propagate not in ("mean", "sample"):
         raise ConfigError(f"--propagate {cfg.propagate!r}: ResNet blocks take mean or sample")
+    if cfg.message == "mean" and cfg.propagate != "mean":
+        raise ConfigError(
+            "--message mean puts the latent on the spatial mean, so there is no map to "
+            "sample for the next block; use --propagate mean or --message pool"
+        )
     num_blocks = 4 if cfg.blocks is None else cfg.blocks
     blocks = resnet_blocks(arch, in_channels, num_blocks, cfg.width, family)
     channels = [b.channels for b in blocks]
+    message = MESSAGES[cfg.message](spatial_dims=2)
+    try:  # e.g. --message mean needs a family closed under averaging
+        probe = family.params(torch.zeros(1, 1, 1, family.raw_size(channels[0])))
+        message.latent_params(family, probe)
+    except FamilyError as e:
+        raise ConfigError(f"--message {cfg.message}: {e}") from None
     feedback = FEEDBACKS[cfg.feedback](
         num_classes, [family.feedback_size(c) for c in channels], family.feedback_init_std
     )
@@ -255,7 +266,7 @@ def build_resnet_chain(
         PooledHead(channels[-1], num_classes),
         event_dim=3,  # latents [B, H, W, C]
         label_event_dim=0,  # one label per image
-        message=MESSAGES[cfg.message](spatial_dims=2),
+        message=message,
         pred_heads=pred,
         pred_weight=cfg.pred_weight,
         propagate=cfg.propagate,

@@ -27,7 +27,9 @@ Gaussian, m(pi_c) is the feedback output b_c.
   mean m(pi_y) (``proto_msd_class``: per true class). Zero / one iff the forward mean is
   the prototype. With a pooling spatial message (``--message pool``) the prototype
   likelihood reads the spatial mean of the statistics, so m(alpha_k) is averaged over
-  space first; with ``broadcast`` every location is compared. For families with positive
+  space first; with ``broadcast`` every location is compared; with ``mean`` the latent is
+  the spatial mean (``BLLChain.latent_params``), so every statistic of the block is one
+  site per example. For families with positive
   means (Bernoulli, categorical, Poisson, Gamma, Beta) cosines are positive by construction.
 * ``local_acc``: accuracy of block k's local likelihood q_k(y | z_k) at draws
   z_k ~ alpha_k (the forward message alone, as at test time; at draws from rho_k the label
@@ -135,11 +137,12 @@ def block_sums(
     fam = chain.families[k]
     b = y.shape[0]
     labels_valid = torch.ones_like(y, dtype=torch.bool) if mask is None else mask.bool()
-    beta = chain.feedback_message(k, y, mask, alpha)
-    rho = fam.posterior(alpha, beta)
-    kl = fam.kl(rho, alpha)  # [B, *S, C]
+    site = chain.latent_params(k, alpha)  # the law of z_k (alpha, or its spatial mean)
+    beta = chain.feedback_message(k, y, mask, site)
+    rho = fam.posterior(site, beta)
+    kl = fam.kl(rho, site)  # [B, *S, C]
     valid = _expand_labels(labels_valid, kl.shape[:-1]).to(kl.dtype)  # [B, *S]
-    m_a, m_r = fam.mean(alpha), fam.mean(rho)  # [B, *S, C']
+    m_a, m_r = fam.mean(site), fam.mean(rho)  # [B, *S, C']
 
     protos = prototype_means(chain, k).to(m_a.dtype)  # [V, C']
     num_classes = protos.shape[0]
@@ -155,7 +158,7 @@ def block_sums(
 
     lab = F.one_hot(y_safe, num_classes).to(kl.dtype) * labels_valid.unsqueeze(-1)  # [B,*L,V]
     correct, correct_class = [], []
-    dist_a = fam.distribution(alpha)
+    dist_a = fam.distribution(site)
     for start in range(0, draws, chunk):
         n = min(chunk, draws - start)
         z = dist_a.sample((n,))  # [n, B, *S, C], folded into the batch axis below
@@ -236,15 +239,16 @@ def _quick(chain: BLLChain, k: int, alpha: Params, y: Tensor, mask: Tensor | Non
     """``LOGGED`` of block k on the batch with one draw: ``block_sums`` + ``summarise``
     with ``draws=1``, without the per-example sums (same values, far fewer operations)."""
     fam = chain.families[k]
-    m_a = fam.mean(alpha)
-    m_r = fam.mean(fam.posterior(alpha, chain.feedback_message(k, y, mask, alpha)))
+    site = chain.latent_params(k, alpha)  # the law of z_k (alpha, or its spatial mean)
+    m_a = fam.mean(site)
+    m_r = fam.mean(fam.posterior(site, chain.feedback_message(k, y, mask, site)))
     w = None if mask is None else _expand_labels(mask, m_a.shape[:-1]).to(m_a.dtype)
     m_ap, w_p, pooled = m_a, w, _spatial_axes(chain)
     if pooled is not None and y.dim() == 1:
         m_ap = m_a.mean(pooled)
     y_safe = y if mask is None else torch.where(mask.bool(), y, torch.zeros_like(y))
     protos = prototype_means(chain, k).to(m_a.dtype)[_expand_labels(y_safe, m_ap.shape[:-1])]
-    z = fam.distribution(alpha).sample((1,))[0]
+    z = fam.distribution(site).sample((1,))[0]
     hit = (local_logits(chain, k, alpha, z).argmax(-1) == y).to(m_a.dtype)
     return torch.stack(
         [

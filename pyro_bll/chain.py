@@ -188,8 +188,22 @@ class BLLChain(nn.Module):
         return self.head(self.families[-1].mean(alpha))
 
     # ---- the Pyro program -------------------------------------------------------------
+    def latent_params(self, k: int, alpha: Params) -> Params:
+        """Parameters of site z_k: alpha_k itself, or the law of the spatial statistic the
+        chain's ``message`` puts the latent on (``--message mean``: the map's mean ``[B, C]``)."""
+        if self.message is None:
+            return alpha
+        return self.message.latent_params(self.families[k], alpha)
+
+    @property
+    def latent_event_dim(self) -> int:
+        """Event axes of every site z_k."""
+        if self.message is None:
+            return self.event_dim
+        return self.message.latent_event_dim(self.event_dim)
+
     def _latent(self, k: int, params: Params) -> Distribution:
-        return self.families[k].distribution(params).to_event(self.event_dim)
+        return self.families[k].distribution(params).to_event(self.latent_event_dim)
 
     def _observed(self, fn: Distribution, mask: Tensor | None) -> Distribution:
         if mask is not None:
@@ -220,7 +234,8 @@ class BLLChain(nn.Module):
         with pyro.plate("data", y.shape[0], dim=-1):
             for k in self._segment(segment):
                 alpha = self.forward_message(k, inp, cache)
-                rho = self.families[k].posterior(alpha, self.feedback_message(k, y, mask, alpha))
+                site = self.latent_params(k, alpha)
+                rho = self.families[k].posterior(site, self.feedback_message(k, y, mask, site))
                 with block_noise(noise, k, rho[0].device):
                     z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
                 inp = self.next_input(k, alpha, z)
@@ -244,7 +259,9 @@ class BLLChain(nn.Module):
         with pyro.plate("data", y.shape[0], dim=-1):
             for k in blocks:
                 alpha = self.forward_message(k, inp, cache)
-                z = pyro.sample(f"z_{k}", self._latent(k, alpha), infer={"block": k})
+                z = pyro.sample(
+                    f"z_{k}", self._latent(k, self.latent_params(k, alpha)), infer={"block": k}
+                )
                 if k < last and self.local_likelihoods is not None:
                     fn = self._observed(self.local_likelihoods[k](self, k, z), mask)
                     pyro.sample(f"y_{k}", fn, obs=y, infer={"block": k, "latent": f"z_{k}"})

@@ -206,14 +206,15 @@ def collect(
     sums = [block_sums(chain, k, a, y, mask, draws, per_class=True) for k, a in enumerate(alphas)]
     width = [s.kl.shape[-1] for s in sums]
     k_keep = min(channels, *width)
+    laws = [chain.latent_params(k, a) for k, a in enumerate(alphas)]  # the laws of z_k
     sites = [
-        a[0].shape[1 : a[0].dim() - 1 - chain.families[k].stat_dims] for k, a in enumerate(alphas)
+        a[0].shape[1 : a[0].dim() - 1 - chain.families[k].stat_dims] for k, a in enumerate(laws)
     ]
     valid0 = [_expand_labels(labels_valid[:1], (1, *s))[0].flatten() for s in sites]
     valid0 = [v if v.any() else torch.ones_like(v) for v in valid0]  # example 0 unlabelled
     p_keep = min(positions, *(int(v.sum()) for v in valid0))
     z_rho, z_alpha, pos = [], [], []
-    for k, alpha in enumerate(alphas):
+    for k, alpha in enumerate(laws):
         fam = chain.families[k]
         a_e = tuple(t[:e] for t in alpha)
         m_e = None if mask is None else mask[:e]

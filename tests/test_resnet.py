@@ -9,6 +9,7 @@ from pyro_bll import BlockLocalELBO, seed_everything
 from pyro_bll.config import ConfigError, RunConfig
 from pyro_bll.families import FAMILIES, make_family
 from pyro_bll.guides import BroadcastMessage, PoolMessage
+from pyro_bll.likelihoods import GridPooledHead
 from pyro_bll.models import RESNET_ARCHS, build_resnet_chain, resnet_blocks
 from pyro_bll.models.resnet import block_layer_counts, split_units
 
@@ -189,3 +190,30 @@ def test_bad_input_names_the_fix():
     ):
         with pytest.raises(ConfigError, match=match):
             RunConfig(**bad).validate()
+
+
+@pytest.mark.parametrize(
+    ("channels", "spatial", "side"),
+    [(8, 28, 14), (16, 14, 11), (32, 7, 7), (64, 7, 5), (64, 4, 4), (3, 5, 5)],
+)
+def test_predictive_head_pools_to_a_grid(channels, spatial, side):
+    """The grid keeps <= 2048 features: tiles when a divisor of the map keeps at least half
+    of the largest grid's features, adaptive pooling to the largest grid otherwise; either
+    way the head is the linear map of the pooled means (by hand)."""
+    head = GridPooledHead(channels, 10, spatial)
+    assert head.side == side and channels * side**2 <= 2048
+    h = torch.randn(2, spatial, spatial, channels)
+    if spatial % side == 0:
+        w = spatial // side
+        pooled = h.relu().reshape(2, side, w, side, w, channels).mean((2, 4))  # [2, s, s, C]
+    else:  # adaptive windows [floor(i H / s), ceil((i + 1) H / s))
+        edges = [(i * spatial // side, -(-(i + 1) * spatial // side)) for i in range(side)]
+        pooled = torch.stack(
+            [
+                torch.stack([h[:, a:b, c:d].relu().mean((1, 2)) for c, d in edges], 1)
+                for a, b in edges
+            ],
+            1,
+        )
+    hand = head.linear(pooled.permute(0, 3, 1, 2).flatten(1))
+    assert_close(head(h), hand, atol=1e-6, rtol=1e-5)

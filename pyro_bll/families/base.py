@@ -122,6 +122,18 @@ class Family(ABC):
         """A draw z as the ``[..., C]`` input of the next block (``propagate="sample"``)."""
         return z
 
+    def spatial_mean(self, params: Params, axes: tuple[int, ...]) -> Params:
+        """Parameters of the law of the average of independent draws over ``axes``.
+
+        Needed by ``--message mean`` (``pyro_bll.guides.spatial.MeanMessage``), which puts
+        the latent on the spatial mean of a feature map. Only families closed under
+        averaging independent draws can offer it; the rest raise ``FamilyError``.
+        """
+        raise FamilyError(
+            f"{self.name}: the average of independent draws leaves the family, so the "
+            "latent cannot sit on the spatial mean; use --message pool or a Gaussian family"
+        )
+
     # ---- derived operations (shared by all families) ----------------------------------
     def inner(self, eta: Natural, stats: tuple[Tensor, ...]) -> Tensor:
         """<eta, T(z)> per latent variable (the latent's shape, e.g. ``[..., C]``)."""

@@ -61,6 +61,17 @@ class _DiagonalGaussian(Family):
     def mean(self, params: Params) -> Tensor:
         return params[0]
 
+    def spatial_mean(self, params: Params, axes: tuple[int, ...]) -> Params:
+        """The mean of n independent N(mu_i, s_i^2) over ``axes``: N(mean mu, mean s^2 / n).
+
+        ``[B, H, W, C] -> [B, C]`` for ``axes = (1, 2)`` (n = H W).
+        """
+        loc, scale = params
+        n = 1
+        for a in axes:
+            n *= loc.shape[a]
+        return loc.mean(axes), (scale.pow(2).mean(axes) / n).sqrt()
+
 
 @dataclass(repr=True)
 class FixedVarianceGaussian(_DiagonalGaussian):
@@ -82,6 +93,15 @@ class FixedVarianceGaussian(_DiagonalGaussian):
     def params(self, raw: Tensor) -> Params:
         (loc,) = self.split_raw(raw, 1, "block output")
         return (loc, torch.full_like(loc, self.sigma))
+
+    def spatial_mean(self, params: Params, axes: tuple[int, ...]) -> Params:
+        """N(mean mu, sigma^2 / n): as the general case, without touching the constant scale."""
+        loc = params[0]
+        n = 1
+        for a in axes:
+            n *= loc.shape[a]
+        mean = loc.mean(axes)
+        return mean, torch.full_like(mean, self.sigma / math.sqrt(n))
 
     def feedback_potential(self, raw: Tensor) -> Natural:
         (b,) = self.split_raw(raw, 1, "feedback output")

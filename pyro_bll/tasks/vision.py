@@ -47,6 +47,7 @@ _VISION_DEFAULTS: dict[str, Any] = {
     "batch_size": 128,
     "lr": 1e-3,
     "lr_schedule": "cosine",
+    "message": "mean",  # the latent is the map's spatial mean (guides/spatial.py)
 }
 
 
