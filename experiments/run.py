@@ -35,6 +35,11 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _names(text: str) -> list[str]:
+    """'a,b' -> ['a', 'b'] (an empty string: no names)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _per_task(key: str, fallback: object) -> str:
     """An option's default for every task, for the help text: "s2s_reverse 50, ..."."""
     return ", ".join(f"{n} {t.DEFAULTS.get(key, fallback)}" for n, t in TASKS.items())
@@ -129,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.pred_weight,
         help="weight lambda of the per-block predictive loss (0 switches it off)",
+    )
+    p.add_argument(
+        "--bll-terms",
+        type=_names,
+        default=d.bll_terms,
+        metavar="T1,T2,...",
+        help="ablation of --method bll: the terms of the local loss l_k that are optimised, "
+        "from kl (KL(rho_k || alpha_k)), likelihood (the local likelihood q_k of blocks "
+        "below the last) and pred (the predictive loss); the last block's output "
+        "likelihood is always kept (default: kl,likelihood,pred, the full loss; e.g. "
+        "'pred' trains every block on its predictive head alone)",
     )
     p.add_argument(
         "--feedback",

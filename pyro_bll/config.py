@@ -12,6 +12,10 @@ class ConfigError(ValueError):
 
 
 LR_SCHEDULES = ("constant", "cosine")
+# the terms of BLL's local loss l_k that --bll-terms may keep (the output head's
+# likelihood of the last block is always kept): KL(rho_k || alpha_k), the local
+# likelihood -E[log q_k(y | z_k)] of the blocks below the last, the predictive loss
+BLL_TERMS = ("kl", "likelihood", "pred")
 
 
 @dataclass
@@ -34,6 +38,7 @@ class RunConfig:
     lr: float = 2e-3
     lr_schedule: str = "constant"  # constant | cosine (decay to 0 over the epochs)
     pred_weight: float = 1.0
+    bll_terms: list[str] = field(default_factory=lambda: list(BLL_TERMS))  # ablations
     feedback: str = "linear"
     feedback_update: str = "grad"
     ridge: float = 1.0
@@ -114,6 +119,13 @@ class RunConfig:
             raise ConfigError(f"--width must be positive, got {self.width}")
         if not 0 <= self.sim_weight <= 1:
             raise ConfigError(f"--sim-weight must lie in [0, 1], got {self.sim_weight}")
+        unknown = [t for t in self.bll_terms if t not in BLL_TERMS]
+        if unknown:
+            raise ConfigError(
+                f"unknown --bll-terms {','.join(unknown)}; valid: {','.join(BLL_TERMS)}"
+            )
+        if self.method != "bll" and sorted(self.bll_terms) != sorted(BLL_TERMS):
+            raise ConfigError("--bll-terms applies to --method bll only; drop it")
         if self.pred_weight < 0:
             raise ConfigError(f"--pred-weight must be >= 0, got {self.pred_weight}")
         if self.device not in ("cpu",) and not self.device.startswith("cuda"):

@@ -10,12 +10,13 @@ stream, so a block draws the same noise in one process as on a rank of its own).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .agreement import StepAgreement
 from .chain import BLLChain
-from .config import ConfigError, RunConfig
-from .elbo import BlockLocalELBO
+from .config import BLL_TERMS, ConfigError, RunConfig
+from .elbo import BlockLocalELBO, BlockLosses
 from .feedback_alignment import FeedbackAlignment
 from .feedback_solve import check_solvable, solve_feedback
 from .likelihoods import masked_cross_entropy
@@ -33,6 +34,7 @@ class BLL:
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         chain.detach = True
         self.elbo = BlockLocalELBO(chain.num_blocks)
+        self.terms = frozenset(cfg.bll_terms)  # --bll-terms: the terms that are optimised
         self.agreement = StepAgreement()  # forward/feedback agreement for the logs
         self.solve = cfg.feedback_update == "solve"
         self.ridge = cfg.ridge
@@ -64,11 +66,29 @@ class BLL:
         losses = self.elbo.block_losses(
             chain.model, chain.guide, x, y, mask, cache=cache, segment=segment
         )
-        per_block = losses.per_block / y.shape[0]
+        per_block = self.optimised(losses) / y.shape[0]
         logs = {"loss": per_block.detach()}
         logs.update({k: v.detach() / y.shape[0] for k, v in losses.terms.items()})
         logs.update(self.agreement(chain, cache, y, mask))  # agreement_*: no grad
         return per_block.sum(), logs
+
+    def optimised(self, losses: BlockLosses) -> Tensor:
+        """l_k ``[N]`` restricted to ``--bll-terms`` (all three: ``losses.per_block``).
+
+        The "nll" term of the last block is the output head's likelihood and always counts;
+        below the last it is the local likelihood q_k, kept with "likelihood".
+        """
+        if len(self.terms) == len(BLL_TERMS):
+            return losses.per_block
+        t = losses.terms
+        out = torch.zeros_like(losses.per_block)
+        out[-1] = out[-1] + t["nll"][-1]
+        if "likelihood" in self.terms:
+            out[:-1] = out[:-1] + t["nll"][:-1]
+        for name in ("kl", "pred"):
+            if name in self.terms:
+                out = out + t[name]
+        return out
 
 
 class Backprop:
