@@ -67,9 +67,7 @@ class _DiagonalGaussian(Family):
         ``[B, H, W, C] -> [B, C]`` for ``axes = (1, 2)`` (n = H W).
         """
         loc, scale = params
-        n = 1
-        for a in axes:
-            n *= loc.shape[a]
+        n = math.prod(loc.shape[a] for a in axes)
         return loc.mean(axes), (scale.pow(2).mean(axes) / n).sqrt()
 
 
@@ -97,9 +95,7 @@ class FixedVarianceGaussian(_DiagonalGaussian):
     def spatial_mean(self, params: Params, axes: tuple[int, ...]) -> Params:
         """N(mean mu, sigma^2 / n): as the general case, without touching the constant scale."""
         loc = params[0]
-        n = 1
-        for a in axes:
-            n *= loc.shape[a]
+        n = math.prod(loc.shape[a] for a in axes)
         mean = loc.mean(axes)
         return mean, torch.full_like(mean, self.sigma / math.sqrt(n))
 
