@@ -188,12 +188,19 @@ class BLLChain(nn.Module):
         return self.head(self.families[-1].mean(alpha))
 
     # ---- the Pyro program -------------------------------------------------------------
-    def latent_params(self, k: int, alpha: Params) -> Params:
+    def latent_params(self, k: int, alpha: Params, cache: dict | None = None) -> Params:
         """Parameters of site z_k: alpha_k itself, or the law of the spatial statistic the
-        chain's ``message`` puts the latent on (``--message mean``: the map's mean ``[B, C]``)."""
+        chain's ``message`` puts the latent on (``--message mean``: the map's mean ``[B, C]``).
+        With the step's ``cache`` it is computed once for guide and model."""
         if self.message is None:
             return alpha
-        return self.message.latent_params(self.families[k], alpha)
+        key = ("latent", k)
+        if cache is not None and key in cache:
+            return cache[key]
+        law = self.message.latent_params(self.families[k], alpha)
+        if cache is not None:
+            cache[key] = law
+        return law
 
     @property
     def latent_event_dim(self) -> int:
@@ -234,7 +241,7 @@ class BLLChain(nn.Module):
         with pyro.plate("data", y.shape[0], dim=-1):
             for k in self._segment(segment):
                 alpha = self.forward_message(k, inp, cache)
-                site = self.latent_params(k, alpha)
+                site = self.latent_params(k, alpha, cache)
                 rho = self.families[k].posterior(site, self.feedback_message(k, y, mask, site))
                 with block_noise(noise, k, rho[0].device):
                     z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
@@ -260,7 +267,9 @@ class BLLChain(nn.Module):
             for k in blocks:
                 alpha = self.forward_message(k, inp, cache)
                 z = pyro.sample(
-                    f"z_{k}", self._latent(k, self.latent_params(k, alpha)), infer={"block": k}
+                    f"z_{k}",
+                    self._latent(k, self.latent_params(k, alpha, cache)),
+                    infer={"block": k},
                 )
                 if k < last and self.local_likelihoods is not None:
                     fn = self._observed(self.local_likelihoods[k](self, k, z), mask)
