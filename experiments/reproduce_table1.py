@@ -32,6 +32,7 @@ from common import run_seeds  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pyro_bll.config import ConfigError, RunConfig  # noqa: E402
+from pyro_bll.likelihoods import PRED_HEADS  # noqa: E402
 
 METHODS = {"bp": "BP", "fa": "FA", "predsim": "Pred-Sim", "bll": "BLL"}
 TASK_NAMES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
@@ -60,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's (128)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr; default: the task's")
     p.add_argument(
+        "--pred-weight",
+        type=float,
+        default=None,
+        help="bll: weight of the per-block predictive loss (default: the task's, 1)",
+    )
+    p.add_argument(
+        "--pred-head",
+        choices=sorted(PRED_HEADS),
+        default=None,
+        help="bll, predsim: per-block predictive head (default: linear, the paper's)",
+    )
+    p.add_argument(
         "--max-minutes",
         type=float,
         default=None,
@@ -81,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 def configs(args: argparse.Namespace) -> dict[tuple[str, str, str], RunConfig]:
     """One validated base config per (task, arch, method); ConfigError on bad input."""
     data_dirs = {"fashion_mnist": args.fashion_dir, "cifar10": args.cifar_dir}
-    given = {k: getattr(args, k) for k in ("batch_size", "lr") if getattr(args, k) is not None}
+    given = {
+        k: getattr(args, k)
+        for k in ("batch_size", "lr", "pred_weight", "pred_head")
+        if getattr(args, k) is not None
+    }
     out = {}
     for task in args.tasks:
         for arch in args.archs:

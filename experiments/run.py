@@ -14,6 +14,7 @@ import sys
 from pyro_bll.config import LR_SCHEDULES, ConfigError, RunConfig
 from pyro_bll.families import FAMILIES
 from pyro_bll.guides import FEEDBACKS, MESSAGES
+from pyro_bll.likelihoods import PRED_HEADS
 from pyro_bll.methods import METHODS
 from pyro_bll.models import RESNET_ARCHS
 from pyro_bll.tasks import TASKS
@@ -134,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.pred_weight,
         help="weight lambda of the per-block predictive loss (0 switches it off)",
+    )
+    p.add_argument(
+        "--pred-head",
+        choices=sorted(PRED_HEADS),
+        default=d.pred_head,
+        help="vision tasks: the per-block predictive head of bll and predsim: linear (the "
+        "paper's: ReLU, average pool to <= 2048 features, linear) or conv (a 3x3 conv "
+        "C -> 2C with batch norm before that read-out, an auxiliary net with some depth)",
     )
     p.add_argument(
         "--bll-terms",

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..chain import BLLChain
 from ..config import ConfigError, RunConfig
 from ..families import Family, FamilyError
-from ..likelihoods import GridPooledHead, PooledHead
+from ..likelihoods import PRED_HEADS, PooledHead
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 
@@ -254,8 +254,11 @@ def build_resnet_chain(
         num_classes, [family.feedback_size(c) for c in channels], family.feedback_init_std
     )
     sides = block_map_sizes(blocks, image_size)
+    if cfg.pred_head not in PRED_HEADS:
+        raise ConfigError(f"unknown --pred-head {cfg.pred_head!r}; valid: {', '.join(PRED_HEADS)}")
+    head = PRED_HEADS[cfg.pred_head]
     pred = (
-        [GridPooledHead(c, num_classes, s) for c, s in zip(channels[:-1], sides, strict=False)]
+        [head(c, num_classes, s) for c, s in zip(channels[:-1], sides, strict=False)]
         if cfg.pred_weight > 0
         else None
     )

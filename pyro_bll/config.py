@@ -38,6 +38,7 @@ class RunConfig:
     lr: float = 2e-3
     lr_schedule: str = "constant"  # constant | cosine (decay to 0 over the epochs)
     pred_weight: float = 1.0
+    pred_head: str = "linear"  # vision: predictive head of BLL/Pred-Sim blocks (linear | conv)
     bll_terms: list[str] = field(default_factory=lambda: list(BLL_TERMS))  # ablations
     feedback: str = "linear"
     feedback_update: str = "grad"

@@ -98,6 +98,37 @@ class GridPooledHead(nn.Module):
         return dist.Categorical(logits=self(h))
 
 
+class ConvPooledHead(nn.Module):
+    """Predictive head with one conv layer before the pooled linear read-out (``--pred-head conv``).
+
+    ``[B, H, W, C] -> [B, V]``: ReLU, 3x3 convolution C -> 2C (stride 2 on maps of side 8
+    or more, else 1), batch norm, then ``GridPooledHead`` on the result. A linear head
+    asks every block to make the classes linearly separable at once; auxiliary networks
+    with a little depth of their own (Belilovsky et al. 2020, "Decoupled greedy learning
+    of CNNs"; Wang et al. 2021, "Revisiting locally supervised learning") let the early
+    blocks of a greedily trained network keep more of what later blocks need. The
+    stride keeps the extra cost small next to the block (a quarter of the block's
+    per-layer work for block 1 of a ResNet).
+    """
+
+    def __init__(self, channels: int, num_classes: int, spatial: int) -> None:
+        super().__init__()
+        hidden, stride = 2 * channels, (2 if spatial >= 8 else 1)
+        self.conv = nn.Conv2d(channels, hidden, 3, stride=stride, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(hidden)
+        self.read = GridPooledHead(hidden, num_classes, (spatial - 1) // stride + 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = self.norm(self.conv(torch.relu(h).permute(0, 3, 1, 2)))  # [B, 2C, H', W']
+        return self.read(h.permute(0, 2, 3, 1))  # GridPooledHead applies the ReLU
+
+    def distribution(self, h: Tensor) -> Distribution:
+        return dist.Categorical(logits=self(h))
+
+
+PRED_HEADS: dict[str, type[nn.Module]] = {"linear": GridPooledHead, "conv": ConvPooledHead}
+
+
 class PrototypeLikelihood:
     """The default local likelihood, tied to the feedback weights (DESIGN.md, section 1).
 

@@ -9,7 +9,7 @@ from pyro_bll import BlockLocalELBO, seed_everything
 from pyro_bll.config import ConfigError, RunConfig
 from pyro_bll.families import FAMILIES, make_family
 from pyro_bll.guides import BroadcastMessage, PoolMessage
-from pyro_bll.likelihoods import GridPooledHead
+from pyro_bll.likelihoods import ConvPooledHead, GridPooledHead
 from pyro_bll.models import RESNET_ARCHS, build_resnet_chain, resnet_blocks
 from pyro_bll.models.resnet import block_layer_counts, split_units
 
@@ -190,6 +190,10 @@ def test_bad_input_names_the_fix():
     ):
         with pytest.raises(ConfigError, match=match):
             RunConfig(**bad).validate()
+    with pytest.raises(ConfigError, match="unknown --pred-head 'mlp'; valid: linear, conv"):
+        tiny_chain(pred_head="mlp")
+    with pytest.raises(ConfigError, match="--pred-head conv applies to the vision tasks"):
+        RunConfig.for_task("s2s_reverse", pred_head="conv").validate()
 
 
 @pytest.mark.parametrize(
@@ -217,3 +221,38 @@ def test_predictive_head_pools_to_a_grid(channels, spatial, side):
         )
     hand = head.linear(pooled.permute(0, 3, 1, 2).flatten(1))
     assert_close(head(h), hand, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("channels", "spatial", "inner"), [(8, 28, 14), (16, 14, 7), (8, 6, 6)])
+def test_conv_predictive_head(channels, spatial, inner):
+    """--pred-head conv: ReLU, 3x3 conv C -> 2C (stride 2 from side 8 up), batch norm, then
+    the grid head on the result (by hand with torch's functional conv and batch norm)."""
+    head = ConvPooledHead(channels, 10, spatial).train()
+    h = torch.randn(6, spatial, spatial, channels)
+    out = head(h)
+    assert out.shape == (6, 10)
+    stride = 2 if spatial >= 8 else 1
+    u = nn.functional.conv2d(
+        h.relu().permute(0, 3, 1, 2), head.conv.weight, stride=stride, padding=1
+    )
+    assert u.shape == (6, 2 * channels, inner, inner)
+    mean, var = u.mean((0, 2, 3), keepdim=True), u.var((0, 2, 3), unbiased=False, keepdim=True)
+    u = (u - mean) / (var + head.norm.eps).sqrt()  # fresh batch norm: weight 1, bias 0
+    assert_close(out, head.read(u.permute(0, 2, 3, 1)), atol=1e-5, rtol=1e-4)
+    assert head.read.side <= inner
+
+
+def test_conv_heads_train_locally():
+    """The conv heads are the chain's predictive heads (BLL's, and Pred-Sim's prediction
+    heads): the block-local loss gives them gradients and stays block-local with them."""
+    chain = tiny_chain(pred_head="conv")
+    assert all(isinstance(h, ConvPooledHead) for h in chain.pred_heads)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
+    losses.total.backward()
+    for head in chain.pred_heads:
+        assert head.conv.weight.grad is not None and head.conv.weight.grad.abs().max() > 0
+    chain = tiny_chain(pred_head="conv", blocks=3).double()
+    x = x.double()
+    losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
+    assert_block_local(chain, losses.per_block)

@@ -56,6 +56,26 @@ def test_one_epoch_of_every_method_and_arch_on_fashion_mnist(data, tmp_path, met
     assert (out / "checkpoints" / "epoch_000.pt").exists()
 
 
+@pytest.mark.parametrize("method", ["predsim", "bll"])
+def test_conv_predictive_heads_from_the_cli(data, tmp_path, method):
+    out = tmp_path / "run"
+    argv = _args(data, "fashion_mnist", out, "--method", method, "--pred-head", "conv")
+    assert run.cli([*argv, "--pred-weight", "4"]) == 0
+    m = _metrics(out)
+    assert m["config"]["pred_head"] == "conv" and m["config"]["pred_weight"] == 4
+    state = torch.load(out / "checkpoints" / "epoch_000.pt", weights_only=False)
+    names = " ".join(_flat_keys(state))
+    assert "pred_heads.0.conv.weight" in names and "pred_heads.2.read.linear.weight" in names
+
+
+def _flat_keys(tree, prefix=""):
+    """Every key path of nested dicts (a checkpoint's state dicts)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield f"{prefix}{k}"
+            yield from _flat_keys(v, f"{prefix}{k}.")
+
+
 def test_one_epoch_on_cifar10_with_flips_and_crops(data, tmp_path):
     out = tmp_path / "run"
     assert run.cli(_args(data, "cifar10", out, "--blocks", "2")) == 0

@@ -47,10 +47,16 @@ class Task(Protocol):
 
 
 def check_blocks_divide_layers(cfg: RunConfig) -> None:
-    """Layer-stack tasks (transformer, MLP): N blocks of L / N layers each."""
+    """Layer-stack tasks (transformer, MLP): N blocks of L / N layers each; their
+    predictive heads are fixed (``--pred-head`` belongs to the ResNets)."""
     if cfg.num_blocks <= 0 or cfg.layers % cfg.num_blocks:
         raise ConfigError(
             f"--blocks {cfg.num_blocks} must be positive and divide --layers {cfg.layers}"
+        )
+    if cfg.pred_head != "linear":
+        raise ConfigError(
+            f"--pred-head {cfg.pred_head} applies to the vision tasks (ResNets); drop it "
+            f"for --task {cfg.task}"
         )
 
 
