@@ -5,6 +5,7 @@
 #   bash experiments/gpu_table1.sh                                   # the defaults below
 #   METHODS="bp fa predsim bll" MINUTES=5 bash experiments/gpu_table1.sh
 #   TASKS=cifar10 ARCHS=resnet50 CIFAR_DIR=/data/cifar bash experiments/gpu_table1.sh
+#   bash experiments/gpu_table1.sh --lr 0.004 --pred-weight 4        # the CPU budget's settings
 #
 # Knobs (environment, default): TASKS (fashion_mnist), ARCHS (resnet18), METHODS (bp predsim
 # bll), SEEDS (0), MINUTES (2.6: a safety cap on the training + evaluation time of each run;

@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         "image tasks: train on the first N images (default all)",
     )
     p.add_argument(
+        "--val-size",
+        type=int,
+        default=d.val_size,
+        metavar="N",
+        help="vision tasks: hold out the last N training images and report their accuracy "
+        "(val_accuracy) instead of the test set's, to choose settings without the test set; "
+        "--train-size then counts from the remaining images",
+    )
+    p.add_argument(
         "--test-size",
         type=int,
         default=d.test_size,
@@ -348,7 +357,7 @@ def cli(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("test_", "val_")))
     print(f"final {shown}; results in {cfg.out}")
     if build_parser().parse_args(argv).diagnostics:
         return _diagnostics(cfg)

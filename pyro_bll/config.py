@@ -33,6 +33,7 @@ class RunConfig:
     epochs: int = 5
     train_size: int | None = None  # None: the task's default (s2s_reverse: 10,000 per epoch)
     test_size: int | None = None  # None: the task's default (s2s_reverse: 1,000)
+    val_size: int | None = None  # vision: evaluate on the last N training images, not the test set
     data_dir: str | None = None  # None: the task's default (its DEFAULTS["data_dir"])
     batch_size: int = 50
     lr: float = 2e-3
@@ -97,6 +98,7 @@ class RunConfig:
             "epochs",
             "train_size",
             "test_size",
+            "val_size",
             "batch_size",
         ):
             if getattr(self, name) is not None and getattr(self, name) <= 0:

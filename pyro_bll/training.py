@@ -257,10 +257,9 @@ class Trainer:
         self.save(out, epoch)
         self.write_results(out)
         losses = " ".join(f"{v:.3f}" for v in block_losses)
-        shown = "  ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items())
+        shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
         print(
-            f"epoch {epoch + 1}/{cfg.epochs}  {train_time:.1f}s  block losses [{losses}]  "
-            f"test {shown}",
+            f"epoch {epoch + 1}/{cfg.epochs}  {train_time:.1f}s  block losses [{losses}]  {shown}",
             flush=True,
         )
 
@@ -276,7 +275,7 @@ class Trainer:
     def metrics(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {"test_accuracy": math.nan}
         return {
-            **{k: v for k, v in last.items() if k.startswith("test_")},
+            **{k: v for k, v in last.items() if k.startswith(("test_", "val_"))},
             "epochs_done": len(self.history),
             "elapsed_seconds": self.elapsed_seconds(),
             "budget_exhausted": self.budget_exhausted(),  # --max-minutes ended the run

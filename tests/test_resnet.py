@@ -192,7 +192,7 @@ def test_bad_input_names_the_fix():
             RunConfig(**bad).validate()
     with pytest.raises(ConfigError, match="unknown --pred-head 'mlp'; valid: linear, conv"):
         tiny_chain(pred_head="mlp")
-    with pytest.raises(ConfigError, match="--pred-head conv applies to the vision tasks"):
+    with pytest.raises(ConfigError, match="--pred-head applies to the vision tasks; drop it"):
         RunConfig.for_task("s2s_reverse", pred_head="conv").validate()
 
 

@@ -10,7 +10,7 @@ import torch
 from vision_files import tiny_cifar10, tiny_fashion_mnist, write_idx
 
 from pyro_bll.config import RunConfig
-from pyro_bll.data import DEFAULT_CIFAR10, DEFAULT_FASHION_MNIST
+from pyro_bll.data import DEFAULT_CIFAR10, DEFAULT_FASHION_MNIST, load_fashion_mnist
 from pyro_bll.data import cifar10 as cifar_module
 from pyro_bll.families import make_family
 from pyro_bll.tasks import TASKS
@@ -68,6 +68,25 @@ def test_conv_predictive_heads_from_the_cli(data, tmp_path, method):
     assert "pred_heads.0.conv.weight" in names and "pred_heads.2.read.linear.weight" in names
 
 
+def test_val_size_holds_out_the_last_training_images(data, tmp_path, capsys):
+    """--val-size N: train on the first images, evaluate (val_accuracy) on the last N
+    training images; the test split plays no part."""
+    out = tmp_path / "run"
+    argv = _args(data, "fashion_mnist", out)
+    i = argv.index("--train-size")
+    del argv[i : i + 2]  # train on every image that is not held out
+    assert run.cli([*argv, "--val-size", "6", "--test-size", "4"]) == 0
+    m = _metrics(out)
+    assert "val_accuracy" in m and "test_accuracy" not in m
+    assert "val_accuracy" in m["history"][0] and "final val_accuracy" in capsys.readouterr().out
+    task = TASKS["fashion_mnist"](RunConfig.from_dict(m["config"]))
+    x_all, y_all = load_fashion_mnist(str(data["fashion_mnist"]), "train")  # 16 images
+    assert task.data.x_train.shape[0] == 10 and task.data.x_test.shape[0] == 4  # --test-size
+    assert torch.equal(task.data.x_test.cpu(), x_all[10:14].unsqueeze(-1))
+    assert torch.equal(task.data.y_test.cpu(), y_all[10:14])
+    assert torch.equal(task.data.x_train.cpu(), x_all[:10].unsqueeze(-1))
+
+
 def _flat_keys(tree, prefix=""):
     """Every key path of nested dicts (a checkpoint's state dicts)."""
     if isinstance(tree, dict):
@@ -116,6 +135,9 @@ def test_task_defaults_and_explicit_options():
         (["--arch", "resnet50", "--blocks", "17"], "exceeds the 16 residual units of resnet50"),
         (["--amp"], "--amp (bf16 autocast) needs --device cuda"),
         (["--max-minutes", "0"], "--max-minutes must be positive"),
+        (["--val-size", "16"], "--val-size 16 leaves no training images of the 16"),
+        (["--val-size", "10"], "--train-size 8 overlaps the --val-size 10 held-out images"),
+        (["--task", "s2s_reverse", "--val-size", "5"], "--val-size applies to the vision tasks"),
         (["--task", "cifar10", "--data-dir", "MISSING"], "the download failed (<urlopen error"),
     ],
 )

@@ -254,17 +254,19 @@ class RankTrainer:
         )
         stage.trainer.write_results(out)
         losses = " ".join(f"{v:.3f}" for v in block_losses)
-        shown = "  ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items())
+        shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
         busy = " ".join(f"{p['busy'] / max(train_seconds, 1e-9):.0%}" for p in parts)
         print(
             f"epoch {epoch + 1}/{self.cfg.epochs}  {train_seconds:.1f}s  ranks busy [{busy}]  "
-            f"block losses [{losses}]  test {shown}",
+            f"block losses [{losses}]  {shown}",
             flush=True,
         )
 
 
 def final_line(metrics: dict[str, Any], out: str) -> str:
     shown = ", ".join(
-        f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_") and not math.isnan(v)
+        f"{k} {v:.4f}"
+        for k, v in metrics.items()
+        if k.startswith(("test_", "val_")) and not math.isnan(v)
     )
     return f"final {shown}; results in {out}"

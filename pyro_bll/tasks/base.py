@@ -47,17 +47,18 @@ class Task(Protocol):
 
 
 def check_blocks_divide_layers(cfg: RunConfig) -> None:
-    """Layer-stack tasks (transformer, MLP): N blocks of L / N layers each; their
-    predictive heads are fixed (``--pred-head`` belongs to the ResNets)."""
+    """Layer-stack tasks (transformer, MLP): N blocks of L / N layers each."""
     if cfg.num_blocks <= 0 or cfg.layers % cfg.num_blocks:
         raise ConfigError(
             f"--blocks {cfg.num_blocks} must be positive and divide --layers {cfg.layers}"
         )
-    if cfg.pred_head != "linear":
-        raise ConfigError(
-            f"--pred-head {cfg.pred_head} applies to the vision tasks (ResNets); drop it "
-            f"for --task {cfg.task}"
-        )
+
+
+def refuse_vision_options(cfg: RunConfig) -> None:
+    """Tasks without ResNets: ``--pred-head`` and ``--val-size`` belong to the vision tasks."""
+    for flag, given in (("--pred-head", cfg.pred_head != "linear"), ("--val-size", cfg.val_size)):
+        if given:
+            raise ConfigError(f"{flag} applies to the vision tasks; drop it for --task {cfg.task}")
 
 
 def check_diagnostic_size(n: int, available: int) -> int:

@@ -18,7 +18,7 @@ from ..config import ConfigError, RunConfig
 from ..data import DEFAULT_FASHION_MNIST, DataError, load_fashion_mnist
 from ..families import Family
 from ..likelihoods import CategoricalHead
-from .base import check_blocks_divide_layers, check_diagnostic_size
+from .base import check_blocks_divide_layers, check_diagnostic_size, refuse_vision_options
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
 
@@ -33,6 +33,7 @@ class FashionMNISTMLPTask:
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         check_blocks_divide_layers(cfg)
+        refuse_vision_options(cfg)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

@@ -22,7 +22,7 @@ from ..chain import BLLChain
 from ..config import RunConfig
 from ..families import Family
 from ..likelihoods import CategoricalHead
-from .base import check_blocks_divide_layers, check_diagnostic_size
+from .base import check_blocks_divide_layers, check_diagnostic_size, refuse_vision_options
 
 TEST_SEED = 2_305_149_74  # the held-out set is the same for every run
 
@@ -50,6 +50,7 @@ class S2SReverseTask:
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         check_blocks_divide_layers(cfg)
+        refuse_vision_options(cfg)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

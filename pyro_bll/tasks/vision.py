@@ -13,7 +13,9 @@ then normalised with the per-channel mean and std of the training images in use.
 ``--no-augment`` switches crop and flip off. ``--train-size N`` trains on the first N
 training images; the test accuracy is on the full test set (10,000 images) unless
 ``--test-size`` says otherwise. The test set is only ever evaluated, after every epoch,
-and never used to choose anything: the reported number is the last epoch's.
+and never used to choose anything: the reported number is the last epoch's. Settings are
+chosen with ``--val-size N``: the last N training images are held out and evaluated
+(``val_accuracy``) in the test set's place.
 
 Network: ``models/resnet.py`` (``--arch resnet18|resnet50``, ``--width``, ``--blocks``,
 default 4 as in the paper) with linear feedback from the one-hot label per block.
@@ -65,6 +67,10 @@ class VisionTask(ABC):
             x_test, y_test = self.load(cfg, "test")
         except DataError as e:
             raise ConfigError(str(e)) from None
+        self.split = "test"
+        if cfg.val_size:  # hold out the last val_size training images; the test set is unused
+            x_train, y_train, x_test, y_test = self.hold_out(x_train, y_train, cfg)
+            self.split = "val"
         n_train = cfg.train_size or len(x_train)
         n_test = cfg.test_size or len(x_test)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -75,6 +81,23 @@ class VisionTask(ABC):
             self.augmentation,
             memory_format=fmt,
         )
+
+    @staticmethod
+    def hold_out(x: Tensor, y: Tensor, cfg: RunConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``--val-size N``: training images ``[:-N]`` (the first ``--train-size`` of them
+        are trained on) and the validation split ``[-N:]``, which takes the test split's
+        place, so that settings can be chosen without ever reading the test set."""
+        n, keep = cfg.val_size, len(y) - cfg.val_size
+        if keep <= 0:
+            raise ConfigError(
+                f"--val-size {n} leaves no training images of the {len(y)}; use fewer"
+            )
+        if cfg.train_size is not None and cfg.train_size > keep:
+            raise ConfigError(
+                f"--train-size {cfg.train_size} overlaps the --val-size {n} held-out images "
+                f"of the {len(y)} training images; use --train-size <= {keep}"
+            )
+        return x[:keep], y[:keep], x[keep:], y[keep:]
 
     # ---- per data set ------------------------------------------------------------------
     @classmethod
@@ -119,14 +142,15 @@ class VisionTask(ABC):
     # ---- evaluation --------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, chain: BLLChain, device: torch.device) -> dict[str, float]:
-        """Top-1 accuracy of f_out(m(alpha_N)) on the test split (BatchNorm in eval mode)."""
+        """Top-1 accuracy of f_out(m(alpha_N)) on the test split (BatchNorm in eval mode);
+        ``val_accuracy`` on the held-out training images with ``--val-size``."""
         was_training = chain.training
         chain.eval()
         correct = torch.zeros((), dtype=torch.long, device=self.data.device)
         for x, y in self.data.test_batches(1000):
             correct += (chain.predict_logits(x).argmax(-1) == y).sum()
         chain.train(was_training)
-        return {"test_accuracy": correct.item() / len(self.data.y_test)}
+        return {f"{self.split}_accuracy": correct.item() / len(self.data.y_test)}
 
 
 class FashionMNISTTask(VisionTask):
