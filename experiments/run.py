@@ -18,7 +18,7 @@ from pyro_bll.likelihoods import PRED_HEADS
 from pyro_bll.methods import METHODS
 from pyro_bll.models import RESNET_ARCHS
 from pyro_bll.tasks import TASKS
-from pyro_bll.training import TrainingDiverged, main
+from pyro_bll.training import TrainingDiverged, final_line, main
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -357,8 +357,7 @@ def cli(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("test_", "val_")))
-    print(f"final {shown}; results in {cfg.out}")
+    print(final_line(metrics, cfg.out))
     if build_parser().parse_args(argv).diagnostics:
         return _diagnostics(cfg)
     return 0

@@ -107,8 +107,8 @@ class ConvPooledHead(nn.Module):
     with a little depth of their own (Belilovsky et al. 2020, "Decoupled greedy learning
     of CNNs"; Wang et al. 2021, "Revisiting locally supervised learning") let the early
     blocks of a greedily trained network keep more of what later blocks need. The
-    stride keeps the extra cost small next to the block (a quarter of the block's
-    per-layer work for block 1 of a ResNet).
+    stride keeps its arithmetic small (for block 1 of a ResNet, half of one of the
+    block's conv layers); on one CPU thread its time is mostly per-operation overhead.
     """
 
     def __init__(self, channels: int, num_classes: int, spatial: int) -> None:

@@ -305,3 +305,13 @@ def main(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     out = prepare_out_dir(cfg)
     trainer = Trainer(cfg)
     return trainer.fit(out, progress=progress)
+
+
+def final_line(metrics: dict[str, Any], out: str) -> str:
+    """The last line of a run: its final test (or validation) figures and where they are."""
+    shown = ", ".join(
+        f"{k} {v:.4f}"
+        for k, v in metrics.items()
+        if k.startswith(("test_", "val_")) and not math.isnan(v)
+    )
+    return f"final {shown}; results in {out}"

@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig
-from ..training import TrainingDiverged
+from ..training import TrainingDiverged, final_line
 from .fault import FaultMonitor, connect_store
 from .group import BlockGroups
-from .runtime import RankTrainer, final_line
+from .runtime import RankTrainer
 from .transport import PeerFailure, brief
 
 GRACE = 2.0  # seconds a rank waits for a failed neighbour's own report

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -261,12 +260,3 @@ class RankTrainer:
             f"block losses [{losses}]  {shown}",
             flush=True,
         )
-
-
-def final_line(metrics: dict[str, Any], out: str) -> str:
-    shown = ", ".join(
-        f"{k} {v:.4f}"
-        for k, v in metrics.items()
-        if k.startswith(("test_", "val_")) and not math.isnan(v)
-    )
-    return f"final {shown}; results in {out}"
