@@ -184,8 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--propagate",
         default=d.propagate,
-        choices=["mean", "sample"],
-        help="what the next block consumes: the mean of z_k (paper) or a draw",
+        choices=["mean", "params", "sample"],
+        help="what the next block consumes: the mean of z_k (paper), its unconstrained "
+        "parameters (e.g. logits; s2s_reverse only) or a draw",
+    )
+    p.add_argument(
+        "--likelihood",
+        default=d.likelihood,
+        choices=["bound", "sample"],
+        help="how BLL estimates the local likelihood term E_rho[log q_k(y | z_k)]: bound "
+        "(sampling-free Jensen bound, exact gradients) or sample (at a draw of z_k: pathwise, "
+        "or score function for discrete families); default: the family's own (bound for "
+        "every family, chosen from measurements: docs/families.md)",
     )
     p.add_argument(
         "--arch",
@@ -206,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         choices=sorted(MESSAGES),
         help="vision tasks: how the feedback message beta_k meets a block's feature map: "
-        "mean (default for the vision tasks: the latent z_k is the spatial mean of the map, "
-        "per channel, and beta_k acts on it; Gaussian families), pool (a potential on the "
+        "channel (the paper's: one latent per channel with the channel's spatial mean and the "
+        "family's own variance, so beta_k weighs as much as alpha_k), "
+        "mean (the latent z_k is the law of the spatial mean of the map, "
+        "per channel, with variance sigma^2 / (H W), so beta_k barely acts; Gaussian families), "
+        "pool (a potential on the "
         "spatial mean of the statistics, beta_k / (H W) at every location) or broadcast "
         "(beta_k at every location); default: " + _per_task("message", d.message),
     )

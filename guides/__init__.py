@@ -9,7 +9,14 @@ how such a per-example message meets a feature map: pooled or broadcast over spa
 
 from .linear import LinearFeedback
 from .mlp import MLPFeedback
-from .spatial import MESSAGES, BroadcastMessage, MeanMessage, PoolMessage, SpatialMessage
+from .spatial import (
+    MESSAGES,
+    BroadcastMessage,
+    ChannelMessage,
+    MeanMessage,
+    PoolMessage,
+    SpatialMessage,
+)
 
 FEEDBACKS = {"linear": LinearFeedback, "mlp": MLPFeedback}
 
@@ -18,6 +25,7 @@ __all__ = [
     "MESSAGES",
     "BroadcastMessage",
     "LinearFeedback",
+    "ChannelMessage",
     "MeanMessage",
     "MLPFeedback",
     "PoolMessage",

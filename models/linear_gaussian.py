@@ -101,8 +101,10 @@ class LinearGaussianSpec:
 class ExactFeedback(nn.Module):
     """Feedback that sends the exact backward message p(y | z_k) as a Gaussian potential.
 
-    As a function of z_k, N(y; G z + H, R) is proportional to N(z; (y - H)/G, R/G^2), so the
-    raw feedback for the learned-variance family is ((y - H)/G, softplus^-1(sqrt(R)/|G|)).
+    As a function of z_k, N(y; G z + H, R) is proportional to N(z; (y - H)/G, R/G^2), a
+    potential of precision P = G^2 / R and natural parameters (P (y - H) / G, -P / 2); the
+    learned-variance family's raw feedback (r1, r2) sends (r1, -softplus(r2 - 5) / 2), so
+    r1 = P (y - H) / G and r2 = softplus^-1(P) + 5.
     ``shift`` moves every message's centre, to test that wrong feedback lowers the ELBO.
     """
 
@@ -114,8 +116,8 @@ class ExactFeedback(nn.Module):
     def forward(self, y: Tensor, k: int) -> Tensor:
         g, h, r = self.messages[k]
         mean = (y - h) / g + self.shift
-        scale = torch.full_like(y, math.sqrt(r) / abs(g))
-        return torch.stack([mean, _softplus_inv(scale)], dim=-1)  # [B, 2]
+        precision = torch.full_like(y, g * g / r)
+        return torch.stack([mean * precision, _softplus_inv(precision) + 5.0], dim=-1)  # [B, 2]
 
 
 class ExactLocalLikelihood:
@@ -124,7 +126,7 @@ class ExactLocalLikelihood:
     def __init__(self, spec: LinearGaussianSpec) -> None:
         self.messages = spec.backward_messages()
 
-    def __call__(self, chain, k: int, z: Tensor) -> Distribution:
+    def __call__(self, chain, k: int, z: Tensor, cache: dict | None = None) -> Distribution:
         g, h, r = (torch.tensor(v, dtype=z.dtype) for v in self.messages[k])
         return AffineGaussian(z, g.reshape(1), h, r)
 

@@ -236,9 +236,9 @@ def build_resnet_chain(
         raise ConfigError(f"unknown --message {cfg.message!r}; valid: {', '.join(MESSAGES)}")
     if cfg.propagate not in ("mean", "sample"):
         raise ConfigError(f"--propagate {cfg.propagate!r}: ResNet blocks take mean or sample")
-    if cfg.message == "mean" and cfg.propagate != "mean":
+    if cfg.message in ("mean", "channel") and cfg.propagate != "mean":
         raise ConfigError(
-            "--message mean puts the latent on the spatial mean, so there is no map to "
+            f"--message {cfg.message} puts the latent on a channel summary, so there is no map to "
             "sample for the next block; use --propagate mean or --message pool"
         )
     num_blocks = 4 if cfg.blocks is None else cfg.blocks

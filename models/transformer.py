@@ -63,15 +63,32 @@ class TransformerBlock(nn.Module):
     """One BLL block: optional embedding, ``n_layers`` layers, parameter readout."""
 
     def __init__(
-        self, d_model: int, n_layers: int, family: Family, vocab: int = 0, max_len: int = 0
+        self,
+        d_model: int,
+        n_layers: int,
+        family: Family,
+        vocab: int = 0,
+        max_len: int = 0,
+        params_input: bool = False,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model) if vocab else None
         self.pos = nn.Parameter(0.02 * torch.randn(max_len, d_model)) if vocab else None
         self.layers = nn.Sequential(*(TransformerLayer(d_model) for _ in range(n_layers)))
         self.readout = ParamReadout(d_model, family)
+        self.family = family
+        # --propagate params: the previous block's alpha in unconstrained coordinates
+        # [B, T, n_raw * D], projected to the stream width when the family has more than one
+        # parameter per channel
+        width = family.raw_size(d_model)
+        project = params_input and width != d_model and not vocab
+        self.inproj = nn.Linear(width, d_model) if project else None
 
-    def forward(self, inp: Tensor) -> Tensor:
+    def forward(self, inp: Tensor | tuple[Tensor, ...]) -> Tensor:
+        if isinstance(inp, tuple):  # alpha of the previous block (--propagate params)
+            inp = self.family.unconstrained(inp)  # [B, T, n_raw * D]
+            if self.inproj is not None:
+                inp = self.inproj(inp)  # [B, T, D]
         if self.embed is not None:
             t = inp.shape[1]
             inp = self.embed(inp) + self.pos[:t]  # [B, T, D]
@@ -79,13 +96,23 @@ class TransformerBlock(nn.Module):
 
 
 def transformer_blocks(
-    vocab: int, max_len: int, d_model: int, layers: int, blocks: int, family: Family
+    vocab: int,
+    max_len: int,
+    d_model: int,
+    layers: int,
+    blocks: int,
+    family: Family,
+    params_input: bool = False,
 ) -> list[nn.Module]:
-    """``blocks`` groups of ``layers // blocks`` layers; the first one embeds tokens."""
+    """``blocks`` groups of ``layers // blocks`` layers; the first one embeds tokens.
+
+    ``params_input``: blocks after the first read the previous block's parameters
+    (``--propagate params``) rather than its mean.
+    """
     if blocks <= 0 or layers <= 0 or layers % blocks:
         raise ValueError(f"--blocks ({blocks}) must be positive and divide --layers ({layers})")
     per = layers // blocks
     return [
-        TransformerBlock(d_model, per, family, vocab if k == 0 else 0, max_len)
+        TransformerBlock(d_model, per, family, vocab if k == 0 else 0, max_len, params_input)
         for k in range(blocks)
     ]

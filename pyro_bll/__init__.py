@@ -1,5 +1,16 @@
 """pyro-bll: block-local learning with probabilistic latent representations, on Pyro."""
 
+import os as _os
+
+import torch as _torch
+
+# torch 2.14.1's CPU build corrupts the heap in oneDNN's convolution weight gradient for
+# the very narrow ResNets the tests use (a "double free" abort under one thread, a hang
+# under two). PYRO_BLL_NO_ONEDNN=1 falls back to torch's own convolution kernels; the
+# test suite sets it, full-width runs keep the faster oneDNN path.
+if _os.environ.get("PYRO_BLL_NO_ONEDNN") == "1":
+    _torch.backends.mkldnn.enabled = False
+
 from .chain import BLLChain
 from .elbo import BlockLocalELBO, BlockLosses
 from .families import FAMILIES, Family, FamilyError, make_family

@@ -43,13 +43,17 @@ if TYPE_CHECKING:
     from .guides.spatial import SpatialMessage
 
 Propagate = Literal["mean", "params", "sample"]
+LikelihoodEstimator = Literal["bound", "sample"]
+LIKELIHOOD_ESTIMATORS: tuple[str, ...] = ("bound", "sample")
 _names = itertools.count()
 
 
 class LocalLikelihood(Protocol):
     """q_k(y | z_k) for block k: returns a distribution with the labels' batch shape."""
 
-    def __call__(self, chain: BLLChain, k: int, z: Tensor) -> Distribution: ...
+    def __call__(
+        self, chain: BLLChain, k: int, z: Tensor, cache: dict | None = None
+    ) -> Distribution: ...
 
 
 def _detach(inp: Any) -> Any:
@@ -81,7 +85,12 @@ class BLLChain(nn.Module):
         pred_heads: optional predictive heads (Noekland & Eidnes 2019) for blocks < N.
         pred_weight: lambda, the weight of the predictive cross-entropy.
         propagate: what block k+1 consumes (see module docstring).
-        head_input: "mean" feeds m(alpha_N) to f_out, "sample" feeds z_N.
+        likelihood: how E_rho[log q_k(y | z_k)] of the prototype likelihood is estimated:
+            "bound" (the sampling-free lower bound, ``likelihoods.prototype_bound``) or
+            "sample" (at the guide's draw: pathwise, or score function for discrete z).
+        head_input: "mean" feeds m(alpha_N) to f_out, "sample" feeds z_N. With "mean" no
+            likelihood depends on z_N, so the last block has no latent site (its KL would
+            be a label-driven pull that no ELBO term pays for; docs/math.md).
         detach: stop gradients at block boundaries (block-local learning).
         register_params: register the parameters with Pyro's param store (``pyro.module``)
             so that ``pyro.infer.SVI`` with ``pyro.optim`` sees them. Training with a torch
@@ -102,6 +111,7 @@ class BLLChain(nn.Module):
         pred_heads: Sequence[nn.Module] | None = None,
         pred_weight: float = 1.0,
         propagate: Propagate = "mean",
+        likelihood: LikelihoodEstimator = "bound",
         head_input: Literal["mean", "sample"] = "mean",
         detach: bool = True,
         register_params: bool = True,
@@ -127,6 +137,12 @@ class BLLChain(nn.Module):
         self.pred_heads = None if pred_heads is None else nn.ModuleList(pred_heads)
         self.pred_weight = pred_weight
         self.propagate = propagate
+        if likelihood not in LIKELIHOOD_ESTIMATORS:
+            raise ValueError(
+                f"unknown likelihood estimator {likelihood!r}; valid: "
+                f"{', '.join(LIKELIHOOD_ESTIMATORS)}"
+            )
+        self.likelihood = likelihood
         self.head_input = head_input
         self.detach = detach
         self.register_params = register_params
@@ -135,6 +151,10 @@ class BLLChain(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    def has_latent(self, k: int) -> bool:
+        """Block k has a site z_k unless it is the last one and the head reads m(alpha_N)."""
+        return k < self.num_blocks - 1 or self.head_input == "sample"
 
     # ---- messages ---------------------------------------------------------------------
     def forward_message(self, k: int, inp: Any, cache: dict | None = None) -> Params:
@@ -241,11 +261,17 @@ class BLLChain(nn.Module):
         with pyro.plate("data", y.shape[0], dim=-1):
             for k in self._segment(segment):
                 alpha = self.forward_message(k, inp, cache)
-                site = self.latent_params(k, alpha, cache)
-                rho = self.families[k].posterior(site, self.feedback_message(k, y, mask, site))
-                with block_noise(noise, k, rho[0].device):
-                    z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
-                inp = self.next_input(k, alpha, z)
+                z = None
+                if self.has_latent(k):
+                    site = self.latent_params(k, alpha, cache)
+                    beta = self.feedback_message(k, y, mask, site)
+                    rho = self.families[k].posterior(site, beta)
+                    if cache is not None:
+                        cache[("rho", k)] = rho  # the prototype bound reads it in the model
+                    with block_noise(noise, k, rho[0].device):
+                        z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
+                if z is not None or self.propagate != "sample":  # the last block may have no z
+                    inp = self.next_input(k, alpha, z)
         if cache is not None:
             cache["message"] = inp
 
@@ -266,20 +292,24 @@ class BLLChain(nn.Module):
         with pyro.plate("data", y.shape[0], dim=-1):
             for k in blocks:
                 alpha = self.forward_message(k, inp, cache)
-                z = pyro.sample(
-                    f"z_{k}",
-                    self._latent(k, self.latent_params(k, alpha, cache)),
-                    infer={"block": k},
-                )
+                z = None
+                if self.has_latent(k):
+                    z = pyro.sample(
+                        f"z_{k}",
+                        self._latent(k, self.latent_params(k, alpha, cache)),
+                        infer={"block": k},
+                    )
                 if k < last and self.local_likelihoods is not None:
-                    fn = self._observed(self.local_likelihoods[k](self, k, z), mask)
+                    q = self.local_likelihoods[k](self, k, z, cache)
+                    fn = self._observed(q, mask)
                     pyro.sample(f"y_{k}", fn, obs=y, infer={"block": k, "latent": f"z_{k}"})
                 if k < last and self.pred_heads is not None and self.pred_weight > 0:
                     logits = self.pred_heads[k](self.families[k].mean(alpha))
                     _block_factor(
                         f"pred_{k}", -self.pred_weight * masked_cross_entropy(logits, y, mask), k
                     )
-                inp = self.next_input(k, alpha, z)
+                if k < last:
+                    inp = self.next_input(k, alpha, z)
             if blocks.stop <= last:  # the output head belongs to the last block
                 return
             fam = self.families[last]
@@ -316,9 +346,12 @@ class BLLChain(nn.Module):
         return [p for m in self.block_modules(k) for p in m.parameters()]
 
 
-def _prototype(chain: BLLChain, k: int, z: Tensor) -> Distribution:
+def _prototype(chain: BLLChain, k: int, z: Tensor, cache: dict | None = None) -> Distribution:
+    rho = None
+    if chain.likelihood == "bound" and cache is not None:
+        rho = cache.get(("rho", k))
     return PrototypeLikelihood().distribution(
-        chain.families[k], z, chain.class_potentials(k), chain.message
+        chain.families[k], z, chain.class_potentials(k), chain.message, rho=rho
     )
 
 

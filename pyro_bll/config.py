@@ -45,6 +45,7 @@ class RunConfig:
     feedback_update: str = "grad"
     ridge: float = 1.0
     propagate: str = "mean"
+    likelihood: str | None = None  # bound | sample; None: the family's default_likelihood
     arch: str = "resnet18"  # vision tasks: resnet18 | resnet50 (models/resnet.py)
     width: float = 1.0  # vision tasks: channel multiplier of the stage widths (64, ..., 512)
     message: str = "pool"  # vision tasks: how beta_k meets the feature map (guides/spatial.py)
@@ -82,7 +83,7 @@ class RunConfig:
             (self.task, TASKS, "task"),
             (self.method, METHODS, "method"),
             (self.family, FAMILIES, "family"),
-            (self.propagate, ("mean", "sample"), "propagate"),
+            (self.propagate, ("mean", "params", "sample"), "propagate"),
             (self.feedback, FEEDBACKS, "feedback"),
             (self.feedback_update, ("grad", "solve"), "feedback update"),
             (self.lr_schedule, LR_SCHEDULES, "lr schedule"),
@@ -105,6 +106,8 @@ class RunConfig:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
                 )
+        if self.likelihood is not None and self.likelihood not in ("bound", "sample"):
+            raise ConfigError(f"unknown likelihood {self.likelihood!r}; valid: bound, sample")
         task = TASKS[self.task]
         for key, value in task.DEFAULTS.items():  # fill only the options left unset (None)
             if getattr(self, key) is None:

@@ -9,10 +9,11 @@ Each term is read off a Pyro site tagged ``infer["block"] = k``:
 * latent site ``z_k`` (guide rho_k, model alpha_k): the analytic KL through
   ``torch.distributions.kl_divergence`` where one is registered (``analytic_kl``), else the
   single-sample estimate log rho_k(z) - log alpha_k(z) as in ``Trace_ELBO``;
-* observed sites (``y_k``, ``y``): -log q_k(y | z_k) at the guide's draw (pathwise for
-  reparameterisable rho, with a local score-function term for discrete rho), or the
-  closed-form expectation when the site's distribution offers
-  ``expected_log_prob(value, rho)`` and ``analytic_likelihood`` is on;
+* observed sites (``y_k``, ``y``): minus the closed-form expectation or bound when the
+  site's distribution offers ``expected_log_prob(value, rho)`` (the prototype likelihood's
+  sampling-free bound, the affine-Gaussian head) and ``analytic_likelihood`` is on; else
+  -log q_k(y | z_k) at the guide's draw: pathwise for reparameterisable rho, and for
+  discrete rho with one score-function term per labelled position (``_per_label``);
 * factor sites (``pred_k``): minus the factor.
 
 With block inputs detached in the chain, d(sum_j l_j)/d(theta_k, phi_k) = d l_k / d(...),
@@ -23,16 +24,18 @@ batch, as Pyro's ELBOs are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pyro import poutine
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 from torch import Tensor
-from torch.distributions import kl_divergence
+from torch.distributions import Independent, kl_divergence
 
 
 @dataclass
@@ -55,16 +58,62 @@ def _log_prob(site: dict) -> Tensor:
     return site["log_prob"]
 
 
-def _with_score_function(cost: Tensor, log_rho: Tensor) -> Tensor:
-    """cost ``[B]`` plus the DiCE score-function term (value zero, gradient unbiased).
+def _with_score_function(cost: Tensor, log_rho: Tensor, valid: Tensor | None = None) -> Tensor:
+    """cost ``[B, *L]`` plus the DiCE score-function term (value zero, gradient unbiased).
 
-    Adds (cost - b) * (log rho - stop_grad(log rho)), with b the leave-one-out batch mean of
-    the detached cost as baseline.
+    Adds (cost - b) * (log rho - stop_grad(log rho)) element by element, with b the
+    leave-one-out mean of the detached cost over the batch axis at the same position,
+    taken over the ``valid`` (observed) entries only; invalid entries get no term.
     """
     c = cost.detach()
-    n = c.numel()
-    baseline = (c.sum() - c) / (n - 1) if n > 1 else torch.zeros_like(c)
-    return cost + (c - baseline) * (log_rho - log_rho.detach())
+    v = torch.ones_like(c) if valid is None else valid.to(c.dtype).expand_as(c)
+    others = v.sum(0, keepdim=True) - v  # [B, *L] valid entries besides this one
+    total = (c * v).sum(0, keepdim=True)
+    baseline = torch.where(others > 0, (total - c * v) / others.clamp(min=1), torch.zeros_like(c))
+    return cost + v * (c - baseline) * (log_rho - log_rho.detach())
+
+
+def _unwrap(fn) -> tuple[Any, Tensor | None, int]:
+    """(base distribution, mask or None, reinterpreted event axes) of a site's ``fn``.
+
+    Undoes the ``.mask(mask).to_event(n)`` that ``BLLChain`` wraps observed and latent
+    sites in, so that per-position terms ``[B, *L]`` can be formed before the event sum.
+    """
+    event, mask = 0, None
+    while True:
+        if isinstance(fn, Independent):
+            event += fn.reinterpreted_batch_ndims
+            fn = fn.base_dist
+        elif isinstance(fn, MaskedDistribution):
+            mask = fn._mask if mask is None else mask & fn._mask
+            fn = fn.base_dist
+        else:
+            return fn, mask, event
+
+
+def _sum_event(value: Tensor, event: int) -> Tensor:
+    """``[B, *E]`` -> ``[B]``: sum the trailing ``event`` axes."""
+    return value.sum(tuple(range(-event, 0))) if event else value
+
+
+def _per_label(site: dict, rho_site: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+    """log q(y | z) ``[B, *L]`` (masked), log rho(z) restricted to the latents behind each
+    label ``[B, *L]``, and the label mask.
+
+    A label at position t of a sequence depends on z at position t only, so its score
+    function is grad log rho(z_t), not grad log rho(z) of the whole sequence: the other
+    positions' log-densities would add variance and no signal. For one label per example
+    (images) the whole latent is behind it.
+    """
+    fn, mask, _ = _unwrap(site["fn"])
+    log_q = fn.log_prob(site["value"])  # [B, *L]
+    if mask is not None:
+        log_q = log_q * mask.to(log_q.dtype)
+    rho, _, _ = _unwrap(rho_site["fn"])
+    log_rho = rho.log_prob(rho_site["value"])  # [B, *L, *rest]
+    extra = log_rho.dim() - log_q.dim()
+    log_rho = log_rho.sum(tuple(range(-extra, 0))) if extra > 0 else log_rho
+    return log_q * site["scale"], log_rho, mask
 
 
 def _scaled_sum(value: Tensor, site: dict) -> Tensor:
@@ -173,14 +222,22 @@ class BlockLocalELBO(ELBO):
         enters, so the estimator stays local.
         """
         latent = site["infer"].get("latent")
-        fn = site["fn"]
         rho_site = guide_trace.nodes[latent] if latent is not None else None
-        if self.analytic_likelihood and rho_site is not None and hasattr(fn, "expected_log_prob"):
-            return _scaled_sum(fn.expected_log_prob(site["value"], rho_site["fn"]), site)
-        log_lik = _log_prob(site)  # [B], scaled and masked
+        base, mask, event = _unwrap(site["fn"])
+        if (
+            self.analytic_likelihood
+            and rho_site is not None
+            and hasattr(base, "expected_log_prob")
+            and getattr(base, "has_bound", True)
+        ):
+            value = base.expected_log_prob(site["value"], rho_site["fn"])  # [B, *L]
+            if mask is not None:
+                value = value * mask.to(value.dtype)
+            return _scaled_sum(_sum_event(value, event), site)
         if rho_site is None or rho_site["fn"].has_rsample:
-            return log_lik.sum()
-        return _with_score_function(log_lik, _log_prob(rho_site)).sum()
+            return _log_prob(site).sum()  # [B], scaled and masked
+        log_q, log_rho, mask = _per_label(site, rho_site)
+        return _with_score_function(log_q, log_rho, mask).sum()
 
     # ---- the pyro.infer.ELBO interface -------------------------------------------------
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:

@@ -8,6 +8,7 @@ shape is the label shape; the chain masks it and moves the position axis to the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from .families import Family
+from .families import Family, Natural, Params
 
 
 def masked_cross_entropy(logits: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
@@ -129,27 +130,123 @@ class ConvPooledHead(nn.Module):
 PRED_HEADS: dict[str, type[nn.Module]] = {"linear": GridPooledHead, "conv": ConvPooledHead}
 
 
+def prototype_bound(
+    family: Family,
+    rho: Params,
+    prototypes: Natural,
+    labels: Tensor,
+    *,
+    weight: float = 1.0,
+    spatial_dims: int = 0,
+) -> Tensor:
+    """A sampling-free lower bound on E_rho[log q(y | z)] for the prototype likelihood.
+
+    With l_c(z) = w * sum_{s, C} <beta_c, T(z_s)> - w n A_ref(beta_c) the logits of
+    q(y = c | z) over the n locations s of a map (w = 1 / n for ``pool``, 1 for
+    ``broadcast``; n = 1 without a map) and A_ref(beta) = A(eta_ref + beta)
+    (``Family.class_natural``), Jensen's inequality on the log-sum-exp and
+
+        E_rho exp<w beta_c, T(z)> = exp( A(eta_rho + w beta_c) - A(eta_rho) )
+
+    give (docs/likelihood_bound.md)
+
+        E_rho[log q(y | z)] >= E_rho[l_y(z)] - log sum_c exp( sum_{s, C} [A(eta_rho + w beta_c)
+                                                  - A(eta_rho)] - w n A_ref(beta_c) ),
+        E_rho[l_y(z)] = w * sum_{s, C} <beta_y, E_rho T(z_s)> - w n A_ref(beta_y).
+
+    Shapes: rho's parameters ``[B, *L, *S, C(, K)]`` with L the label axes (``[B, T]``
+    labels for sequences) and S the ``spatial_dims`` map axes that one label covers;
+    prototypes ``[V, C(, K)]``; labels ``[B, *L]``. Returns ``[B, *L]``. Exact gradients
+    (no sampling) for every exponential family.
+    """
+    eta = family.natural(rho)
+    k = family.stat_dims
+    cls = -(2 + k)  # where the class axis goes in front of the channel (and statistic) axes
+    shifted = tuple(e.unsqueeze(cls) + weight * p for e, p in zip(eta, prototypes, strict=True))
+
+    def per_channel_sum(a: Tensor) -> Tensor:  # A(.) is [..., C]: sum the channels
+        return a.sum(-1)
+
+    log_mgf = per_channel_sum(family.log_normalizer(shifted)) - per_channel_sum(
+        family.log_normalizer(eta)
+    ).unsqueeze(-1)  # [B, *L, *S, V]
+    flat = k + 1
+    stats = [t.flatten(-flat) for t in family.expected_stats(eta)]  # [B, *L, *S, C']
+    expected = sum(
+        t @ p.flatten(-flat).transpose(0, 1) for t, p in zip(stats, prototypes, strict=True)
+    )  # [B, *L, *S, V]
+    n = 1
+    if spatial_dims:
+        axes = tuple(range(-1 - spatial_dims, -1))
+        n = math.prod(log_mgf.shape[a] for a in axes)
+        log_mgf, expected = log_mgf.sum(axes), expected.sum(axes)  # [B, *L, V]
+    a_ref = weight * n * family.class_log_normalizer(prototypes)  # [V]
+    log_norm = torch.logsumexp(log_mgf - a_ref, dim=-1)  # [B, *L]
+    mean_logit = (weight * expected - a_ref).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return mean_logit - log_norm
+
+
+class PrototypeCategorical(dist.Categorical):
+    """q(y | z) as a Categorical over the prototype logits; with ``rho`` it also offers the
+    sampling-free ``expected_log_prob`` (``prototype_bound``) that ``BlockLocalELBO`` uses."""
+
+    def __init__(self, logits: Tensor, bound: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__(logits=logits)
+        self._bound = bound
+
+    def expand(self, batch_shape, _instance=None):
+        new = super().expand(batch_shape, _instance or type(self).__new__(type(self)))
+        new._bound = self._bound
+        return new
+
+    @property
+    def has_bound(self) -> bool:
+        return self._bound is not None
+
+    def expected_log_prob(self, value: Tensor, rho: Distribution | None = None) -> Tensor:
+        """The bound on E_rho[log q(value | z)], label-shaped; rho is the one it was built with."""
+        if self._bound is None:
+            raise ValueError("this likelihood was built without rho (--likelihood sample)")
+        return self._bound(value)
+
+
 class PrototypeLikelihood:
-    """The default local likelihood, tied to the feedback weights (DESIGN.md, section 1).
+    """The default local likelihood, tied to the feedback weights (docs/math.md).
 
     With the feedback potential beta_c = g_k(e_c) of every class c,
 
-        q_k(y = c | z) = softmax_c( <beta_c, T(z)> - A(beta_c) ).
+        q_k(y = c | z) = softmax_c( <beta_c, T(z)> - A(eta_ref + beta_c) ).
 
     For the fixed-variance Gaussian this is a nearest-prototype classifier whose
     prototypes are the feedback outputs: logit_c = -||z - b_c||^2 / (2 sigma^2) + const.
     On a feature map the per-location logits are reduced by the chain's spatial
     ``message`` (summed for broadcast, averaged for pool; ``pyro_bll.guides.spatial``).
+    Given rho's parameters the distribution carries the sampling-free bound
+    (``prototype_bound``) on its expectation under rho.
     """
 
     def distribution(
-        self, family: Family, z: Tensor, class_potentials: tuple, message=None
+        self,
+        family: Family,
+        z: Tensor,
+        class_potentials: tuple,
+        message=None,
+        rho: Params | None = None,
     ) -> Distribution:
         # z: [..., C]; class_potentials: tuple of [num_classes, C]; logits: [..., num_classes]
         logits = family.potential_logits(z, class_potentials)
         if message is not None:
             logits = message.reduce_logits(logits)  # [B, H, W, V] -> [B, V]
-        return dist.Categorical(logits=logits)
+        bound = None
+        if rho is not None:
+            weight, spatial = 1.0, 0
+            if message is not None:
+                spatial = message.bound_spatial_dims()
+                weight = message.weight(message.num_locations(rho)) if spatial else 1.0
+            bound = lambda y: prototype_bound(  # noqa: E731
+                family, rho, class_potentials, y, weight=weight, spatial_dims=spatial
+            )
+        return PrototypeCategorical(logits, bound)
 
 
 class AffineGaussian(dist.Normal):

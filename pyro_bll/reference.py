@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .chain import BLLChain
-from .likelihoods import masked_cross_entropy
+from .likelihoods import masked_cross_entropy, prototype_bound
 
 
 def plain_block_losses(chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
@@ -28,18 +28,27 @@ def plain_block_losses(chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | Non
     # guide pass: draw every z_k from rho_k in order (as the Pyro guide does)
     for k in range(chain.num_blocks):
         alpha = chain.forward_message(k, inp)
-        rho = chain.families[k].posterior(alpha, chain.feedback_message(k, y, mask))
-        d = chain.families[k].distribution(rho)
-        z = d.rsample() if d.has_rsample else d.sample()
+        rho, z = None, None
+        if chain.has_latent(k):  # the last block has none when the head reads m(alpha_N)
+            rho = chain.families[k].posterior(alpha, chain.feedback_message(k, y, mask))
+            d = chain.families[k].distribution(rho)
+            z = d.rsample() if d.has_rsample else d.sample()
         alphas.append((alpha, rho))
         zs.append(z)
-        inp = chain.next_input(k, alpha, z)
+        if k < last:
+            inp = chain.next_input(k, alpha, z)
     for k, ((alpha, rho), z) in enumerate(zip(alphas, zs, strict=True)):
         fam = chain.families[k]
-        loss = fam.kl(rho, alpha).sum(sum_event).sum()
+        loss = fam.kl(rho, alpha).sum(sum_event).sum() if rho is not None else 0.0
         if k < last:
-            logits = fam.potential_logits(z, chain.class_potentials(k))
-            loss = loss + masked_cross_entropy(logits, y, mask).sum()
+            protos = chain.class_potentials(k)
+            if chain.likelihood == "bound":
+                lik = prototype_bound(fam, rho, protos, y)
+                lik = lik if mask is None else lik * mask.to(lik.dtype)
+                loss = loss - lik.sum()
+            else:
+                logits = fam.potential_logits(z, protos)
+                loss = loss + masked_cross_entropy(logits, y, mask).sum()
             if chain.pred_heads is not None and chain.pred_weight > 0:
                 logits = chain.pred_heads[k](fam.mean(alpha))
                 loss = loss + chain.pred_weight * masked_cross_entropy(logits, y, mask).sum()

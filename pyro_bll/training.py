@@ -105,7 +105,9 @@ def build_from_config(cfg: RunConfig) -> tuple[Family, Any, BLLChain]:
     except FamilyError as e:
         raise ConfigError(str(e)) from None
     task = TASKS[cfg.task](cfg)
-    return family, task, task.build_chain(family)
+    chain = task.build_chain(family)
+    chain.likelihood = cfg.likelihood or family.default_likelihood  # --likelihood
+    return family, task, chain
 
 
 class Trainer:

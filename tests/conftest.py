@@ -1,6 +1,10 @@
-import pyro
-import pytest
-import torch
+import os
+
+os.environ["PYRO_BLL_NO_ONEDNN"] = "1"  # before pyro_bll is imported; see pyro_bll/__init__.py
+
+import pyro  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from pyro_bll import FAMILIES, make_family, seed_everything
 

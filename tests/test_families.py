@@ -135,19 +135,6 @@ def test_kl_matches_monte_carlo_and_reaches_both_arguments(family):
     assert raw_q.grad is not None and raw_q.grad.abs().sum() > 0
 
 
-def test_potential_logits_match_direct_formula(family):
-    classes = 5
-    protos = _potential(family, classes)  # each [V, *latent, *stat]
-    z = family.distribution(_params(family, 7)).sample()
-    logits = family.potential_logits(z, protos)
-    assert logits.shape == (7, classes)
-    stats = family.sufficient_stats(z)
-    for c in range(classes):
-        eta_c = tuple(e[c] for e in protos)
-        direct = family.inner(eta_c, stats).sum(-1) - family.log_normalizer(eta_c).sum(-1)
-        assert_close(logits[:, c], direct, atol=1e-10)
-
-
 def test_wrong_block_width_is_a_clear_error(family):
     if family.n_raw == 1 and family.stat_dims == 0:
         pytest.skip("every width fits a family with one value per channel")

@@ -1,5 +1,7 @@
 """The Pyro block-local ELBO equals the plain-torch loss on the s2s_reverse transformer."""
 
+import pytest
+
 from pyro_bll import BlockLocalELBO, seed_everything
 from pyro_bll.config import RunConfig
 from pyro_bll.reference import plain_block_losses
@@ -8,10 +10,12 @@ from pyro_bll.tasks import S2SReverseTask
 from utils import assert_close
 
 
-def test_pyro_and_plain_losses_agree(family):
+@pytest.mark.parametrize("likelihood", ["bound", "sample"])
+def test_pyro_and_plain_losses_agree(family, likelihood):
     cfg = RunConfig(layers=3, d_model=6, seq_len=4, train_size=8, batch_size=8, test_size=4)
     task = S2SReverseTask(cfg)
     chain = task.build_chain(family).double()
+    chain.likelihood = likelihood
     x, y, mask = next(task.train_batches(0))
     seed_everything(5)
     pyro_losses = BlockLocalELBO(3).block_losses(chain.model, chain.guide, x, y, mask)

@@ -19,11 +19,27 @@ measure, so the variational posterior
     rho(z) proportional to alpha(z) * exp(<beta, T(z)>)   =   F(z; eta(alpha) + beta)
 
 stays in the family exactly (``posterior``). A potential of all zeros carries no
-information: rho = alpha.
+information: rho = alpha. ``feedback_potential`` maps a zero raw output to the zero
+potential (up to ``zero_potential_tol``), so an untrained feedback network leaves rho at
+alpha instead of pulling every block towards a label-independent target; the paper's
+fixed-variance Gaussian is the documented exception (``zero_raw_is_uninformative``).
+
+The prototype likelihood reads the potential beta_c of class c as the class-conditional
+law F(eta_ref + beta_c) (``class_natural``); eta_ref is zero for every family except those
+whose zero natural parameter is not a distribution (the Gamma uses Exp(1)). Its
+sampling-free bound (``pyro_bll.likelihoods.PrototypeBound``, docs/likelihood_bound.md)
+needs only the log-normaliser and the expected statistics E_eta[T(z)] = grad A(eta)
+(``expected_stats``).
+
+Writing a new family: set the class variables documented on ``Family``, implement the
+abstract methods, make ``feedback_potential`` keep eta(alpha) + beta_y + beta_c valid for
+any two potentials (the bound evaluates A there), and add one line to ``FAMILIES``. The
+generic tests in tests/test_families.py then run on it.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -33,6 +49,18 @@ from torch.distributions import Distribution, kl_divergence
 
 Params = tuple[Tensor, ...]
 Natural = tuple[Tensor, ...]
+
+
+def bounded_below(raw: Tensor, floor: float) -> Tensor:
+    """A smooth map of R onto (-floor, inf) with f(0) = 0 and f'(0) = 1.
+
+        f(r) = (floor / log 2) * (softplus(2 log 2 * r / floor) - log 2)
+
+    Potentials that may not lower a parameter by more than ``floor`` (Gamma and Beta
+    shapes) use it, so that a zero raw feedback output is the zero potential.
+    """
+    scale = floor / math.log(2.0)
+    return scale * (torch.nn.functional.softplus(2.0 * raw / scale) - math.log(2.0))
 
 
 class FamilyError(ValueError):
@@ -57,6 +85,13 @@ class Family(ABC):
     # from alpha for the Gaussians, but makes KL(rho || alpha) swamp the other terms for
     # families with bounded means, which start better with a weak potential
     feedback_init_std: ClassVar[float] = 0.1
+    # False only where a zero raw feedback output is, by design, an informative potential
+    # (the paper's fixed-variance Gaussian: the potential of N(0, sigma^2))
+    zero_raw_is_uninformative: ClassVar[bool] = True
+    # how close to zero the potential of a zero raw output is (0: exactly zero)
+    zero_potential_tol: ClassVar[float] = 0.0
+    # the default of --likelihood for this family, chosen from measurements (docs/families.md)
+    default_likelihood: ClassVar[str] = "bound"
 
     # ---- parameter layout -------------------------------------------------------------
     def split_raw(self, raw: Tensor, n: int, what: str) -> tuple[Tensor, ...]:
@@ -118,6 +153,19 @@ class Family(ABC):
     def feedback_potential(self, raw: Tensor) -> Natural:
         """Map a feedback network's raw output ``[..., n_feedback * C]`` to a potential."""
 
+    @abstractmethod
+    def expected_stats(self, eta: Natural) -> tuple[Tensor, ...]:
+        """E_eta[T(z)] = grad A(eta), one tensor per statistic, shaped like ``eta``."""
+
+    def class_natural(self, beta: Natural) -> Natural:
+        """eta_ref + beta: the class-conditional law the prototype likelihood reads beta as."""
+        return beta
+
+    def unconstrained(self, params: Params) -> Tensor:
+        """alpha in unconstrained coordinates ``[..., n_raw * C]`` (``--propagate params``):
+        means and logits as they are, positive parameters through log."""
+        raise FamilyError(f"{self.name}: no unconstrained parametrisation; use --propagate mean")
+
     def features(self, z: Tensor) -> Tensor:
         """A draw z as the ``[..., C]`` input of the next block (``propagate="sample"``)."""
         return z
@@ -133,6 +181,17 @@ class Family(ABC):
             f"{self.name}: the average of independent draws leaves the family, so the "
             "latent cannot sit on the spatial mean; use --message pool or a Gaussian family"
         )
+
+    def channel_law(self, params: Params, axes: tuple[int, ...]) -> Params:
+        """One latent per channel for a feature map (``--message channel``, the paper's reading).
+
+        ``[B, H, W, C] -> [B, C]`` for ``axes = (1, 2)``: the family member whose mean is the
+        channel's spatial mean of m(alpha) and whose dispersion is the family's own (for the
+        fixed-variance Gaussian N(mean_hw mu, sigma^2)), so that rho = (alpha + beta) / 2
+        there. Not the law of an average (that is ``spatial_mean``): a summary of the map
+        on which the feedback acts with the weight the paper gives it.
+        """
+        raise FamilyError(f"{self.name}: no channel-wise summary of a feature map is defined")
 
     # ---- derived operations (shared by all families) ----------------------------------
     def inner(self, eta: Natural, stats: tuple[Tensor, ...]) -> Tensor:
@@ -161,7 +220,7 @@ class Family(ABC):
     def potential_logits(self, z: Tensor, prototypes: Natural) -> Tensor:
         """Logits of the local likelihood tied to the feedback weights.
 
-        q(y = c | z) = softmax_c( sum_C <beta_c, T(z)> - A(beta_c) ), where ``prototypes``
+        q(y = c | z) = softmax_c( sum_C <beta_c, T(z)> - A(eta_ref + beta_c) ), where ``prototypes``
         holds the feedback potential beta_c of every class c as ``[num_classes, C]``
         tensors and z is ``[..., C]``. Returns ``[..., num_classes]``. The class-independent
         base measure h(z) cancels in the softmax and is left out.
@@ -170,7 +229,11 @@ class Family(ABC):
         t = [s.flatten(-d) for s in self.sufficient_stats(z)]  # [..., C']
         e = [p.flatten(-d) for p in prototypes]  # [V, C']
         logits = sum(s.to(p.dtype) @ p.transpose(0, 1) for s, p in zip(t, e, strict=True))
-        return logits - self.log_normalizer(prototypes).flatten(1).sum(-1)
+        return logits - self.class_log_normalizer(prototypes)
+
+    def class_log_normalizer(self, prototypes: Natural) -> Tensor:
+        """sum over channels of A(eta_ref + beta_c), ``[num_classes]``."""
+        return self.log_normalizer(self.class_natural(prototypes)).flatten(1).sum(-1)
 
     def zero_potential(self, params: Params) -> Natural:
         """The uninformative potential (rho = alpha) for parameters ``params``."""

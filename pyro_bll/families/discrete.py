@@ -58,6 +58,9 @@ class _Logits(Family):
     def from_natural(self, eta: Natural) -> Params:
         return (eta[0],)
 
+    def unconstrained(self, params: Params) -> Tensor:
+        return params[0].flatten(-1 - self.stat_dims)  # logits ``[..., C]``
+
 
 @dataclass(repr=True)
 class Bernoulli(_Logits):
@@ -86,8 +89,16 @@ class Bernoulli(_Logits):
     def distribution(self, params: Params) -> dist.Bernoulli:
         return StableBernoulli(logits=params[0], validate_args=False)
 
+    def expected_stats(self, eta: Natural) -> tuple[Tensor, ...]:
+        return (torch.sigmoid(eta[0]),)
+
     def mean(self, params: Params) -> Tensor:
         return torch.sigmoid(params[0])
+
+    def channel_law(self, params: Params, axes: tuple[int, ...]) -> Params:
+        """Logits of the spatially averaged probability: logsigmoid minus log(1 - p)."""
+        p = torch.sigmoid(params[0]).mean(axes)
+        return (p.log() - torch.log1p(-p),)
 
     def feedback_potential(self, raw: Tensor) -> Natural:
         return self.split_raw(raw, 1, "feedback output")
@@ -139,8 +150,15 @@ class GroupedCategorical(_Logits):
     def distribution(self, params: Params) -> dist.Categorical:
         return dist.Categorical(logits=params[0], validate_args=False)
 
+    def expected_stats(self, eta: Natural) -> tuple[Tensor, ...]:
+        return (torch.softmax(eta[0], dim=-1),)
+
     def mean(self, params: Params) -> Tensor:
         return torch.softmax(params[0], dim=-1).flatten(-2)
+
+    def channel_law(self, params: Params, axes: tuple[int, ...]) -> Params:
+        """Logits of the spatially averaged probabilities of every group ``[B, C / K, K]``."""
+        return (torch.softmax(params[0], dim=-1).mean(axes).log(),)
 
     def features(self, z: Tensor) -> Tensor:
         return F.one_hot(z.long(), self.group_size).flatten(-2).to(torch.get_default_dtype())
@@ -178,6 +196,9 @@ class Poisson(Family):
     def natural(self, params: Params) -> Natural:
         return (params[0].log(),)
 
+    def unconstrained(self, params: Params) -> Tensor:
+        return params[0].log()
+
     def from_natural(self, eta: Natural) -> Params:
         return (eta[0].exp(),)
 
@@ -193,8 +214,14 @@ class Poisson(Family):
     def distribution(self, params: Params) -> dist.Poisson:
         return dist.Poisson(params[0], validate_args=False)
 
+    def expected_stats(self, eta: Natural) -> tuple[Tensor, ...]:
+        return (eta[0].exp(),)
+
     def mean(self, params: Params) -> Tensor:
         return params[0]
+
+    def channel_law(self, params: Params, axes: tuple[int, ...]) -> Params:
+        return (params[0].mean(axes),)
 
     def feedback_potential(self, raw: Tensor) -> Natural:
         return self.split_raw(raw, 1, "feedback output")

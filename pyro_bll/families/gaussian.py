@@ -58,6 +58,12 @@ class _DiagonalGaussian(Family):
         loc, scale = params
         return dist.Normal(loc, scale, validate_args=False)
 
+    def expected_stats(self, eta: Natural) -> tuple[Tensor, ...]:
+        """E[z] = mu, E[z^2] = mu^2 + s^2 with s^2 = -1 / (2 eta_2), mu = eta_1 s^2."""
+        var = -0.5 / eta[1]
+        mu = eta[0] * var
+        return (mu, mu * mu + var)
+
     def mean(self, params: Params) -> Tensor:
         return params[0]
 
@@ -83,6 +89,9 @@ class FixedVarianceGaussian(_DiagonalGaussian):
     name = "gaussian"
     n_raw = 1
     n_feedback = 1
+    # the paper fixes the potential's precision to 1 / sigma^2: a zero raw output is the
+    # potential of N(0, sigma^2), which shrinks rho's mean to alpha / 2
+    zero_raw_is_uninformative = False
 
     def __post_init__(self) -> None:
         if not self.sigma > 0:
@@ -99,6 +108,14 @@ class FixedVarianceGaussian(_DiagonalGaussian):
         mean = loc.mean(axes)
         return mean, torch.full_like(mean, self.sigma / math.sqrt(n))
 
+    def channel_law(self, params: Params, axes: tuple[int, ...]) -> Params:
+        """N(mean_hw mu, sigma^2): with the feedback's N(b, sigma^2), rho = N((a + b) / 2, .)."""
+        mean = params[0].mean(axes)
+        return mean, torch.full_like(mean, self.sigma)
+
+    def unconstrained(self, params: Params) -> Tensor:
+        return params[0]  # the scale is a constant
+
     def feedback_potential(self, raw: Tensor) -> Natural:
         (b,) = self.split_raw(raw, 1, "feedback output")
         prec = 1.0 / self.sigma**2
@@ -110,14 +127,20 @@ class LearnedVarianceGaussian(_DiagonalGaussian):
     """Mean and per-channel scale both produced by the block.
 
     raw ``[..., 2C]`` = (mu, r) -> alpha = (mu, softplus(r) + min_scale). The feedback
-    network likewise outputs (b, r) ``[..., 2C]`` and sends the potential of
-    N(b, (softplus(r) + min_scale)^2).
+    network outputs (r1, r2) ``[..., 2C]`` and sends the potential
+
+        beta = (r1, -softplus(r2 - 5) / 2)   (precision softplus(r2 - 5) >= 0),
+
+    nearly zero (precision 0.0067) for a zero raw output: an untrained feedback network
+    leaves rho at alpha. The prototype likelihood reads beta_c against a standard-normal
+    reference, the class law N(r1 / (1 + P), 1 / (1 + P)) with P the potential's precision.
     """
 
     min_scale: float = 1e-3
     name = "gaussian_learned"
     n_raw = 2
     n_feedback = 2
+    zero_potential_tol = 0.004  # softplus(-5) / 2
 
     def __post_init__(self) -> None:
         if not self.min_scale >= 0:
@@ -128,5 +151,16 @@ class LearnedVarianceGaussian(_DiagonalGaussian):
         return (loc, F.softplus(r) + self.min_scale)
 
     def feedback_potential(self, raw: Tensor) -> Natural:
-        b, r = self.split_raw(raw, 2, "feedback output")
-        return self.natural((b, F.softplus(r) + self.min_scale))
+        r1, r2 = self.split_raw(raw, 2, "feedback output")
+        return (r1, -0.5 * F.softplus(r2 - 5.0))
+
+    def class_natural(self, beta: Natural) -> Natural:
+        return (beta[0], beta[1] - 0.5)  # reference N(0, 1)
+
+    def unconstrained(self, params: Params) -> Tensor:
+        return torch.cat([params[0], params[1].log()], dim=-1)
+
+    def channel_law(self, params: Params, axes: tuple[int, ...]) -> Params:
+        """N(mean_hw mu, mean_hw s^2): the map's mean with the map's own average variance."""
+        loc, scale = params
+        return loc.mean(axes), scale.pow(2).mean(axes).sqrt()

@@ -8,8 +8,10 @@ Both are reparameterisable (pathwise gradients). Natural-parameter conventions:
   A = lgamma(a) + lgamma(b) - lgamma(a + b),  h = 1.
 
 (torch's private Beta convention is unshifted, (a, b); ours is shifted so that h = 1.)
-Feedback potentials are kept inside the space that keeps rho valid: every component that
-must not decrease a or b is a softplus, so eta(alpha) + beta is again a Gamma or Beta.
+Feedback potentials are zero for a zero raw output and may lower a shape by at most
+``min_param / 3`` (``bounded_below``): alpha's shapes are at least ``min_param``, so
+eta(alpha) + beta_y + beta_c, where the prototype bound evaluates A, is again a Gamma or
+Beta with shapes of at least ``min_param / 3``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Family, FamilyError, Natural, Params
+from .base import Family, FamilyError, Natural, Params, bounded_below
 
 
 @dataclass(repr=True)
@@ -33,8 +35,12 @@ class _TwoPositive(Family):
     n_feedback = 2
 
     def __post_init__(self) -> None:
-        if not self.min_param >= 0:
-            raise FamilyError(f"{self.name}: min_param must be >= 0, got {self.min_param}")
+        if not self.min_param > 0:
+            raise FamilyError(f"{self.name}: min_param must be > 0, got {self.min_param}")
+
+    def _shift(self, raw: Tensor) -> Tensor:
+        """A potential component that lowers a shape by less than ``min_param / 3``."""
+        return bounded_below(raw, self.min_param / 3)
 
     def params(self, raw: Tensor) -> Params:
         r1, r2 = self.split_raw(raw, 2, "block output")
@@ -48,12 +54,18 @@ class _TwoPositive(Family):
     def log_base_measure(self, z: Tensor) -> Tensor:
         return torch.zeros_like(z)
 
+    def unconstrained(self, params: Params) -> Tensor:
+        return torch.cat([params[0].log(), params[1].log()], dim=-1)
+
 
 @dataclass(repr=True)
 class Gamma(_TwoPositive):
     """raw ``[..., 2C]`` -> (a, b) = softplus + min_param; m(alpha) = a / b.
 
-    Feedback raw (r1, r2) ``[..., 2C]`` -> beta = (softplus(r1), -softplus(r2)).
+    Feedback raw (r1, r2) ``[..., 2C]`` -> beta = (f(r1), -f(r2)) with f = ``bounded_below``
+    (zero at zero); the prototype likelihood reads beta_c as Gamma(1 + beta_1, 1 - beta_2),
+    i.e. against the reference Exp(1) (eta_ref = (0, -1)), since the zero natural
+    parameter, Gamma(1, 0), is not a distribution.
     """
 
     name = "gamma"
@@ -75,19 +87,33 @@ class Gamma(_TwoPositive):
     def distribution(self, params: Params) -> dist.Gamma:
         return dist.Gamma(*params, validate_args=False)
 
+    def expected_stats(self, eta: Natural) -> tuple[Tensor, ...]:
+        """E[log z] = digamma(a) - log b, E[z] = a / b."""
+        a, b = eta[0] + 1, -eta[1]
+        return (torch.digamma(a) - b.log(), a / b)
+
     def mean(self, params: Params) -> Tensor:
         return params[0] / params[1]
 
+    def channel_law(self, params: Params, axes: tuple[int, ...]) -> Params:
+        """Shape mean_hw a, rate chosen so that the mean is mean_hw (a / b)."""
+        a = params[0].mean(axes)
+        return a, a / (params[0] / params[1]).mean(axes)
+
     def feedback_potential(self, raw: Tensor) -> Natural:
         r1, r2 = self.split_raw(raw, 2, "feedback output")
-        return (F.softplus(r1), -F.softplus(r2))
+        return (self._shift(r1), -self._shift(r2))
+
+    def class_natural(self, beta: Natural) -> Natural:
+        return (beta[0], beta[1] - 1)  # reference Exp(1)
 
 
 @dataclass(repr=True)
 class Beta(_TwoPositive):
     """raw ``[..., 2C]`` -> (a, b) = softplus + min_param; m(alpha) = a / (a + b).
 
-    Feedback raw (r1, r2) ``[..., 2C]`` -> beta = (softplus(r1), softplus(r2)).
+    Feedback raw (r1, r2) ``[..., 2C]`` -> beta = (f(r1), f(r2)) with f = ``bounded_below``
+    (zero at zero); the prototype likelihood reads beta_c as Beta(1 + beta_1, 1 + beta_2).
     """
 
     name = "beta"
@@ -109,9 +135,21 @@ class Beta(_TwoPositive):
     def distribution(self, params: Params) -> dist.Beta:
         return dist.Beta(*params, validate_args=False)
 
+    def expected_stats(self, eta: Natural) -> tuple[Tensor, ...]:
+        """E[log z] = digamma(a) - digamma(a + b), E[log(1 - z)] = digamma(b) - digamma(a + b)."""
+        a, b = eta[0] + 1, eta[1] + 1
+        total = torch.digamma(a + b)
+        return (torch.digamma(a) - total, torch.digamma(b) - total)
+
     def mean(self, params: Params) -> Tensor:
         return params[0] / (params[0] + params[1])
 
+    def channel_law(self, params: Params, axes: tuple[int, ...]) -> Params:
+        """Concentration mean_hw (a + b), mean mean_hw (a / (a + b))."""
+        a, b = params
+        kappa, m = (a + b).mean(axes), (a / (a + b)).mean(axes)
+        return m * kappa, (1 - m) * kappa
+
     def feedback_potential(self, raw: Tensor) -> Natural:
         r1, r2 = self.split_raw(raw, 2, "feedback output")
-        return (F.softplus(r1), F.softplus(r2))
+        return (self._shift(r1), self._shift(r2))

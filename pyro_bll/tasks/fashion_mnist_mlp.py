@@ -34,6 +34,11 @@ class FashionMNISTMLPTask:
     def check_config(cls, cfg: RunConfig) -> None:
         check_blocks_divide_layers(cfg)
         refuse_vision_options(cfg)
+        if cfg.propagate == "params":
+            raise ConfigError(
+                "--propagate params: MLP blocks take mean or sample; drop it or use "
+                "--task s2s_reverse"
+            )
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

@@ -69,7 +69,15 @@ class S2SReverseTask:
 
         cfg = self.cfg
         d = cfg.d_model
-        blocks = transformer_blocks(self.vocab, 2 * self.n, d, cfg.layers, cfg.num_blocks, family)
+        blocks = transformer_blocks(
+            self.vocab,
+            2 * self.n,
+            d,
+            cfg.layers,
+            cfg.num_blocks,
+            family,
+            params_input=cfg.propagate == "params",
+        )
         n_blocks = len(blocks)
         feedback = FEEDBACKS[cfg.feedback](
             self.vocab, [family.feedback_size(d)] * n_blocks, family.feedback_init_std

@@ -1,0 +1,201 @@
+"""The sampling-free local likelihood (docs/likelihood_bound.md), over every family.
+
+Every check compares against a computation that does not go through the library's own
+log-normalisers: torch's ``log_prob`` of the class-conditional laws for the prototype
+logits, Monte Carlo draws for expectations, finite differences for gradients.
+"""
+
+import pytest
+import torch
+
+from pyro_bll.likelihoods import prototype_bound
+
+from utils import assert_close
+
+C, V = 6, 4  # latent channels, classes
+
+
+def _raw(n, *batch, scale=1.0):
+    return scale * torch.randn(*batch, n, dtype=torch.float64)
+
+
+def _setup(family, *batch):
+    alpha = family.params(_raw(family.raw_size(C), *batch))
+    protos = family.feedback_potential(_raw(family.feedback_size(C), V))  # [V, C(, K)]
+    beta_y_raw = _raw(family.feedback_size(C), *batch)
+    rho = family.posterior(alpha, family.feedback_potential(beta_y_raw))
+    return rho, protos
+
+
+def _class_laws(family, protos):
+    """The class-conditional laws pi_c = F(eta_ref + beta_c) as torch distributions."""
+    return family.distribution(family.from_natural(family.class_natural(protos)))
+
+
+def _log_q_by_torch(family, protos, z, y):
+    """log q(y | z) from torch's log-densities: softmax_c sum_C log pi_c(z). ``z [S, B, C]``."""
+    laws = _class_laws(family, protos)  # batch [V, C]
+    lp = laws.log_prob(z.unsqueeze(-2))  # [S, B, V, C]
+    logits = lp.sum(-1)  # [S, B, V]
+    return torch.log_softmax(logits, -1).gather(-1, y.expand(z.shape[0], -1).unsqueeze(-1))[..., 0]
+
+
+def test_prototype_logits_equal_the_class_laws_log_densities(family):
+    """potential_logits = sum_C log pi_c(z) up to a class-independent term (the base measure)."""
+    rho, protos = _setup(family, 5)
+    z = family.distribution(rho).sample()  # [5, C]
+    logits = family.potential_logits(z, protos)  # [5, V]
+    laws = _class_laws(family, protos)
+    direct = laws.log_prob(z.unsqueeze(-2)).sum(-1)  # [5, V]
+    diff = direct - logits
+    assert_close(diff, diff[:, :1].expand_as(diff), atol=1e-9, rtol=0)
+
+
+def test_expected_stats_match_monte_carlo(family):
+    rho, _ = _setup(family, 3)
+    eta = family.natural(rho)
+    z = family.distribution(rho).sample((200_000,))
+    for got, stat in zip(family.expected_stats(eta), family.sufficient_stats(z), strict=True):
+        mc = stat.mean(0)
+        se = stat.std(0) / 200_000**0.5
+        assert ((got - mc).abs() <= 5 * se + 1e-9).all(), (got, mc)
+
+
+def test_moment_generating_identity_matches_monte_carlo(family):
+    """E_rho exp<beta, T(z)> = exp(A(eta_rho + beta) - A(eta_rho)), the step the bound rests on."""
+    rho, _ = _setup(family, 3)
+    beta = family.feedback_potential(_raw(family.feedback_size(C), 3, scale=0.3))
+    eta = family.natural(rho)
+    z = family.distribution(rho).sample((400_000,))
+    log_w = family.inner(beta, family.sufficient_stats(z))  # [S, 3, C']
+    w = log_w.exp()
+    shifted = tuple(e + b for e, b in zip(eta, beta, strict=True))
+    exact = (family.log_normalizer(shifted) - family.log_normalizer(eta)).exp()
+    se = w.std(0) / 400_000**0.5
+    assert ((w.mean(0) - exact).abs() <= 6 * se + 1e-9).all()
+
+
+def test_bound_lies_below_the_monte_carlo_expectation(family):
+    rho, protos = _setup(family, 8)
+    y = torch.randint(V, (8,))
+    bound = prototype_bound(family, rho, protos, y)  # [8]
+    z = family.distribution(rho).sample((20_000,))  # [S, 8, C]
+    log_q = _log_q_by_torch(family, protos, z, y)  # [S, 8]
+    mc, se = log_q.mean(0), log_q.std(0) / 20_000**0.5
+    assert (bound <= mc + 4 * se).all(), (bound, mc)
+    assert (bound > mc - 20).all()  # a bound, but not a vacuous one
+
+
+def test_bound_is_exact_for_a_point_mass_limit():
+    """For a Gaussian rho with a vanishing variance Jensen is tight: the bound is log q(y|mu)."""
+    from pyro_bll import make_family
+
+    fam = make_family("gaussian_learned", min_scale=0.0)
+    mu = torch.randn(4, C, dtype=torch.float64)
+    rho = (mu, torch.full_like(mu, 1e-4))  # smaller: A's cancellation error grows
+    protos = fam.feedback_potential(_raw(2 * C, V))
+    y = torch.randint(V, (4,))
+    exact = torch.log_softmax(_class_laws(fam, protos).log_prob(mu.unsqueeze(-2)).sum(-1), -1)
+    assert_close(prototype_bound(fam, rho, protos, y), exact.gather(-1, y[:, None])[:, 0],
+                 atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_bound_on_a_pooled_map_lies_below_the_monte_carlo_expectation(family):
+    """``pool``: logits are the mean over the map's locations of the per-location logits."""
+    rho, protos = _setup(family, 3, 2, 2)  # [B, H, W, C]
+    y = torch.randint(V, (3,))
+    bound = prototype_bound(family, rho, protos, y, weight=1 / 4, spatial_dims=2)
+    z = family.distribution(rho).sample((20_000,))  # [S, 3, 2, 2, C(, K)]
+    laws = _class_laws(family, protos)
+    per_loc = laws.log_prob(z.unsqueeze(-2)).sum(-1)  # [S, 3, 2, 2, V]
+    log_q = torch.log_softmax(per_loc.mean((2, 3)), -1)
+    log_q = log_q.gather(-1, y.expand(20_000, -1).unsqueeze(-1))[..., 0]
+    mc, se = log_q.mean(0), log_q.std(0) / 20_000**0.5
+    assert (bound <= mc + 4 * se).all(), (bound, mc)
+
+
+def test_bound_gradient_matches_finite_differences(family):
+    """Autograd through alpha's raw outputs and the feedback's equals central differences."""
+    a_raw = _raw(family.raw_size(C), 2).requires_grad_()
+    b_raw = _raw(family.feedback_size(C), V).requires_grad_()
+    y = torch.tensor([1, 3])
+
+    def f(a, b):
+        protos = family.feedback_potential(b)
+        rho = family.posterior(family.params(a), tuple(p[y] for p in protos))
+        return prototype_bound(family, rho, protos, y).sum()
+
+    f(a_raw, b_raw).backward()
+    for x, grad in ((a_raw, a_raw.grad), (b_raw, b_raw.grad)):
+        eps = 1e-6
+        for i in range(0, x.numel(), 3):
+            d = torch.zeros_like(x).flatten()
+            d[i] = eps
+            d = d.view_as(x)
+            with torch.no_grad():
+                args = (a_raw + d, b_raw) if x is a_raw else (a_raw, b_raw + d)
+                args_m = (a_raw - d, b_raw) if x is a_raw else (a_raw, b_raw - d)
+                fd = (f(*args) - f(*args_m)) / (2 * eps)
+            assert_close(grad.flatten()[i], fd, atol=1e-6, rtol=1e-5)
+
+
+def test_a_zero_raw_feedback_output_sends_no_information(family):
+    """Contract: an untrained feedback network leaves rho at alpha (documented exception:
+    the paper's fixed-variance Gaussian, whose zero output is the potential of N(0, sigma^2))."""
+    beta = family.feedback_potential(torch.zeros(3, family.feedback_size(C), dtype=torch.float64))
+    if family.zero_raw_is_uninformative:
+        for b in beta:
+            assert b.abs().max() <= family.zero_potential_tol
+    else:
+        prior = family.natural((torch.zeros(3, C, dtype=torch.float64),
+                                torch.full((3, C), family.sigma, dtype=torch.float64)))  # fmt: skip
+        for b, p in zip(beta, prior, strict=True):
+            assert_close(b, p, atol=1e-12, rtol=0)
+
+
+def test_two_extreme_potentials_keep_the_bound_finite(family):
+    """eta(alpha) + beta_y + beta_c stays a valid parameter for any raw feedback outputs."""
+    alpha = family.params(_raw(family.raw_size(C), 5, scale=30.0))
+    for sign in (-1.0, 1.0):
+        raw = sign * 60.0 * torch.ones(V, family.feedback_size(C), dtype=torch.float64)
+        protos = family.feedback_potential(raw)
+        rho = family.posterior(alpha, tuple(p[torch.zeros(5, dtype=torch.long)] for p in protos))
+        family.check_params(rho)
+        assert torch.isfinite(prototype_bound(family, rho, protos, torch.arange(5) % V)).all()
+
+
+def test_channel_law_has_the_maps_mean(family):
+    """``--message channel``: the summary's mean is the spatial mean of the map's means."""
+    alpha = family.params(_raw(family.raw_size(C), 2, 3, 3))  # [B, H, W, C(, K)]
+    law = family.channel_law(alpha, (1, 2))
+    family.check_params(law)
+    got = family.distribution(law).mean
+    want = family.distribution(alpha).mean.mean((1, 2))
+    if family.stat_dims:  # a categorical's mean is its probability vector
+        got = family.distribution(law).probs
+        want = family.distribution(alpha).probs.mean((1, 2))
+    assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+def test_unconstrained_parameters_have_the_raw_width(family):
+    alpha = family.params(_raw(family.raw_size(C), 2, 5))
+    u = family.unconstrained(alpha)
+    assert u.shape == (2, 5, family.raw_size(C)) and torch.isfinite(u).all()
+
+
+@pytest.mark.parametrize("estimator", ["bound", "sample"])
+def test_chain_uses_the_bound_only_when_asked(estimator):
+    """The ELBO's likelihood term is the bound (deterministic) or a draw (varies)."""
+    from pyro_bll import BLLChain, BlockLocalELBO, make_family
+    from pyro_bll.guides import LinearFeedback
+    from pyro_bll.likelihoods import CategoricalHead
+
+    fam = make_family("bernoulli")
+    blocks = [torch.nn.Linear(3, C), torch.nn.Linear(C, C)]
+    chain = BLLChain(blocks, fam, LinearFeedback(V, [C, C]), CategoricalHead(C, V),
+                     likelihood=estimator, register_params=False)  # fmt: skip
+    x, y = torch.randn(16, 3), torch.randint(V, (16,))
+    elbo = BlockLocalELBO(2)
+    values = {elbo.block_losses(chain.model, chain.guide, x, y).terms["nll"][0].item()
+              for _ in range(3)}  # fmt: skip
+    assert (len(values) == 1) == (estimator == "bound")
