@@ -142,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pred-weight",
         type=float,
-        default=d.pred_weight,
-        help="weight lambda of the per-block predictive loss (0 switches it off)",
+        default=argparse.SUPPRESS,
+        help="weight lambda of the per-block predictive loss (0 switches it off; default: "
+        + _per_task("pred_weight", d.pred_weight)
+        + ")",
     )
     p.add_argument(
         "--pred-head",

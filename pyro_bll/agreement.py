@@ -31,6 +31,12 @@ Gaussian, m(pi_c) is the feedback output b_c.
   the spatial mean (``BLLChain.latent_params``), so every statistic of the block is one
   site per example. For families with positive
   means (Bernoulli, categorical, Poisson, Gamma, Beta) cosines are positive by construction.
+* ``feedback_weight``: how far the feedback moves rho_k's mean from alpha_k's towards the
+  label's prototype, <m(rho) - m(alpha), m(pi_y) - m(alpha)> / ||m(pi_y) - m(alpha)||^2,
+  averaged over the sites compared with the prototype. For Gaussians of precisions
+  P_alpha and P_beta it is P_beta / (P_alpha + P_beta): 1/2 for the paper's channel-wise
+  latent (``--message channel``), 1 / (H W + 1) for the spatial-mean latent (``mean``),
+  0 for an untrained feedback network.
 * ``local_acc``: accuracy of block k's local likelihood q_k(y | z_k) at draws
   z_k ~ alpha_k (the forward message alone, as at test time; at draws from rho_k the label
   would leak in through beta_k), per valid label; the last block uses the output head
@@ -50,8 +56,13 @@ from torch.distributions import Distribution
 from .chain import BLLChain, _prototype
 from .families import Params
 
-SCALARS = ("kl", "mean_msd", "mean_cos", "proto_msd", "proto_cos", "local_acc")
-LOGGED = ("mean_cos", "proto_cos", "local_acc")  # logged during training (StepAgreement)
+SCALARS = ("kl", "mean_msd", "mean_cos", "proto_msd", "proto_cos", "feedback_weight", "local_acc")
+LOGGED = (
+    "mean_cos",
+    "proto_cos",
+    "feedback_weight",
+    "local_acc",
+)  # logged during training (StepAgreement)
 
 
 @dataclass
@@ -71,6 +82,7 @@ class BlockSums:
     proto_sites: Tensor  # [B] sites compared with the prototype
     proto_msd: Tensor  # [B]
     proto_cos: Tensor  # [B]
+    feedback_weight: Tensor  # [B]
     correct: Tensor  # [B, D] correct local-likelihood predictions, one column per draw
     class_sites: Tensor | None = None  # [B, V] prototype sites per true class
     proto_msd_class: Tensor | None = None  # [B, V]
@@ -97,7 +109,13 @@ def _label_logits(fn: Distribution) -> Tensor:
 def prototype_means(chain: BLLChain, k: int) -> Tensor:
     """m(pi_c) for every class c, ``[V, C]``: the means of the normalised class potentials."""
     fam = chain.families[k]
-    return fam.mean(fam.from_natural(chain.class_potentials(k)))
+    return fam.mean(fam.from_natural(fam.class_natural(chain.class_potentials(k))))
+
+
+def _feedback_weight(m_a: Tensor, m_r: Tensor, proto: Tensor) -> Tensor:
+    """<m_r - m_a, proto - m_a> / ||proto - m_a||^2 over the last axis (``feedback_weight``)."""
+    d_p = proto - m_a
+    return ((m_r - m_a) * d_p).sum(-1) / d_p.pow(2).sum(-1).clamp(min=1e-12)
 
 
 def local_logits(chain: BLLChain, k: int, alpha: Params, z: Tensor) -> Tensor:
@@ -148,10 +166,11 @@ def block_sums(
     num_classes = protos.shape[0]
     y_safe = torch.where(labels_valid, y, torch.zeros_like(y))
     pooled = _spatial_axes(chain)
-    m_ap, p_valid = m_a, valid
+    m_ap, m_rp, p_valid = m_a, m_r, valid
     if pooled is not None and y.dim() == 1:
-        m_ap, p_valid = m_a.mean(pooled), valid.mean(pooled)
+        m_ap, m_rp, p_valid = m_a.mean(pooled), m_r.mean(pooled), valid.mean(pooled)
     y_sites = _expand_labels(y_safe, m_ap.shape[:-1])
+    fb_weight = _feedback_weight(m_ap, m_rp, protos[y_sites])
     diff_p = m_ap - protos[y_sites]
     proto_sq = diff_p.pow(2).mean(-1)
     proto_cos = F.cosine_similarity(m_ap, protos[y_sites], dim=-1, eps=1e-12)
@@ -179,6 +198,7 @@ def block_sums(
         proto_sites=_per_example(p_valid),
         proto_msd=_per_example(proto_sq * p_valid),
         proto_cos=_per_example(proto_cos * p_valid),
+        feedback_weight=_per_example(fb_weight * p_valid),
         correct=torch.cat(correct, dim=1) if correct else kl.new_zeros(b, 0),
     )
     if per_class:
@@ -212,6 +232,7 @@ def summarise(sums: BlockSums, weights: Tensor | None = None) -> dict[str, Tenso
         "mean_cos": (w @ sums.mean_cos) / sites,
         "proto_msd": (w @ sums.proto_msd) / psites,
         "proto_cos": (w @ sums.proto_cos) / psites,
+        "feedback_weight": (w @ sums.feedback_weight) / psites,
         "local_acc": correct / labels,
         "kl_channel": (w @ sums.kl) / sites.unsqueeze(-1),
     }
@@ -243,9 +264,9 @@ def _quick(chain: BLLChain, k: int, alpha: Params, y: Tensor, mask: Tensor | Non
     m_a = fam.mean(site)
     m_r = fam.mean(fam.posterior(site, chain.feedback_message(k, y, mask, site)))
     w = None if mask is None else _expand_labels(mask, m_a.shape[:-1]).to(m_a.dtype)
-    m_ap, w_p, pooled = m_a, w, _spatial_axes(chain)
+    m_ap, m_rp, w_p, pooled = m_a, m_r, w, _spatial_axes(chain)
     if pooled is not None and y.dim() == 1:
-        m_ap = m_a.mean(pooled)
+        m_ap, m_rp = m_a.mean(pooled), m_r.mean(pooled)
     y_safe = y if mask is None else torch.where(mask.bool(), y, torch.zeros_like(y))
     protos = prototype_means(chain, k).to(m_a.dtype)[_expand_labels(y_safe, m_ap.shape[:-1])]
     z = fam.distribution(site).sample((1,))[0]
@@ -254,6 +275,7 @@ def _quick(chain: BLLChain, k: int, alpha: Params, y: Tensor, mask: Tensor | Non
         [
             _masked_mean(F.cosine_similarity(m_r, m_a, dim=-1, eps=1e-12), w),
             _masked_mean(F.cosine_similarity(m_ap, protos, dim=-1, eps=1e-12), w_p),
+            _masked_mean(_feedback_weight(m_ap, m_rp, protos), w_p),
             _masked_mean(hit, None if mask is None else mask.to(m_a.dtype)),
         ]
     )

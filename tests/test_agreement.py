@@ -60,7 +60,7 @@ def test_feedback_equal_to_the_forward_message_gives_zero_disagreement(family):
     # the prototype statistics vanish when the forward message is the label's prototype
     for k in range(chain.num_blocks):
         fam = chain.families[k]
-        alpha = fam.from_natural(tuple(p[y] for p in chain.class_potentials(k)))
+        alpha = fam.from_natural(fam.class_natural(tuple(p[y] for p in chain.class_potentials(k))))
         s = summarise(block_sums(chain, k, alpha, y, None, draws=2))
         assert_close(s["proto_msd"], [0.0], atol=1e-6)
         assert_close(s["proto_cos"], [1.0], atol=1e-5)

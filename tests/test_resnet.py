@@ -158,7 +158,7 @@ def test_prototype_logits_on_the_map(message, name):
     reduce = {"pool": lambda t: t.mean((1, 2)), "broadcast": lambda t: t.sum((1, 2))}[message]
     n = {"pool": 1, "broadcast": 36}[message]
     hand = sum(reduce(s) @ p.flatten(1).T for s, p in zip(stats, protos, strict=True))
-    hand = hand - n * fam.log_normalizer(protos).flatten(1).sum(-1)  # [B, V]
+    hand = hand - n * fam.log_normalizer(fam.class_natural(protos)).flatten(1).sum(-1)  # [B, V]
     q = chain.local_likelihoods[0](chain, 0, z)
     assert q.batch_shape == (4,)
     assert_close(q.logits, torch.log_softmax(hand, -1), atol=1e-4, rtol=1e-5)
