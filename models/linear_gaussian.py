@@ -12,7 +12,7 @@ Every exact quantity is Gaussian (all ``[B]`` for a batch of scalar x, y):
 * evidence          log p(y | x) = log N(y; G_k m_k + H_k, G_k^2 S_k + R_k)  (any k);
 * posterior         p(z_k | x, y) = alpha_k(z) p(y | z) / p(y | x).
 
-Blocks propagate full parameters (mean and scale), as DESIGN.md asks of the exact block,
+Blocks propagate full parameters (mean and scale), as the exact block must (docs/math.md §2),
 and the chain uses the learned-variance Gaussian family with ``min_scale = 0``.
 """
 

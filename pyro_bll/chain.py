@@ -1,6 +1,6 @@
 """The latent chain as a Pyro program: forward blocks as model, feedback network as guide.
 
-Model (the forward network N_A, conditional on x; DESIGN.md section 1):
+Model (the forward network N_A, conditional on x; docs/math.md §1):
 
     alpha_k = F_k.params( f_k( m(alpha_{k-1}) ) )       alpha_0 = x
     z_k ~ F_k(alpha_k)                                  site "z_k", infer["block"] = k

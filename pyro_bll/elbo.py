@@ -1,6 +1,6 @@
 """The block-local ELBO: Pyro's per-site ELBO terms, grouped into one loss per block.
 
-For block k (DESIGN.md section 1, the paper's Eq. for the local loss):
+For block k (docs/math.md §2; the paper's Eq. 3-4):
 
     l_k = KL(rho_k || alpha_k) - E_{rho_k}[log q_k(y | z_k)] + lambda * CE_k
 

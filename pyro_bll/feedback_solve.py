@@ -1,4 +1,4 @@
-"""Feedback by convex solve (DESIGN.md section 1; the paper notes the closed form).
+"""Feedback by convex solve (docs/math.md; the paper notes the closed form).
 
 For the fixed-variance Gaussian and the linear feedback beta_k = W_k e_y, the agreement
 term of block k is KL(rho_k || alpha_k) = sum ||m_i - W_k e_{y_i}||^2 / (8 sigma^2) + const,

@@ -1,4 +1,4 @@
-"""DESIGN.md section 2, item 2: exactness on a linear-Gaussian chain (float64)."""
+"""docs/math.md §2: exactness on a linear-Gaussian chain (float64)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""DESIGN.md section 2, item 1: the algebra of every registered family."""
+"""docs/families.md: the algebra of every registered family."""
 
 import math
 

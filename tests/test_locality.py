@@ -1,4 +1,4 @@
-"""DESIGN.md section 2, item 3: every block learns from its own loss only."""
+"""docs/math.md §2: every block learns from its own loss only."""
 
 import torch
 

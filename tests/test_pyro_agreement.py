@@ -1,4 +1,4 @@
-"""DESIGN.md section 2, item 4: with detaching and local likelihoods off, our objective is
+"""docs/math.md §2: with detaching and local likelihoods off, our objective is
 Pyro's own negative ELBO for the same model and guide."""
 
 import pyro

@@ -109,7 +109,8 @@ def test_task_defaults_and_explicit_options():
     cfg, _ = run.parse_config(["--task", "cifar10"])
     assert (cfg.blocks, cfg.data_dir) == (None, None)  # unset: validate fills the task's
     cfg.validate()
-    assert (cfg.blocks, cfg.batch_size, cfg.lr, cfg.data_dir) == (4, 128, 1e-3, DEFAULT_CIFAR10)
+    assert (cfg.blocks, cfg.batch_size, cfg.lr, cfg.data_dir) == (4, 128, 4e-3, DEFAULT_CIFAR10)
+    assert cfg.pred_weight == 4.0  # chosen on the validation split
     cfg, _ = run.parse_config(["--task", "fashion_mnist", "--batch-size", "7", "--lr", "0.1"])
     cfg.validate()
     assert (cfg.batch_size, cfg.lr, cfg.data_dir) == (7, 0.1, DEFAULT_FASHION_MNIST)

@@ -33,7 +33,7 @@ def toy_batch(n=16, in_dim=6, classes=4):
 
 
 def assert_block_local(chain: BLLChain, per_block: torch.Tensor) -> None:
-    """DESIGN.md section 2, item 3, on block losses ``per_block [N]`` of ``chain``: the
+    """docs/math.md §2 (locality), on block losses ``per_block [N]`` of ``chain``: the
     total loss's gradient for block k's parameters equals that of l_k alone, l_k gives no
     other parameter a gradient, and every parameter belongs to exactly one block."""
     params = list(chain.parameters())

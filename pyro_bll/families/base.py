@@ -4,7 +4,7 @@ A family describes the distribution F(alpha) over one block's latent z, channel-
 the last dimension: a block output of shape ``[..., n_raw * C]`` becomes parameters of C
 independent scalar distributions, each of shape ``[..., C]``.
 
-Conventions (DESIGN.md, section 1). Every family is an exponential family
+Conventions (docs/math.md §1). Every family is an exponential family
 
     F(z; eta) = h(z) exp(<eta, T(z)> - A(eta)),
 
