@@ -26,17 +26,6 @@ from pyro_bll.tasks.s2s_reverse import make_sequences
 from utils import assert_close, mlp_chain
 
 
-def _zero_feedback(chain):
-    """beta_k = 0 for every block: rho_k = alpha_k exactly."""
-    original = chain.feedback_message
-
-    def zero(k, y, mask, alpha=None):
-        return tuple(torch.zeros_like(b) for b in original(k, y, mask, alpha))
-
-    chain.feedback_message = zero
-    return chain
-
-
 def _ks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Two-sample Kolmogorov-Smirnov distance of the draws (axis 0) of every coordinate."""
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
@@ -49,21 +38,45 @@ def _ks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
-def test_feedback_equal_to_the_forward_message_gives_zero_disagreement(family):
-    chain = _zero_feedback(mlp_chain(family, register_params=False).eval())
+def test_statistics_of_the_papers_gaussian_by_hand():
+    """kl, mean_msd, proto_msd, proto_cos and feedback_weight from the Gaussian formulas in
+    numpy (rho = N((a + b_y) / 2, sigma^2 / 2), prototypes b_c), not from the library."""
+    sigma = 0.8
+    chain = mlp_chain(make_family("gaussian", sigma=sigma), register_params=False).double()
+    with torch.no_grad():
+        for layer in chain.feedback.layers:
+            layer.weight.normal_(0, 1.5)
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 4, (32,))
+    for k, alpha in enumerate(forward_messages(chain, x)[:-1]):
+        s = summarise(block_sums(chain, k, alpha, y, None, draws=2))
+        a = alpha[0].detach().numpy()
+        protos = chain.feedback.layers[k].weight.detach().numpy()
+        b = protos[y.numpy()]
+        m_r = (a + b) / 2
+        kl = (0.5 * (0.5 + (m_r - a) ** 2 / sigma**2 - 1 - np.log(0.5))).sum(-1)
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert_close(s["kl"], [kl.mean()], atol=1e-9, rtol=1e-9)
+        assert_close(s["mean_msd"], [((m_r - a) ** 2).mean()], atol=1e-9, rtol=1e-9)
+        assert_close(s["proto_msd"], [((a - b) ** 2).mean()], atol=1e-9, rtol=1e-9)
+        assert_close(s["proto_cos"], [cos.mean()], atol=1e-9, rtol=1e-9)
+        assert_close(s["feedback_weight"], [0.5], atol=1e-9)
+
+
+def test_an_untrained_feedback_network_leaves_rho_at_alpha(family):
+    """Zero raw feedback outputs (the contract of every family but the paper's Gaussian):
+    the densities of rho and alpha overlap and the reported disagreement vanishes."""
+    if not family.zero_raw_is_uninformative:
+        return  # the paper's Gaussian: covered by test_statistics_of_the_papers_gaussian_by_hand
+    chain = mlp_chain(family, register_params=False).eval()
+    with torch.no_grad():
+        for layer in chain.feedback.layers:
+            layer.weight.zero_()
     x, y = _clusters(64, torch.Generator().manual_seed(1))
     run = collect(chain, x, y, None, draws=400, examples=2, positions=1, channels=6)
     for name, value in (("kl", 0.0), ("mean_msd", 0.0), ("mean_cos", 1.0)):
-        assert_close(run.stats[name], np.full_like(run.stats[name], value), atol=1e-5, msg=name)
+        assert_close(run.stats[name], np.full_like(run.stats[name], value), atol=2e-3, msg=name)
     ks = _ks(run.z_rho, run.z_alpha)  # rho = alpha: the densities overlap
     assert ks.mean() < 0.06 and ks.max() < 0.2, ks
-    # the prototype statistics vanish when the forward message is the label's prototype
-    for k in range(chain.num_blocks):
-        fam = chain.families[k]
-        alpha = fam.from_natural(fam.class_natural(tuple(p[y] for p in chain.class_potentials(k))))
-        s = summarise(block_sums(chain, k, alpha, y, None, draws=2))
-        assert_close(s["proto_msd"], [0.0], atol=1e-6)
-        assert_close(s["proto_cos"], [1.0], atol=1e-5)
 
 
 @cache

