@@ -162,14 +162,10 @@ def prototype_bound(
     eta = family.natural(rho)
     k = family.stat_dims
     cls = -(2 + k)  # where the class axis goes in front of the channel (and statistic) axes
-    shifted = tuple(e.unsqueeze(cls) + weight * p for e, p in zip(eta, prototypes, strict=True))
-
-    def per_channel_sum(a: Tensor) -> Tensor:  # A(.) is [..., C]: sum the channels
-        return a.sum(-1)
-
-    log_mgf = per_channel_sum(family.log_normalizer(shifted)) - per_channel_sum(
-        family.log_normalizer(eta)
-    ).unsqueeze(-1)  # [B, *L, *S, V]
+    eta_c = tuple(e.unsqueeze(cls) for e in eta)  # [B, *L, *S, 1, C(, K)]
+    beta_c = tuple(weight * p for p in prototypes)  # [V, C(, K)]
+    # log E_rho exp<w beta_c, T(z)> summed over channels: [B, *L, *S, V]
+    log_mgf = family.log_normalizer_shift(eta_c, beta_c).sum(-1)
     flat = k + 1
     stats = [t.flatten(-flat) for t in family.expected_stats(eta)]  # [B, *L, *S, C']
     expected = sum(

@@ -157,6 +157,15 @@ class Family(ABC):
     def expected_stats(self, eta: Natural) -> tuple[Tensor, ...]:
         """E_eta[T(z)] = grad A(eta), one tensor per statistic, shaped like ``eta``."""
 
+    def log_normalizer_shift(self, eta: Natural, beta: Natural) -> Tensor:
+        """A(eta + beta) - A(eta), ``[..., C]``: the log of E_eta exp<beta, T(z)>.
+
+        Families whose A cancels badly for concentrated laws (the Gaussians: A grows like
+        the precision) override it with an algebraically equal, stable form.
+        """
+        shifted = tuple(e + b for e, b in zip(eta, beta, strict=True))
+        return self.log_normalizer(shifted) - self.log_normalizer(eta)
+
     def class_natural(self, beta: Natural) -> Natural:
         """eta_ref + beta: the class-conditional law the prototype likelihood reads beta as."""
         return beta

@@ -64,6 +64,24 @@ class _DiagonalGaussian(Family):
         mu = eta[0] * var
         return (mu, mu * mu + var)
 
+    def log_normalizer_shift(self, eta: Natural, beta: Natural) -> Tensor:
+        """A(eta + beta) - A(eta) without the cancellation of two O(precision) terms.
+
+        With eta = (mu P, -P / 2) and P' = P - 2 beta_2 (the shifted precision),
+
+            A(eta + beta) - A(eta) = (2 beta_2 mu^2 P + 2 beta_1 mu P + beta_1^2) / (2 P')
+                                     - log(P' / P) / 2,
+
+        which tends to <beta, T(mu)> as P grows (a point mass), instead of a difference of
+        two numbers of size mu^2 P.
+        """
+        prec = -2 * eta[1]
+        mu = eta[0] / prec
+        b1, b2 = beta
+        shifted = prec - 2 * b2
+        quad = (2 * b2 * mu * mu * prec + 2 * b1 * mu * prec + b1 * b1) / (2 * shifted)
+        return quad - 0.5 * torch.log1p(-2 * b2 / prec)
+
     def mean(self, params: Params) -> Tensor:
         return params[0]
 
