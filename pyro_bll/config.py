@@ -130,6 +130,8 @@ class RunConfig:
             raise ConfigError(
                 f"unknown --bll-terms {','.join(unknown)}; valid: {','.join(BLL_TERMS)}"
             )
+        if self.likelihood is not None and self.method != "bll":
+            raise ConfigError("--likelihood applies to --method bll only; drop it")
         if self.method != "bll" and sorted(self.bll_terms) != sorted(BLL_TERMS):
             raise ConfigError("--bll-terms applies to --method bll only; drop it")
         if self.pred_weight < 0:

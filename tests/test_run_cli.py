@@ -76,6 +76,8 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, method
         ["--feedback", "mlp"],
         ["--feedback-update", "solve", "--ridge", "0.5"],
         ["--propagate", "sample"],
+        ["--propagate", "params", "--family", "gamma"],
+        ["--likelihood", "sample", "--family", "bernoulli"],
         ["--family", "categorical", "--family-arg", "group_size=4"],
     ],
 )
@@ -102,6 +104,17 @@ def test_options_run_end_to_end(tmp_path, extra):
         (["--layers", "4", "--blocks", "3"], "--blocks 3 must be positive and divide --layers 4"),
         (["--seq-len", "0"], "--seq-len must be positive"),
         (["--family-arg", "sigma=-1"], "sigma must be > 0"),
+        (["--likelihood", "exact"], "invalid choice: 'exact' (choose from 'bound', 'sample')"),
+        (["--method", "bp", "--likelihood", "sample"], "--likelihood applies to --method bll"),
+        (
+            ["--propagate", "logits"],
+            "invalid choice: 'logits' (choose from 'mean', 'params', 'sample')",
+        ),
+        (
+            ["--task", "fashion_mnist_mlp", "--propagate", "params"],
+            "MLP blocks take mean or sample",
+        ),
+        (["--message", "everywhere"], "invalid choice: 'everywhere'"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
