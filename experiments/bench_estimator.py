@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pyro_bll import BlockLocalELBO, make_family, seed_everything
-from pyro_bll.config import RunConfig
+from pyro_bll.build import config_for_task
 from pyro_bll.elbo import _with_score_function
 from pyro_bll.tasks import S2SReverseTask
 
@@ -79,7 +79,9 @@ def main() -> None:
     rows = {}
     for name in args.families:
         seed_everything(0)
-        cfg = RunConfig(layers=5, batch_size=args.batch_size, train_size=args.batch_size)
+        cfg = config_for_task(
+            "s2s_reverse", layers=5, batch_size=args.batch_size, train_size=args.batch_size
+        )
         task = S2SReverseTask(cfg)
         chain = task.build_chain(make_family(name, **OPTIONS.get(name, {})))
         x, y, mask = next(task.train_batches(0))

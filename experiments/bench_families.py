@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from common import run_seeds
 
+from pyro_bll.build import config_for_task
 from pyro_bll.config import RunConfig
 from pyro_bll.families import FAMILIES
 
 TASKS = {
-    "s2s_reverse": RunConfig(task="s2s_reverse", layers=5, epochs=5),
-    "fashion_mnist_mlp": RunConfig(
+    "s2s_reverse": config_for_task(task="s2s_reverse", layers=5, epochs=5),
+    "fashion_mnist_mlp": config_for_task(
         task="fashion_mnist_mlp", layers=3, d_model=256, epochs=3, batch_size=100, lr=1e-3
     ),
 }

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pyro_bll.build import config_for_task
 from pyro_bll.config import RunConfig
 from pyro_bll.distributed.schedule import SCHEDULES
 from pyro_bll.distributed.stage import RankStage
@@ -50,7 +51,8 @@ from pyro_bll.training import Trainer
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(
+    return config_for_task(
+        "s2s_reverse",
         layers=args.layers,
         blocks=args.ranks,
         d_model=args.d_model,

@@ -21,7 +21,7 @@ import pyro
 import torch
 
 from pyro_bll import make_family, seed_everything
-from pyro_bll.config import RunConfig
+from pyro_bll.build import config_for_task
 from pyro_bll.methods import BLL, Backprop
 from pyro_bll.reference import plain_block_losses
 from pyro_bll.tasks import S2SReverseTask
@@ -43,7 +43,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pyro.enable_validation(False)
     seed_everything(0)
-    cfg = RunConfig(
+    cfg = config_for_task(
+        "s2s_reverse",
         layers=args.layers,
         d_model=args.d_model,
         batch_size=args.batch_size,

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pyro_bll.build import validate
 from pyro_bll.config import RunConfig
 from pyro_bll.training import main
 
@@ -20,7 +21,7 @@ def finished_metrics(cfg: RunConfig) -> dict[str, Any] | None:
         return None
     m = json.loads(path.read_text())
     resolved = replace(cfg)
-    resolved.validate()  # fills the task's defaults, as the stored config has them
+    validate(resolved)  # fills the task's defaults, as the stored config has them
     same = RunConfig.from_dict({**m["config"], "overwrite": cfg.overwrite}).to_dict() == (
         resolved.to_dict()
     )

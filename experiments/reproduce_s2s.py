@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from common import run_seeds
 
-from pyro_bll.config import RunConfig
+from pyro_bll.build import config_for_task
 from pyro_bll.plots import plot_runs
 
 
@@ -39,7 +39,8 @@ def main() -> None:
     for layers in args.layers:
         for method in args.methods:
             name = f"{method}_L{layers}_N{layers}"
-            base = RunConfig(
+            base = config_for_task(
+                "s2s_reverse",
                 method=method,
                 layers=layers,
                 epochs=args.epochs,

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from common import run_seeds  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from pyro_bll.build import config_for_task, validate
 from pyro_bll.config import ConfigError, RunConfig  # noqa: E402
 from pyro_bll.likelihoods import PRED_HEADS  # noqa: E402
 
@@ -103,7 +104,7 @@ def configs(args: argparse.Namespace) -> dict[tuple[str, str, str], RunConfig]:
     for task in args.tasks:
         for arch in args.archs:
             for method in args.methods:
-                cfg = RunConfig.for_task(
+                cfg = config_for_task(
                     task,
                     **given,
                     method=method,
@@ -121,7 +122,7 @@ def configs(args: argparse.Namespace) -> dict[tuple[str, str, str], RunConfig]:
                     amp=args.amp,
                     threads=args.threads,
                 )
-                cfg.validate()
+                validate(cfg)
                 out[task, arch, method] = cfg
     return out
 

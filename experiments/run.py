@@ -11,7 +11,7 @@ import ast
 import os
 import sys
 
-from pyro_bll.config import LR_SCHEDULES, ConfigError, RunConfig
+from pyro_bll.config import COMMON_DEFAULTS, LR_SCHEDULES, ConfigError, RunConfig
 from pyro_bll.families import FAMILIES
 from pyro_bll.guides import FEEDBACKS, MESSAGES
 from pyro_bll.likelihoods import PRED_HEADS
@@ -41,8 +41,10 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _per_task(key: str, fallback: object) -> str:
+def _per_task(key: str, fallback: object = None) -> str:
     """An option's default for every task, for the help text: "s2s_reverse 50, ..."."""
+    if fallback is None:
+        fallback = COMMON_DEFAULTS.get(key, "-")
     return ", ".join(f"{n} {t.DEFAULTS.get(key, fallback)}" for n, t in TASKS.items())
 
 
@@ -73,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="family option, e.g. sigma=0.5 (repeatable)",
     )
-    p.add_argument("--layers", type=int, default=d.layers, help="transformer layers L")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="layers of the transformer or MLP (default: " + _per_task("layers") + ")",
+    )
     p.add_argument(
         "--blocks",
         type=int,
@@ -82,14 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
         "loss after every layer as in the paper); vision tasks: 1 to the residual units "
         "of --arch (default 4, the paper)",
     )
-    p.add_argument("--d-model", type=int, default=d.d_model, help="width of the residual stream")
+    p.add_argument(
+        "--d-model",
+        type=int,
+        default=None,
+        help="width of the transformer's residual stream or of the MLP's layers (default: "
+        + _per_task("d_model")
+        + ")",
+    )
     p.add_argument(
         "--seq-len",
         type=int,
         default=d.seq_len,
         help="s2s_reverse: length n of the permutation to reverse",
     )
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (default: " + _per_task("epochs") + ")",
+    )
     p.add_argument(
         "--train-size",
         type=int,
@@ -124,27 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=argparse.SUPPRESS,
-        help="mini-batch size (default: " + _per_task("batch_size", d.batch_size) + ")",
+        help="mini-batch size (default: " + _per_task("batch_size") + ")",
     )
     p.add_argument(
         "--lr",
         type=float,
         default=argparse.SUPPRESS,
-        help="Adam learning rate (default: " + _per_task("lr", d.lr) + ")",
+        help="Adam learning rate (default: " + _per_task("lr") + ")",
     )
     p.add_argument(
         "--lr-schedule",
         default=argparse.SUPPRESS,
         choices=LR_SCHEDULES,
         help="constant, or cosine: the learning rate decays per step to 0 over --epochs "
-        "(default: " + _per_task("lr_schedule", d.lr_schedule) + ")",
+        "(default: " + _per_task("lr_schedule") + ")",
     )
     p.add_argument(
         "--pred-weight",
         type=float,
         default=argparse.SUPPRESS,
         help="weight lambda of the per-block predictive loss (0 switches it off; default: "
-        + _per_task("pred_weight", d.pred_weight)
+        + _per_task("pred_weight")
         + ")",
     )
     p.add_argument(
@@ -224,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per channel, with variance sigma^2 / (H W), so beta_k barely acts; Gaussian families), "
         "pool (a potential on the "
         "spatial mean of the statistics, beta_k / (H W) at every location) or broadcast "
-        "(beta_k at every location); default: " + _per_task("message", d.message),
+        "(beta_k at every location); default: " + _per_task("message"),
     )
     p.add_argument(
         "--sim-weight",
@@ -342,9 +361,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     ns = build_parser().parse_args(argv)
     skip = ("family_arg", "no_progress", "no_augment", "task", "diagnostics")
     fields = {k: v for k, v in vars(ns).items() if k not in skip}
-    cfg = RunConfig.for_task(
-        ns.task, **fields, augment=not ns.no_augment, family_args=dict(ns.family_arg)
-    )
+    cfg = RunConfig(
+        task=ns.task, **fields, augment=not ns.no_augment, family_args=dict(ns.family_arg)
+    )  # options left unset (None) get the task's defaults in validate, as from Python
     return cfg, not ns.no_progress
 
 

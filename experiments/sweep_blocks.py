@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from common import run_seeds
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.build import config_for_task, validate
+from pyro_bll.config import ConfigError
 from pyro_bll.plots import plot_sweep
 from pyro_bll.tasks import TASKS
 from pyro_bll.tasks.vision import VisionTask
@@ -56,7 +57,7 @@ def main() -> int:
     try:
         for method in args.methods:
             for n in args.blocks:
-                cfg = RunConfig.for_task(
+                cfg = config_for_task(
                     args.task,
                     **given,
                     method=method,
@@ -74,7 +75,7 @@ def main() -> int:
                     amp=args.amp,
                     threads=args.threads,
                 )
-                cfg.validate()
+                validate(cfg)
                 bases[method, n] = cfg
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

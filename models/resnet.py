@@ -230,6 +230,7 @@ def build_resnet_chain(
     pool to at most 2048 features, then linear, ``GridPooledHead``) and ``cfg.propagate``.
     Inputs are images ``[B, in_channels, image_size, image_size]``, labels ``[B]``.
     """
+    cfg.fill_defaults({})  # options still unset: the common defaults
     from ..guides import FEEDBACKS, MESSAGES
 
     if cfg.message not in MESSAGES:

@@ -41,11 +41,11 @@ import torch
 from torch import Tensor
 
 from .agreement import SCALARS, _expand_labels, block_sums, bootstrap_weights, summarise
+from .build import build_from_config, validate
 from .chain import BLLChain
 from .config import ConfigError, RunConfig
 from .families import Params
 from .seed import seed_everything
-from .training import build_from_config
 
 # config keys that may differ between runs compared as chains (they do not change the
 # network, the task or the diagnostic batch)
@@ -135,7 +135,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     except (json.JSONDecodeError, TypeError) as e:
         raise ConfigError(f"{path}: unreadable config.json or metrics.json ({e})") from None
     cfg.device, cfg.resume, cfg.overwrite = device, False, False
-    cfg.validate()
+    validate(cfg)
     _, task, chain = build_from_config(cfg)
     run = LoadedRun(path, cfg, task, chain.to(device).eval(), ckpts, history)
     run.load_epoch(ckpts[-1])

@@ -10,8 +10,9 @@ instead, so no weight is transported:
 The weight and bias gradients are backprop's (dL/dW = g^T x, the conv weight gradient),
 since they need no transport. B is drawn Kaiming-uniform (as in the paper's FA baseline),
 is a buffer (saved in checkpoints, never trained) and is fixed for the whole run.
-``--method fa`` trains the whole chain end to end on the output cross-entropy with every
-``nn.Linear`` and ``nn.Conv2d`` of the forward blocks and the head converted in place.
+``--method fa`` (``pyro_bll.methods.end_to_end.FeedbackAlignment``) trains the whole chain
+end to end on the output cross-entropy with every ``nn.Linear`` and ``nn.Conv2d`` of the
+forward blocks and the head converted in place.
 Normalisation layers (BatchNorm, LayerNorm) keep their exact gradients, as in the FA
 baselines of the literature; parameter-free operations (ReLU, pooling, attention's
 softmax and products) are differentiated exactly.
@@ -23,9 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .chain import BLLChain
-from .config import ConfigError, RunConfig
-from .likelihoods import masked_cross_entropy
+from .config import ConfigError
 
 # weighted layers whose input gradient would still use W^T: FA is refused on them
 _UNSUPPORTED = (
@@ -173,21 +172,3 @@ def convert_to_feedback_alignment(module: nn.Module) -> int:
                 setattr(sub, name, _fa_copy(child))
                 count += 1
     return count
-
-
-class FeedbackAlignment:
-    """End-to-end cross-entropy of f_out(m(alpha_N)) with FA layers in blocks and head."""
-
-    def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
-        if cfg.feedback_update != "grad":
-            raise ConfigError("--feedback-update solve applies to --method bll only")
-        chain.detach = False
-        n = convert_to_feedback_alignment(chain.blocks) + convert_to_feedback_alignment(chain.head)
-        if n == 0:
-            raise ConfigError("--method fa found no Linear or Conv2d layer in the network")
-
-    def loss(
-        self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None, *, noise: object = None
-    ):
-        loss = masked_cross_entropy(chain.predict_logits(x), y, mask).sum() / y.shape[0]
-        return loss, {"loss": loss.detach().reshape(1)}

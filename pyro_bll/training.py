@@ -20,13 +20,12 @@ import pyro
 import torch
 from tqdm import tqdm
 
+from .build import build_from_config, validate
 from .chain import BLLChain
 from .config import ConfigError, RunConfig
-from .families import Family, FamilyError, make_family
-from .methods import METHODS
+from .methods import build_method
 from .noise import NoiseKey
 from .seed import seed_everything
-from .tasks import TASKS
 
 
 class TrainingDiverged(RuntimeError):
@@ -93,28 +92,11 @@ def prepare_out_dir(cfg: RunConfig) -> Path:
     return out
 
 
-def build_from_config(cfg: RunConfig) -> tuple[Family, Any, BLLChain]:
-    """Family, task and chain of a run config, as training builds them (fresh weights).
-
-    ``pyro_bll.diagnostics`` rebuilds a saved run through this and loads its checkpoint.
-    """
-    try:
-        family = make_family(cfg.family, **cfg.family_args)
-        # the block outputs must fit the family's parameter layout: check it up front
-        family.params(torch.zeros(1, family.raw_size(cfg.d_model)))
-    except FamilyError as e:
-        raise ConfigError(str(e)) from None
-    task = TASKS[cfg.task](cfg)
-    chain = task.build_chain(family)
-    chain.likelihood = cfg.likelihood or family.default_likelihood  # --likelihood
-    return family, task, chain
-
-
 class Trainer:
     """Builds task, family, chain and method from a config and trains them."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        cfg.validate()
+        validate(cfg)
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -129,7 +111,7 @@ class Trainer:
         if cfg.channels_last:
             self.chain.to(memory_format=torch.channels_last)
         self.amp = cfg.amp  # bf16 autocast of forward passes and losses (self.autocast)
-        self.method = METHODS[cfg.method](self.chain, cfg)
+        self.method = build_method(self.chain, cfg)  # before the optimiser: it may add modules
         self.optimizer = torch.optim.Adam(self.chain.parameters(), lr=cfg.lr)
         self.scheduler = make_lr_schedule(
             self.optimizer, cfg.lr_schedule, cfg.epochs * self.task.steps_per_epoch()
@@ -211,8 +193,7 @@ class Trainer:
         self.chain.train()
         t0 = time.perf_counter()
         total, count = None, 0
-        if hasattr(self.method, "agreement"):  # BLL: agreement statistics restart per epoch
-            self.method.agreement.reset()
+        self.method.start_epoch()
         bar = tqdm(
             self.task.train_batches(epoch),
             total=self.task.steps_per_epoch(),
@@ -303,7 +284,7 @@ class Trainer:
 
 def main(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Validate, train and return the final metrics (also written to ``cfg.out``)."""
-    cfg.validate()
+    validate(cfg)
     out = prepare_out_dir(cfg)
     trainer = Trainer(cfg)
     return trainer.fit(out, progress=progress)

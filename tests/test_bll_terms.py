@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pyro_bll.build import config_for_task, validate
 from pyro_bll.config import BLL_TERMS, ConfigError, RunConfig
 from pyro_bll.families import make_family
 from pyro_bll.methods import BLL
@@ -53,9 +54,9 @@ def test_the_loss_is_the_sum_of_the_kept_terms(terms):
 
 def test_bad_terms_name_the_fix():
     with pytest.raises(ConfigError, match=r"unknown --bll-terms prior; valid: kl,likelihood,pred"):
-        RunConfig.for_task("fashion_mnist", bll_terms=["prior"]).validate()
+        validate(config_for_task("fashion_mnist", bll_terms=["prior"]))
     with pytest.raises(ConfigError, match="applies to --method bll only"):
-        RunConfig.for_task("fashion_mnist", method="bp", bll_terms=["pred"]).validate()
+        validate(config_for_task("fashion_mnist", method="bp", bll_terms=["pred"]))
 
 
 def test_cli_reads_a_comma_list():

@@ -6,6 +6,7 @@ import torchvision
 from torch import nn
 
 from pyro_bll import BlockLocalELBO, seed_everything
+from pyro_bll.build import config_for_task, validate
 from pyro_bll.config import ConfigError, RunConfig
 from pyro_bll.families import FAMILIES, make_family
 from pyro_bll.guides import BroadcastMessage, PoolMessage
@@ -189,11 +190,11 @@ def test_bad_input_names_the_fix():
         ({"sim_weight": 1.5}, "--sim-weight"),
     ):
         with pytest.raises(ConfigError, match=match):
-            RunConfig(**bad).validate()
+            validate(RunConfig(**bad))
     with pytest.raises(ConfigError, match="unknown --pred-head 'mlp'; valid: linear, conv"):
         tiny_chain(pred_head="mlp")
     with pytest.raises(ConfigError, match="--pred-head applies to the vision tasks; drop it"):
-        RunConfig.for_task("s2s_reverse", pred_head="conv").validate()
+        validate(config_for_task("s2s_reverse", pred_head="conv"))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 import torch
 from vision_files import tiny_cifar10, tiny_fashion_mnist, write_idx
 
+from pyro_bll.build import config_for_task, validate
 from pyro_bll.config import RunConfig
 from pyro_bll.data import DEFAULT_CIFAR10, DEFAULT_FASHION_MNIST, load_fashion_mnist
 from pyro_bll.data import cifar10 as cifar_module
@@ -108,21 +109,25 @@ def test_one_epoch_on_cifar10_with_flips_and_crops(data, tmp_path):
 def test_task_defaults_and_explicit_options():
     cfg, _ = run.parse_config(["--task", "cifar10"])
     assert (cfg.blocks, cfg.data_dir) == (None, None)  # unset: validate fills the task's
-    cfg.validate()
+    validate(cfg)
     assert (cfg.blocks, cfg.batch_size, cfg.lr, cfg.data_dir) == (4, 128, 4e-3, DEFAULT_CIFAR10)
     assert cfg.pred_weight == 4.0  # chosen on the validation split
     cfg, _ = run.parse_config(["--task", "fashion_mnist", "--batch-size", "7", "--lr", "0.1"])
-    cfg.validate()
+    validate(cfg)
     assert (cfg.batch_size, cfg.lr, cfg.data_dir) == (7, 0.1, DEFAULT_FASHION_MNIST)
     cfg, _ = run.parse_config(["--task", "fashion_mnist_mlp", "--no-augment"])
-    cfg.validate()
-    assert (cfg.batch_size, cfg.data_dir, cfg.augment) == (50, DEFAULT_FASHION_MNIST, False)
+    validate(cfg)
+    assert (cfg.batch_size, cfg.data_dir, cfg.augment) == (100, DEFAULT_FASHION_MNIST, False)
+    assert (cfg.layers, cfg.d_model, cfg.lr) == (3, 256, 1e-3)  # the MLP task's own network
     cfg, _ = run.parse_config([])
+    validate(cfg)
     assert (cfg.task, cfg.blocks, cfg.batch_size, cfg.num_blocks) == ("s2s_reverse", None, 50, 20)
-    direct = RunConfig(task="fashion_mnist")  # unset options are filled by validate
-    direct.validate()
-    assert (direct.blocks, direct.data_dir) == (4, DEFAULT_FASHION_MNIST)
-    assert RunConfig.for_task("cifar10", blocks=2).blocks == 2
+    for task in ("fashion_mnist", "fashion_mnist_mlp", "s2s_reverse"):  # one source of defaults
+        direct = validate(RunConfig(task=task))
+        from_cli, _ = run.parse_config(["--task", task])
+        assert direct == validate(from_cli), task
+    assert (direct.blocks, direct.data_dir) == (None, None)  # s2s: one block per layer
+    assert config_for_task("cifar10", blocks=2).blocks == 2
 
 
 @pytest.mark.parametrize(
@@ -215,11 +220,11 @@ def test_amp_autocasts_the_step_to_bf16(data, tmp_path, method):
 
 def _task(name, data, tmp_path):
     fashion = str(tiny_fashion_mnist(tmp_path / "f")) if name == "fashion_mnist_mlp" else None
-    cfg = RunConfig.for_task(
+    cfg = config_for_task(
         name, data_dir=fashion or str(data.get(name, "")), width=0.05, layers=2, d_model=8,
         seq_len=4, train_size=8, test_size=6,
     )  # fmt: skip
-    cfg.validate()
+    validate(cfg)
     return TASKS[name](cfg)
 
 

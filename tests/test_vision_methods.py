@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from pyro_bll.build import config_for_task, validate
 from pyro_bll.config import ConfigError, RunConfig
 from pyro_bll.families import make_family
 from pyro_bll.feedback_alignment import FAConv2d, FALinear, convert_to_feedback_alignment
 from pyro_bll.methods import METHODS
+from pyro_bll.methods.predsim import similarity_loss, similarity_matrix
 from pyro_bll.models import RESNET_ARCHS, build_resnet_chain
-from pyro_bll.predsim import similarity_loss, similarity_matrix
 
 from utils import assert_close, mlp_chain
 
@@ -162,9 +163,9 @@ def test_methods_that_do_not_apply_say_so():
     chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg)
     with pytest.raises(ConfigError, match="not feature maps"):
         METHODS["bll"](chain, cfg)
-    for method in ("fa", "predsim"):
-        with pytest.raises(ConfigError, match="applies to --method bll only"):
-            METHODS[method](chain, RunConfig(method=method, feedback_update="solve"))
+    for method in ("fa", "predsim", "bp"):  # the run's validation refuses BLL-only options
+        with pytest.raises(ConfigError, match="--feedback-update applies to --method bll only"):
+            validate(config_for_task("fashion_mnist", method=method, feedback_update="solve"))
 
 
 def test_bll_on_a_tiny_resnet_learns_a_toy_task():

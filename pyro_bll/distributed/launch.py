@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..build import validate
 from ..config import ConfigError, RunConfig
 from ..training import TrainingDiverged, final_line
 from .fault import FaultMonitor, connect_store
@@ -163,7 +164,7 @@ def main(cfg: RunConfig, progress: bool = True) -> int:
     on rank 0; a failure during training ends the process via ``os._exit``)."""
     env = DistEnv.from_environ()
     try:
-        cfg.validate()
+        validate(cfg)
         BlockGroups.make(cfg.num_blocks, env.world_size, cfg.rank_blocks)
         device, backend = select_device(cfg, env)
         _default_threads(cfg, env)

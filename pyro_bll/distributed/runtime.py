@@ -184,8 +184,7 @@ class RankTrainer:
         first = next(batches, None)
         if not self._check_same_data(epoch, first):
             return False
-        if hasattr(stage.method, "agreement"):  # agreement statistics restart per epoch
-            stage.method.agreement.reset()
+        stage.method.start_epoch()
         stream = itertools.chain([first] if first is not None else [], batches)
         stream = device_batches(stream, stage.device, needs_x=stage.first)
         if progress and self.rank == 0:

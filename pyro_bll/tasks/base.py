@@ -3,7 +3,7 @@
 A task (``TASKS[name](cfg)``) owns its data, its network and its evaluation:
 
     DEFAULTS                  class attribute: RunConfig values this task wants when the
-                              user does not set them (``RunConfig.for_task``)
+                              user does not set them (``RunConfig.fill_defaults``)
     check_config(cfg)         classmethod: ConfigError for options this task cannot take
     build_chain(family)       the forward network, feedback guide and heads as a BLLChain
     steps_per_epoch()         optimiser steps in one epoch
@@ -11,7 +11,7 @@ A task (``TASKS[name](cfg)``) owns its data, its network and its evaluation:
                               (seed, epoch)
     evaluate(chain, device)   ``{"test_accuracy": ..., ...}`` on the test set
     diagnostic_batch(n)       the first n test examples as ``(x, y, mask)``, inputs as the
-                              chain consumes them (diagnostics, issue 5)
+                              chain consumes them (diagnostics)
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def make_sequences(perms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class S2SReverseTask:
     """Data, network and evaluation for ``--task s2s_reverse``."""
 
-    DEFAULTS: dict = {}  # RunConfig's own defaults are this task's
+    DEFAULTS: dict = {}  # COMMON_DEFAULTS are this task's (the paper's 20 layers, 5 epochs)
     event_dim = 2  # latents are [B, T, D]
 
     @classmethod
@@ -53,7 +53,7 @@ class S2SReverseTask:
         refuse_vision_options(cfg)
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
+        self.cfg = cfg.fill_defaults(self.DEFAULTS)  # unset options: this task's defaults
         self.n = cfg.seq_len
         self.train_size = cfg.train_size or 10_000
         self.test_size = cfg.test_size or 1_000

@@ -64,7 +64,7 @@ class VisionTask(ABC):
     augmentation = Augmentation()
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
+        self.cfg = cfg.fill_defaults(self.DEFAULTS)  # unset options: this task's defaults
         try:
             x_train, y_train = self.load(cfg, "train")
             x_test, y_test = self.load(cfg, "test")

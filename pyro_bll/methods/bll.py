@@ -1,11 +1,9 @@
-"""Training methods on the same chain: BLL, backprop, feedback alignment and Pred-Sim.
+"""BLL: every block trained on its block-local loss l_k (docs/math.md §2).
 
-A method turns a batch into a scalar loss (per example) plus, for logging, a dict of
-per-block values ``[N]``: ``loss`` (l_k) and, for BLL, its terms ``kl``, ``nll``, ``pred``
-and the cheap agreement statistics ``agreement_*`` (``pyro_bll.agreement.StepAgreement``);
-the training step (``training.py``) owns ``backward()`` and the optimiser. ``loss`` takes
-the step's ``noise`` key (``pyro_bll.noise``: every block's Monte Carlo draw gets its own
-stream, so a block draws the same noise in one process as on a rank of its own).
+``loss`` logs per block ``loss`` (l_k), its terms ``kl``, ``likelihood`` and ``pred``, and
+the cheap agreement statistics ``agreement_*`` (``pyro_bll.agreement.StepAgreement``). It
+takes the step's ``noise`` key (``pyro_bll.noise``: every block's Monte Carlo draw gets its
+own stream, so a block draws the same noise in one process as on a rank of its own).
 """
 
 from __future__ import annotations
@@ -13,23 +11,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .agreement import StepAgreement
-from .chain import BLLChain
-from .config import BLL_TERMS, ConfigError, RunConfig
-from .elbo import BlockLocalELBO, BlockLosses
-from .feedback_alignment import FeedbackAlignment
-from .feedback_solve import check_solvable, solve_feedback
-from .likelihoods import masked_cross_entropy
-from .noise import NoiseKey
-from .predsim import PredSim
+from ..agreement import StepAgreement
+from ..chain import BLLChain
+from ..config import BLL_TERMS, ConfigError, RunConfig
+from ..elbo import BlockLocalELBO, BlockLosses
+from ..feedback_solve import check_solvable, solve_feedback
+from ..noise import NoiseKey
+from .base import Method
 
 
-class BLL:
+class BLL(Method):
     """Sum of block-local losses l_k (inputs detached at every block boundary).
 
     With ``feedback_update="solve"`` the linear feedback weights are set to their
     closed-form optimum on each batch instead of taking gradient steps.
     """
+
+    name = "bll"
+    options = frozenset({"bll_terms", "likelihood", "feedback_update"})
+    block_local = True
 
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         chain.detach = True
@@ -72,6 +72,9 @@ class BLL:
         logs.update(self.agreement(chain, cache, y, mask))  # agreement_*: no grad
         return per_block.sum(), logs
 
+    def start_epoch(self) -> None:
+        self.agreement.reset()  # agreement statistics restart per epoch
+
     def optimised(self, losses: BlockLosses) -> Tensor:
         """l_k ``[N]`` restricted to ``--bll-terms`` (all three: ``losses.per_block``).
 
@@ -89,27 +92,3 @@ class BLL:
             if name in self.terms:
                 out = out + t[name]
         return out
-
-
-class Backprop:
-    """End-to-end cross-entropy of f_out(m(alpha_N)) through every block."""
-
-    def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
-        if cfg.feedback_update != "grad":
-            raise ConfigError("--feedback-update solve applies to --method bll only")
-        chain.detach = False
-
-    def loss(
-        self,
-        chain: BLLChain,
-        x: Tensor,
-        y: Tensor,
-        mask: Tensor | None,
-        *,
-        noise: NoiseKey | None = None,  # BP draws no latents
-    ):
-        loss = masked_cross_entropy(chain.predict_logits(x), y, mask).sum() / y.shape[0]
-        return loss, {"loss": loss.detach().reshape(1)}
-
-
-METHODS = {"bll": BLL, "bp": Backprop, "fa": FeedbackAlignment, "predsim": PredSim}

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .chain import BLLChain
-from .config import ConfigError, RunConfig
-from .likelihoods import PooledHead, masked_cross_entropy
+from ..chain import BLLChain
+from ..config import ConfigError, RunConfig
+from ..likelihoods import PooledHead, masked_cross_entropy
+from .base import Method
 
 
 def similarity_matrix(u: Tensor) -> Tensor:
@@ -69,12 +70,13 @@ class _MapSimilarity(nn.Module):
         return self.conv(torch.relu(h).permute(0, 3, 1, 2))
 
 
-class PredSim:
+class PredSim(Method):
     """Noekland & Eidnes' local prediction + similarity-matching loss on the chain's blocks."""
 
+    name = "predsim"
+    block_local = True
+
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
-        if cfg.feedback_update != "grad":
-            raise ConfigError("--feedback-update solve applies to --method bll only")
         if chain.label_event_dim != 0:
             raise ConfigError(
                 f"--method predsim needs one label per example; --task {cfg.task} has one "

@@ -1,0 +1,63 @@
+"""The method contract: what every training method (BLL, BP, FA, Pred-Sim) provides.
+
+A method is built once per run from the chain and the config (``build_method``), after the
+chain and before the optimiser, so that any module it adds to the chain (FA's fixed
+backward weights, Pred-Sim's heads) is trained and checkpointed with it. Then, every step,
+``loss`` turns a batch into a scalar loss plus per-block logs ``[N]`` (``loss`` always;
+BLL adds its terms ``kl``, ``likelihood``, ``pred`` and ``agreement_*``); the training
+step owns ``backward()`` and the optimiser. ``start_epoch`` is called before every
+epoch (BLL restarts its agreement statistics there).
+
+Adding a method: one file with a ``Method`` subclass and one line in
+``pyro_bll.methods.METHODS``. The options only some methods understand are listed in
+``METHOD_OPTIONS``; a method declares the ones it takes in ``options`` and the
+configuration refuses the others with one line.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..chain import BLLChain
+    from ..config import RunConfig
+    from ..noise import NoiseKey
+
+# config field -> its flag; a field left at RunConfig's default counts as not given
+METHOD_OPTIONS: dict[str, str] = {
+    "bll_terms": "--bll-terms",
+    "likelihood": "--likelihood",
+    "feedback_update": "--feedback-update",
+}
+
+
+class Method(ABC):
+    """One way of training a ``BLLChain``. Subclasses set ``name`` and ``options``."""
+
+    name: ClassVar[str]
+    # method-specific config fields (keys of METHOD_OPTIONS) this method reads
+    options: ClassVar[frozenset[str]] = frozenset()
+    # True when every block learns from a loss of its own (block-parallel training works)
+    block_local: ClassVar[bool] = False
+
+    @abstractmethod
+    def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
+        """Prepare ``chain`` for this method (detaching, added modules) from ``cfg``."""
+
+    @abstractmethod
+    def loss(
+        self,
+        chain: BLLChain,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None,
+        *,
+        noise: NoiseKey | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The scalar loss of a batch (per example) and detached per-block logs ``[N]``."""
+
+    def start_epoch(self) -> None:  # noqa: B027 (a hook: most methods need nothing)
+        """Called before every epoch; stateless methods need nothing."""

@@ -1,0 +1,57 @@
+"""The README stays a short front page, links in the docs resolve, and no text in the
+repository points at an outside design document or at tracker issues by number."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+
+# [text](target) and ![alt](target); the target ends at whitespace or ")"
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+ISSUE = re.compile(r"\bissue \d+", re.IGNORECASE)
+SCANNED = ("docs", "pyro_bll", "models", "guides", "experiments")
+
+
+def _markdown_files() -> list[Path]:
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def _text_files() -> list[Path]:
+    files = [README]
+    for name in SCANNED:
+        for path in sorted((ROOT / name).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                files.append(path)
+    return files
+
+
+def test_readme_is_short_and_relative_links_resolve():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 260, f"README.md has {len(lines)} lines; move detail into docs/"
+    broken = []
+    for md in _markdown_files():
+        text = md.read_text(encoding="utf-8")
+        for target in LINK.findall(text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):
+                continue  # http:, https:, mailto: ...
+            path = target.split("#", 1)[0]
+            if not path:
+                continue  # an anchor in the same file
+            if not (md.parent / path).resolve().exists():
+                broken.append(f"{md.relative_to(ROOT)}: {target}")
+    assert not broken, "links to missing files:\n" + "\n".join(broken)
+
+
+def test_no_outside_design_document_or_issue_numbers():
+    found = []
+    for path in _text_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # binary files (images, archives) carry no prose
+        for number, line in enumerate(text.splitlines(), 1):
+            if "DESIGN.md" in line or ISSUE.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "outside references or issue numbers:\n" + "\n".join(found)
