@@ -52,7 +52,7 @@ def _gradients(estimator: str, chain, x, y, mask, repeats: int) -> torch.Tensor:
         if estimator == "joint":
             value = _joint_surrogate(elbo, chain, x, y, mask)
         else:
-            value = -elbo.block_losses(chain.model, chain.guide, x, y, mask).terms["nll"][0]
+            value = -elbo.block_losses(chain.model, chain.guide, x, y, mask).terms["likelihood"][0]
         grads = torch.autograd.grad(value, params, allow_unused=True)
         out.append(torch.cat([g.flatten() for g in grads if g is not None]))
     return torch.stack(out)  # [R, P]

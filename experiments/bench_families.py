@@ -45,6 +45,18 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--epochs", type=int, default=None, help="override every task's epochs")
     p.add_argument("--train-size", type=int, default=None, help="override the training size")
+    p.add_argument("--layers", type=int, default=None, help="s2s_reverse: layers = blocks")
+    p.add_argument(
+        "--no-references",
+        action="store_true",
+        help="skip the feedback-solve and BP rows (families only)",
+    )
+    p.add_argument(
+        "--likelihood",
+        choices=["bound", "sample"],
+        default=None,
+        help="the local-likelihood estimator of every BLL run (default: each family's own)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default=RunConfig().data_dir)
     p.add_argument("--runs-dir", default="runs/bench_families")
@@ -58,16 +70,22 @@ def main() -> None:
             base = replace(base, epochs=args.epochs)
         if args.train_size:
             base = replace(base, train_size=args.train_size)
+        if args.likelihood:
+            base = replace(base, likelihood=args.likelihood)
+        if args.layers and task == "s2s_reverse":
+            base = replace(base, layers=args.layers)
         results[task] = {}
         for fam in args.families:
             opts = {"group_size": 4} if fam == "categorical" else {}
             cfg = replace(base, family=fam, family_args=opts)
             results[task][fam] = run_seeds(cfg, args.seeds, f"{args.runs_dir}/{task}_{fam}")
+        if args.no_references:
+            continue
         cfg = replace(base, family="gaussian", feedback_update="solve")
         results[task]["gaussian + feedback solve"] = run_seeds(
             cfg, args.seeds, f"{args.runs_dir}/{task}_gaussian_solve"
         )
-        cfg = replace(base, family="gaussian", method="bp")
+        cfg = replace(base, family="gaussian", method="bp", likelihood=None)
         results[task]["BP on the same network (reference)"] = run_seeds(
             cfg, args.seeds, f"{args.runs_dir}/{task}_bp"
         )

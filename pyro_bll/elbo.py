@@ -168,7 +168,7 @@ class BlockLocalELBO(ELBO):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
         model_trace = prune_subsample_sites(model_trace)
         guide_trace = prune_subsample_sites(guide_trace)
-        kinds = ("kl", "nll", "pred")
+        kinds = ("kl", "likelihood", "pred")
         terms: dict[str, list[Tensor | float]] = {kind: [0.0] * self.num_blocks for kind in kinds}
 
         def add(kind: str, k: int, value: Tensor) -> None:
@@ -181,7 +181,7 @@ class BlockLocalELBO(ELBO):
             if k is None:
                 raise ValueError(f"model site {name!r} has no infer['block'] tag")
             if site["is_observed"]:
-                kind = "pred" if site["infer"].get("is_auxiliary") else "nll"
+                kind = "pred" if site["infer"].get("is_auxiliary") else "likelihood"
                 add(kind, k, -self._expected_log_lik(site, guide_trace))
                 continue
             g = guide_trace.nodes.get(name)
@@ -193,7 +193,7 @@ class BlockLocalELBO(ELBO):
             kind: torch.stack([torch.as_tensor(v, dtype=ref.dtype, device=ref.device) for v in vs])
             for kind, vs in terms.items()
         }
-        per_block = stacked["kl"] + stacked["nll"] + stacked["pred"]
+        per_block = stacked["kl"] + stacked["likelihood"] + stacked["pred"]
         return BlockLosses(per_block=per_block, terms=stacked)
 
     def _kl(self, model_site: dict, guide_site: dict) -> Tensor:

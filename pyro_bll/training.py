@@ -230,7 +230,7 @@ class Trainer:
             {
                 "epoch": epoch + 1,
                 "block_losses": block_losses,
-                "block_terms": means,  # BLL: mean kl, nll and pred term of every block
+                "block_terms": means,  # BLL: mean kl, likelihood and pred term of every block
                 **({"block_agreement": agreement} if agreement else {}),
                 "train_seconds": train_time,
                 "eval_seconds": eval_time,

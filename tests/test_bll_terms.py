@@ -36,9 +36,9 @@ def _loss(terms, seed=0):
 def test_the_loss_is_the_sum_of_the_kept_terms(terms):
     chain, loss, logs = _loss(terms)
     n = chain.num_blocks
-    hand = logs["nll"][n - 1].clone()  # the output head always counts
+    hand = logs["likelihood"][n - 1].clone()  # the output head always counts
     if "likelihood" in terms:
-        hand = hand + logs["nll"][: n - 1].sum()
+        hand = hand + logs["likelihood"][: n - 1].sum()
     for name in ("kl", "pred"):
         if name in terms:
             hand = hand + logs[name].sum()

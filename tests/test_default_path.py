@@ -49,7 +49,7 @@ def test_every_term_of_the_default_loss_by_hand():
             logits = chain.head(a_t).detach().numpy()
             ce = -(logits[np.arange(8), yy] - logsumexp(logits, axis=-1))
             assert_close(logs["kl"][k], 0.0, atol=0)
-            assert_close(logs["nll"][k], ce.mean(), atol=1e-9, rtol=1e-9)
+            assert_close(logs["likelihood"][k], ce.mean(), atol=1e-9, rtol=1e-9)
             break
         protos = chain.feedback.layers[k].weight.detach().numpy()  # b_c, [V, C]
         b = protos[yy]  # [B, C]
@@ -61,7 +61,7 @@ def test_every_term_of_the_default_loss_by_hand():
         pred = chain.pred_heads[k](a_t).detach().numpy()
         pred_ce = -(pred[np.arange(8), yy] - logsumexp(pred, axis=-1))
         assert_close(logs["kl"][k], kl.mean(), atol=1e-9, rtol=1e-9)
-        assert_close(logs["nll"][k], -bound.mean(), atol=1e-9, rtol=1e-9)
+        assert_close(logs["likelihood"][k], -bound.mean(), atol=1e-9, rtol=1e-9)
         assert_close(logs["pred"][k], pred_ce.mean(), atol=1e-9, rtol=1e-9)
         assert_close(logs["loss"][k], kl.mean() - bound.mean() + pred_ce.mean(), atol=1e-9)
         h = a_t  # mean propagation

@@ -70,7 +70,7 @@ def test_local_estimator_is_unbiased(family):
         elbo = BlockLocalELBO(2)
         estimates = []
         for _ in range(repeats):
-            nll = elbo.block_losses(chain.model, chain.guide, x, y).terms["nll"][0]
+            nll = elbo.block_losses(chain.model, chain.guide, x, y).terms["likelihood"][0]
             g = torch.autograd.grad(-nll / n, chain.blocks[0].raw)[0]
             estimates.append(g)
         est = torch.stack(estimates)

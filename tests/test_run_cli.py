@@ -44,7 +44,7 @@ def test_one_epoch_writes_every_artifact(tmp_path):
     assert len(metrics["history"]) == 1
     assert len(metrics["history"][0]["block_losses"]) == 2
     terms = metrics["history"][0]["block_terms"]
-    assert set(terms) == {"kl", "nll", "pred"} and all(len(v) == 2 for v in terms.values())
+    assert set(terms) == {"kl", "likelihood", "pred"} and all(len(v) == 2 for v in terms.values())
     total = [sum(t) for t in zip(*terms.values(), strict=True)]
     assert total == pytest.approx(metrics["history"][0]["block_losses"], rel=1e-5)
     assert json.loads((out / "config.json").read_text())["layers"] == 2

@@ -78,16 +78,17 @@ class BLL(Method):
     def optimised(self, losses: BlockLosses) -> Tensor:
         """l_k ``[N]`` restricted to ``--bll-terms`` (all three: ``losses.per_block``).
 
-        The "nll" term of the last block is the output head's likelihood and always counts;
-        below the last it is the local likelihood q_k, kept with "likelihood".
+        The "likelihood" term of the last block is the output head's cross-entropy and
+        always counts; below the last it is the local likelihood q_k, kept with
+        "likelihood".
         """
         if len(self.terms) == len(BLL_TERMS):
             return losses.per_block
         t = losses.terms
         out = torch.zeros_like(losses.per_block)
-        out[-1] = out[-1] + t["nll"][-1]
+        out[-1] = out[-1] + t["likelihood"][-1]
         if "likelihood" in self.terms:
-            out[:-1] = out[:-1] + t["nll"][:-1]
+            out[:-1] = out[:-1] + t["likelihood"][:-1]
         for name in ("kl", "pred"):
             if name in self.terms:
                 out = out + t[name]

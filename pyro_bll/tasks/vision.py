@@ -52,7 +52,7 @@ _VISION_DEFAULTS: dict[str, Any] = {
     "lr": 4e-3,
     "pred_weight": 4.0,
     "lr_schedule": "cosine",
-    "message": "mean",  # the latent is the map's spatial mean (guides/spatial.py)
+    "message": "channel",  # the paper's channel-wise latent (guides/spatial.py; docs/math.md §4)
 }
 
 
