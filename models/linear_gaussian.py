@@ -126,7 +126,7 @@ class ExactLocalLikelihood:
     def __init__(self, spec: LinearGaussianSpec) -> None:
         self.messages = spec.backward_messages()
 
-    def __call__(self, chain, k: int, z: Tensor, cache: dict | None = None) -> Distribution:
+    def __call__(self, chain, k: int, z: Tensor, cache=None) -> Distribution:
         g, h, r = (torch.tensor(v, dtype=z.dtype) for v in self.messages[k])
         return AffineGaussian(z, g.reshape(1), h, r)
 

@@ -55,6 +55,7 @@ from torch.distributions import Distribution
 
 from .chain import BLLChain, _prototype
 from .families import Params
+from .step_cache import StepCache
 
 SCALARS = ("kl", "mean_msd", "mean_cos", "proto_msd", "proto_cos", "feedback_weight", "local_acc")
 LOGGED = (
@@ -283,7 +284,7 @@ def _quick(chain: BLLChain, k: int, alpha: Params, y: Tensor, mask: Tensor | Non
 
 @torch.no_grad()
 def step_statistics(
-    chain: BLLChain, cache: dict[int, Params], y: Tensor, mask: Tensor | None
+    chain: BLLChain, cache: StepCache, y: Tensor, mask: Tensor | None
 ) -> dict[str, Tensor]:
     """The cheap statistics ``LOGGED``, ``[N]`` each, from a step's cached alpha_k.
 
@@ -296,8 +297,8 @@ def step_statistics(
     rows = torch.zeros(len(LOGGED), chain.num_blocks, device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for k in range(chain.num_blocks):
-            if k in cache:
-                rows[:, k] = _quick(chain, k, cache[k], y, mask)
+            if k in cache.alpha:
+                rows[:, k] = _quick(chain, k, cache.alpha[k], y, mask)
     return {f"agreement_{name}": row for name, row in zip(LOGGED, rows, strict=True)}
 
 

@@ -17,11 +17,11 @@ Guide (the feedback network N_B; structured, it reuses alpha_k):
 parameter tuple, e.g. mean and scale) or "sample" (the site's draw of z_k). With
 ``detach=True`` every block input is detached, so each block's parameters get gradients
 only from its own sites. Forward messages are computed once per step and shared by guide
-and model through the ``cache`` dict that ``BlockLocalELBO`` passes to both; the training
-step may put a ``NoiseKey`` under ``cache["noise"]`` so that every block draws z_k from its
+and model through the ``StepCache`` that ``BlockLocalELBO`` passes to both; the training
+step may put a ``NoiseKey`` in ``cache.noise`` so that every block draws z_k from its
 own stream (``pyro_bll.noise``). ``segment=(a, b)`` runs blocks a..b-1 only, with ``x``
 then block a's input message; the guide leaves the outgoing message m(alpha_{b-1}) in
-``cache["message"]`` (the block-parallel runtime, ``pyro_bll.distributed``).
+``cache.outgoing`` (the block-parallel runtime, ``pyro_bll.distributed``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch.distributions import Distribution
 from .families import Family, Natural, Params
 from .likelihoods import PrototypeLikelihood, masked_cross_entropy
 from .noise import block_noise
+from .step_cache import StepCache
 
 if TYPE_CHECKING:
     from .guides.spatial import SpatialMessage
@@ -52,7 +53,7 @@ class LocalLikelihood(Protocol):
     """q_k(y | z_k) for block k: returns a distribution with the labels' batch shape."""
 
     def __call__(
-        self, chain: BLLChain, k: int, z: Tensor, cache: dict | None = None
+        self, chain: BLLChain, k: int, z: Tensor, cache: StepCache | None = None
     ) -> Distribution: ...
 
 
@@ -157,15 +158,15 @@ class BLLChain(nn.Module):
         return k < self.num_blocks - 1 or self.head_input == "sample"
 
     # ---- messages ---------------------------------------------------------------------
-    def forward_message(self, k: int, inp: Any, cache: dict | None = None) -> Params:
+    def forward_message(self, k: int, inp: Any, cache: StepCache | None = None) -> Params:
         """alpha_k = F_k.params(f_k(inp)); cached per step so blocks run once."""
-        if cache is not None and k in cache:
-            return cache[k]
+        if cache is not None and k in cache.alpha:
+            return cache.alpha[k]
         if self.detach and k > 0:
             inp = _detach(inp)
         alpha = self.families[k].params(self.blocks[k](inp))
         if cache is not None:
-            cache[k] = alpha
+            cache.alpha[k] = alpha
         return alpha
 
     def next_input(self, k: int, alpha: Params, z: Tensor | None) -> Any:
@@ -208,18 +209,17 @@ class BLLChain(nn.Module):
         return self.head(self.families[-1].mean(alpha))
 
     # ---- the Pyro program -------------------------------------------------------------
-    def latent_params(self, k: int, alpha: Params, cache: dict | None = None) -> Params:
+    def latent_params(self, k: int, alpha: Params, cache: StepCache | None = None) -> Params:
         """Parameters of site z_k: alpha_k itself, or the law of the spatial statistic the
         chain's ``message`` puts the latent on (``--message mean``: the map's mean ``[B, C]``).
         With the step's ``cache`` it is computed once for guide and model."""
         if self.message is None:
             return alpha
-        key = ("latent", k)
-        if cache is not None and key in cache:
-            return cache[key]
+        if cache is not None and k in cache.latent:
+            return cache.latent[k]
         law = self.message.latent_params(self.families[k], alpha)
         if cache is not None:
-            cache[key] = law
+            cache.latent[k] = law
         return law
 
     @property
@@ -250,14 +250,14 @@ class BLLChain(nn.Module):
         x: Tensor,
         y: Tensor,
         mask: Tensor | None = None,
-        cache: dict | None = None,
+        cache: StepCache | None = None,
         segment: tuple[int, int] | None = None,
     ):
         """Structured guide: rho_k proportional to alpha_k * beta_k for every block."""
         if self.register_params:
             pyro.module(self._pyro_name, self)
         inp: Any = x
-        noise = None if cache is None else cache.get("noise")
+        noise = None if cache is None else cache.noise
         with pyro.plate("data", y.shape[0], dim=-1):
             for k in self._segment(segment):
                 alpha = self.forward_message(k, inp, cache)
@@ -267,20 +267,20 @@ class BLLChain(nn.Module):
                     beta = self.feedback_message(k, y, mask, site)
                     rho = self.families[k].posterior(site, beta)
                     if cache is not None:
-                        cache[("rho", k)] = rho  # the prototype bound reads it in the model
+                        cache.rho[k] = rho  # the prototype bound reads it in the model
                     with block_noise(noise, k, rho[0].device):
                         z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
                 if z is not None or self.propagate != "sample":  # the last block may have no z
                     inp = self.next_input(k, alpha, z)
         if cache is not None:
-            cache["message"] = inp
+            cache.outgoing = inp
 
     def model(
         self,
         x: Tensor,
         y: Tensor,
         mask: Tensor | None = None,
-        cache: dict | None = None,
+        cache: StepCache | None = None,
         segment: tuple[int, int] | None = None,
     ):
         """The forward network as a latent chain with block-local likelihood sites."""
@@ -346,10 +346,10 @@ class BLLChain(nn.Module):
         return [p for m in self.block_modules(k) for p in m.parameters()]
 
 
-def _prototype(chain: BLLChain, k: int, z: Tensor, cache: dict | None = None) -> Distribution:
+def _prototype(chain: BLLChain, k: int, z: Tensor, cache: StepCache | None = None) -> Distribution:
     rho = None
     if chain.likelihood == "bound" and cache is not None:
-        rho = cache.get(("rho", k))
+        rho = cache.rho.get(k)
     return PrototypeLikelihood().distribution(
         chain.families[k], z, chain.class_potentials(k), chain.message, rho=rho
     )

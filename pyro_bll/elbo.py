@@ -37,6 +37,8 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch import Tensor
 from torch.distributions import Independent, kl_divergence
 
+from .step_cache import StepCache
+
 
 @dataclass
 class BlockLosses:
@@ -126,7 +128,7 @@ class BlockLocalELBO(ELBO):
 
     Works with ``pyro.infer.SVI`` (``loss``, ``loss_and_grads``) and with a plain torch
     optimiser (``differentiable_loss`` or ``block_losses``). The model and guide must accept
-    a ``cache`` keyword (``BLLChain.model`` / ``.guide`` do): one dict is passed to both
+    a ``cache`` keyword (``BLLChain.model`` / ``.guide`` do): one ``StepCache`` is passed to both
     so the forward messages are computed once per step.
     """
 
@@ -149,7 +151,8 @@ class BlockLocalELBO(ELBO):
         Unlike ``get_importance_trace`` no log-density is computed up front: the analytic
         KL needs none, and ``_log_prob`` computes the few that are needed on demand.
         """
-        kwargs = {**kwargs, "cache": kwargs.get("cache", {})}
+        cache = kwargs.get("cache")
+        kwargs = {**kwargs, "cache": StepCache() if cache is None else cache}
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .chain import BLLChain
 from .families import FixedVarianceGaussian
+from .step_cache import StepCache
 
 
 def class_mean_prototypes(
@@ -67,7 +68,7 @@ def solve_feedback(
     y: Tensor,
     mask: Tensor | None,
     ridge: float,
-    cache: dict,
+    cache: StepCache,
     blocks: range | None = None,
 ) -> None:
     """Set every block's feedback weights to the closed-form optimum on this batch.

@@ -20,6 +20,7 @@ from pyro_bll.agreement import (
 from pyro_bll.config import RunConfig
 from pyro_bll.diagnostics import collect, forward_messages, to_inference_data
 from pyro_bll.models.resnet import build_resnet_chain
+from pyro_bll.step_cache import StepCache
 from pyro_bll.tasks import S2SReverseTask
 from pyro_bll.tasks.s2s_reverse import make_sequences
 
@@ -179,7 +180,7 @@ def test_inference_data_groups_dims_and_shapes_for_every_model_kind(family, tmp_
 def test_step_statistics_leave_the_rng_alone_and_equal_block_sums(family):
     chain = mlp_chain(family, register_params=False)
     x, y = _clusters(32, torch.Generator().manual_seed(2))
-    cache = {}
+    cache = StepCache()
     inp = x
     for k in range(chain.num_blocks):
         inp = chain.next_input(k, chain.forward_message(k, inp, cache), None)
@@ -189,7 +190,7 @@ def test_step_statistics_leave_the_rng_alone_and_equal_block_sums(family):
     assert torch.equal(torch.get_rng_state(), before)
     assert set(logged) == {f"agreement_{n}" for n in LOGGED}
     for k in range(chain.num_blocks):
-        expected = summarise(block_sums(chain, k, cache[k], y, None, draws=1))
+        expected = summarise(block_sums(chain, k, cache.alpha[k], y, None, draws=1))
         for name in LOGGED:
             assert_close(logged[f"agreement_{name}"][k], expected[name][0], atol=1e-6)
 
@@ -197,7 +198,7 @@ def test_step_statistics_leave_the_rng_alone_and_equal_block_sums(family):
 def test_step_agreement_computes_every_tenth_step_and_restarts_per_epoch():
     chain = mlp_chain(make_family("gaussian"), register_params=False)
     x, y = _clusters(16, torch.Generator().manual_seed(3))
-    cache = {}
+    cache = StepCache()
     inp = x
     for k in range(chain.num_blocks):
         inp = chain.next_input(k, chain.forward_message(k, inp, cache), None)

@@ -25,6 +25,7 @@ from pyro_bll.distributed.group import (  # noqa: E402
 from pyro_bll.distributed.transport import Spec  # noqa: E402
 from pyro_bll.methods import BLL  # noqa: E402
 from pyro_bll.noise import NoiseKey, block_noise  # noqa: E402
+from pyro_bll.step_cache import StepCache
 from pyro_bll.tasks import S2SReverseTask  # noqa: E402
 
 from utils import assert_close  # noqa: E402
@@ -91,7 +92,7 @@ def test_segments_reproduce_the_full_chain_losses_and_gradients(family, propagat
     for cut in ([(0, 1), (1, 3)], [(0, 2), (2, 3)], [(0, 1), (1, 2), (2, 3)]):
         inp = x
         for seg in cut:
-            cache: dict = {}
+            cache = StepCache()
             part, part_logs = method.loss(chain, inp, y, mask, noise=key, segment=seg, cache=cache)
             a, b = seg
             assert_close(part_logs["loss"][a:b], logs["loss"][a:b], atol=1e-12)
@@ -104,7 +105,7 @@ def test_segments_reproduce_the_full_chain_losses_and_gradients(family, propagat
                     assert g is None or g.abs().max() == 0
                 else:
                     assert_close(g, ref, atol=1e-12)
-            inp = cache["message"]  # what the next rank receives (detached on the wire)
+            inp = cache.outgoing  # what the next rank receives (detached on the wire)
             inp = tuple(t.detach() for t in inp) if isinstance(inp, tuple) else inp.detach()
 
 

@@ -6,6 +6,7 @@ from pyro_bll import BlockLocalELBO, make_family
 from pyro_bll.config import RunConfig
 from pyro_bll.feedback_solve import class_mean_prototypes, solve_feedback
 from pyro_bll.guides import MLPFeedback
+from pyro_bll.step_cache import StepCache
 from pyro_bll.tasks import S2SReverseTask
 
 from utils import assert_close, mlp_chain, toy_batch
@@ -38,7 +39,7 @@ def test_solved_feedback_zeroes_the_agreement_gradient():
     task = S2SReverseTask(cfg)
     chain = task.build_chain(make_family("gaussian")).double()
     x, y, mask = next(task.train_batches(0))
-    cache: dict = {}
+    cache = StepCache()
     solve_feedback(chain, x, y, mask, ridge=0.0, cache=cache)
     losses = BlockLocalELBO(2).block_losses(chain.model, chain.guide, x, y, mask, cache=cache)
     for k in filter(chain.has_latent, range(2)):  # the last block has no z: head reads m

@@ -13,6 +13,7 @@ from pyro_bll.guides import BroadcastMessage, PoolMessage
 from pyro_bll.likelihoods import ConvPooledHead, GridPooledHead
 from pyro_bll.models import RESNET_ARCHS, build_resnet_chain, resnet_blocks
 from pyro_bll.models.resnet import block_layer_counts, split_units
+from pyro_bll.step_cache import StepCache
 
 from utils import assert_block_local, assert_close
 
@@ -25,7 +26,7 @@ def tiny_chain(arch="resnet18", family="gaussian", **cfg):
 
 
 def latent_shapes(chain, x):
-    shapes, inp, cache = [], x, {}
+    shapes, inp, cache = [], x, StepCache()
     for k in range(chain.num_blocks):
         alpha = chain.forward_message(k, inp, cache)
         inp = chain.families[k].mean(alpha)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..config import ConfigError, RunConfig
 from ..noise import NoiseKey
+from ..step_cache import StepCache
 from ..training import (
     Trainer,
     TrainingDiverged,
@@ -67,7 +68,7 @@ class RankStage:
         self, inp: Any, y: Tensor, mask: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor], Message | None]:
         """Local losses of the segment (summed) and the message for the next rank."""
-        cache: dict = {}
+        cache = StepCache()
         noise = NoiseKey(self.cfg.seed, self.steps_done)
         with self.trainer.autocast():  # --amp, as in the single-process step
             loss, logs = self.method.loss(
@@ -82,7 +83,7 @@ class RankStage:
                 f"{self.epoch + 1}; checkpoints up to epoch {self.epoch} are kept; "
                 "try a smaller --lr"
             )
-        return loss, logs, None if self.last else cache["message"]
+        return loss, logs, None if self.last else cache.outgoing
 
     def update(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ from ..config import BLL_TERMS, ConfigError, RunConfig
 from ..elbo import BlockLocalELBO, BlockLosses
 from ..feedback_solve import check_solvable, solve_feedback
 from ..noise import NoiseKey
+from ..step_cache import StepCache
 from .base import Method
 
 
@@ -54,12 +55,12 @@ class BLL(Method):
         *,
         noise: NoiseKey | None = None,
         segment: tuple[int, int] | None = None,
-        cache: dict | None = None,
+        cache: StepCache | None = None,
     ):
         """Sum of l_k; with ``segment=(a, b)`` only blocks a..b-1 (``x`` is block a's input
-        message, other blocks log zeros) and ``cache["message"]`` receives m(alpha_{b-1})."""
-        cache = {} if cache is None else cache
-        cache["noise"] = noise
+        message, other blocks log zeros) and ``cache.outgoing`` receives m(alpha_{b-1})."""
+        cache = StepCache() if cache is None else cache
+        cache.noise = noise
         if self.solve:
             blocks = None if segment is None else range(*segment)
             solve_feedback(chain, x, y, mask, self.ridge, cache, blocks)
