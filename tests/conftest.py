@@ -21,8 +21,9 @@ def _clean_state():
     pyro.clear_param_store()
 
 
-# options that make a family fit the 6-channel latents used throughout the tests
-TEST_OPTIONS = {"categorical": {"group_size": 3}}
+# options that make a family fit the 6-channel latents used throughout the tests, as each
+# family class declares them
+TEST_OPTIONS = {name: dict(cls.example_options) for name, cls in FAMILIES.items()}
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -55,3 +55,14 @@ def test_no_outside_design_document_or_issue_numbers():
             if "DESIGN.md" in line or ISSUE.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not found, "outside references or issue numbers:\n" + "\n".join(found)
+
+
+def test_the_family_table_lists_exactly_the_registered_families():
+    """docs/families.md's table is checked against the registry (a new family must be
+    documented; a removed one must leave the table)."""
+    from pyro_bll import FAMILIES
+
+    text = (DOCS / "families.md").read_text()
+    section = text.split("## The registered families", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)`", section, flags=re.M)
+    assert sorted(rows) == sorted(FAMILIES), rows

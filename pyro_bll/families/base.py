@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -92,6 +92,9 @@ class Family(ABC):
     zero_potential_tol: ClassVar[float] = 0.0
     # the default of --likelihood for this family, chosen from measurements (docs/families.md)
     default_likelihood: ClassVar[str] = "bound"
+    # options that fit the family to a latent of 6 channels: the generic tests build every
+    # family with them (e.g. a categorical's group size must divide the channel count)
+    example_options: ClassVar[dict[str, Any]] = {}
 
     # ---- parameter layout -------------------------------------------------------------
     def split_raw(self, raw: Tensor, n: int, what: str) -> tuple[Tensor, ...]:

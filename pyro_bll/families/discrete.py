@@ -115,6 +115,7 @@ class GroupedCategorical(_Logits):
 
     group_size: int = 4
     name = "categorical"
+    example_options = {"group_size": 3}
     n_raw = 1
     n_feedback = 1
     stat_dims = 1
