@@ -199,3 +199,18 @@ def test_nan_loss_stops_with_block_and_epoch_and_keeps_results(tmp_path, monkeyp
     metrics = json.loads((tmp_path / "nan" / "metrics.json").read_text())
     assert len(metrics["history"]) == 1
     assert (tmp_path / "nan" / "checkpoints" / "epoch_000.pt").exists()
+
+
+def test_the_parser_is_generated_from_the_config_fields():
+    """Every RunConfig field is an option with help text; no option is declared twice."""
+    import dataclasses
+
+    from pyro_bll.config import RunConfig
+
+    parser = run.build_parser()
+    dests = {a.dest for a in parser._actions}
+    for f in dataclasses.fields(RunConfig):
+        assert f.metadata.get("help"), f"RunConfig.{f.name} has no help metadata"
+        assert {"family_args": "family_arg"}.get(f.name, f.name) in dests, f.name
+    flags = [s for a in parser._actions for s in a.option_strings]
+    assert len(flags) == len(set(flags))
