@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..assembly import assemble_chain
 from ..chain import BLLChain
 from ..config import ConfigError, RunConfig
 from ..families import Family, FamilyError
@@ -231,7 +232,7 @@ def build_resnet_chain(
     Inputs are images ``[B, in_channels, image_size, image_size]``, labels ``[B]``.
     """
     cfg.fill_defaults({})  # options still unset: the common defaults
-    from ..guides import FEEDBACKS, MESSAGES
+    from ..guides import MESSAGES
 
     if cfg.message not in MESSAGES:
         raise ConfigError(f"unknown --message {cfg.message!r}; valid: {', '.join(MESSAGES)}")
@@ -251,28 +252,19 @@ def build_resnet_chain(
         message.latent_params(family, probe)
     except FamilyError as e:
         raise ConfigError(f"--message {cfg.message}: {e}") from None
-    feedback = FEEDBACKS[cfg.feedback](
-        num_classes, [family.feedback_size(c) for c in channels], family.feedback_init_std
-    )
     sides = block_map_sizes(blocks, image_size)
     if cfg.pred_head not in PRED_HEADS:
         raise ConfigError(f"unknown --pred-head {cfg.pred_head!r}; valid: {', '.join(PRED_HEADS)}")
     head = PRED_HEADS[cfg.pred_head]
-    pred = (
-        [head(c, num_classes, s) for c, s in zip(channels[:-1], sides, strict=False)]
-        if cfg.pred_weight > 0
-        else None
-    )
-    return BLLChain(
-        blocks,
+    return assemble_chain(
+        cfg,
         family,
-        feedback,
-        PooledHead(channels[-1], num_classes),
+        blocks,
+        channels,
+        num_classes,
+        lambda: PooledHead(channels[-1], num_classes),
+        lambda k: head(channels[k], num_classes, sides[k]),
         event_dim=3,  # latents [B, H, W, C]
         label_event_dim=0,  # one label per image
         message=message,
-        pred_heads=pred,
-        pred_weight=cfg.pred_weight,
-        propagate=cfg.propagate,
-        register_params=False,
     )

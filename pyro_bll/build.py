@@ -103,9 +103,7 @@ def build_from_config(cfg: RunConfig) -> tuple[Family, Any, BLLChain]:
     except FamilyError as e:
         raise ConfigError(str(e)) from None
     task = TASKS[cfg.task](cfg)
-    chain = task.build_chain(family)
-    chain.likelihood = cfg.likelihood or family.default_likelihood  # --likelihood
-    return family, task, chain
+    return family, task, task.build_chain(family)  # pyro_bll.assembly wires --likelihood
 
 
 __all__ = ["build_from_config", "config_for_task", "fill_defaults", "validate"]

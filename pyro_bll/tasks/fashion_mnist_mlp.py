@@ -67,26 +67,20 @@ class FashionMNISTMLPTask:
         return ((images.float() / 255 - MEAN) / STD).flatten(1)  # [N, 784]
 
     def build_chain(self, family: Family) -> BLLChain:
-        from ..guides import FEEDBACKS
+        from ..assembly import assemble_chain
         from ..models import mlp_blocks
 
         cfg = self.cfg
         widths = [cfg.d_model] * cfg.num_blocks
-        blocks = mlp_blocks(self.x_train.shape[1], widths, family)
-        feedback = FEEDBACKS[cfg.feedback](
-            self.num_classes, [family.feedback_size(w) for w in widths], family.feedback_init_std
-        )
-        pred = [nn.Linear(w, self.num_classes) for w in widths[:-1]]
-        return BLLChain(
-            blocks,
+        return assemble_chain(
+            cfg,
             family,
-            feedback,
-            CategoricalHead(widths[-1], self.num_classes),
+            mlp_blocks(self.x_train.shape[1], widths, family),
+            widths,
+            self.num_classes,
+            lambda: CategoricalHead(widths[-1], self.num_classes),
+            lambda k: nn.Linear(widths[k], self.num_classes),
             event_dim=1,
-            pred_heads=pred if cfg.pred_weight > 0 else None,
-            pred_weight=cfg.pred_weight,
-            propagate=cfg.propagate,
-            register_params=False,
         )
 
     def steps_per_epoch(self) -> int:

@@ -64,7 +64,7 @@ class S2SReverseTask:
 
     # ---- network -----------------------------------------------------------------------
     def build_chain(self, family: Family) -> BLLChain:
-        from ..guides import FEEDBACKS
+        from ..assembly import assemble_chain
         from ..models import transformer_blocks
 
         cfg = self.cfg
@@ -78,23 +78,15 @@ class S2SReverseTask:
             family,
             params_input=cfg.propagate == "params",
         )
-        n_blocks = len(blocks)
-        feedback = FEEDBACKS[cfg.feedback](
-            self.vocab, [family.feedback_size(d)] * n_blocks, family.feedback_init_std
-        )
-        pred = [
-            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.vocab)) for _ in range(n_blocks - 1)
-        ]
-        return BLLChain(
-            blocks,
+        return assemble_chain(
+            cfg,
             family,
-            feedback,
-            CategoricalHead(d, self.vocab),
+            blocks,
+            [d] * len(blocks),
+            self.vocab,
+            lambda: CategoricalHead(d, self.vocab),
+            lambda k: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.vocab)),
             event_dim=self.event_dim,
-            pred_heads=pred if cfg.pred_weight > 0 else None,
-            pred_weight=cfg.pred_weight,
-            propagate=cfg.propagate,
-            register_params=False,
         )
 
     # ---- data --------------------------------------------------------------------------

@@ -1,0 +1,59 @@
+"""One helper that turns a task's forward blocks into a ``BLLChain``.
+
+Every task (sequence reversal, the MLP, the ResNets) hands over its blocks, the latent
+width of each block, its output head and its predictive heads; the feedback network
+(``--feedback``), the predictive weight, ``--propagate`` and ``--likelihood`` are wired
+the same way for all of them here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from .chain import BLLChain
+from .config import RunConfig
+from .families import Family
+from .guides import FEEDBACKS
+
+
+def assemble_chain(
+    cfg: RunConfig,
+    family: Family,
+    blocks: Sequence[nn.Module],
+    widths: Sequence[int],
+    num_classes: int,
+    head: Callable[[], nn.Module],
+    pred_head: Callable[[int], nn.Module] | None,
+    **chain_options: Any,
+) -> BLLChain:
+    """The chain of ``blocks`` with the configured feedback network and heads.
+
+    Args:
+        widths: latent channels of every block (the feedback outputs one potential each).
+        head: builds the output head f_out (called after the feedback network and the
+            predictive heads, so that every task initialises its modules in one order).
+        pred_head: ``pred_head(k)`` builds block k's predictive head (blocks below the
+            last, only when ``cfg.pred_weight > 0``); ``None``: no predictive heads.
+        chain_options: passed on to ``BLLChain`` (``event_dim``, ``message``, ...).
+    """
+    feedback = FEEDBACKS[cfg.feedback](
+        num_classes, [family.feedback_size(w) for w in widths], family.feedback_init_std
+    )
+    preds = None
+    if pred_head is not None and cfg.pred_weight > 0:
+        preds = [pred_head(k) for k in range(len(blocks) - 1)]
+    return BLLChain(
+        blocks,
+        family,
+        feedback,
+        head(),
+        pred_heads=preds,
+        pred_weight=cfg.pred_weight,
+        propagate=cfg.propagate,
+        likelihood=cfg.likelihood or family.default_likelihood,
+        register_params=False,
+        **chain_options,
+    )
