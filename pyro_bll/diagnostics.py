@@ -31,6 +31,7 @@ change of the next block, is the same network), so compare them within a run onl
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,8 +206,13 @@ def collect(
     labels_valid = torch.ones_like(y, dtype=torch.bool) if mask is None else mask.bool()
     sums = [block_sums(chain, k, a, y, mask, draws, per_class=True) for k, a in enumerate(alphas)]
     width = [s.kl.shape[-1] for s in sums]
-    k_keep = min(channels, *width)
     laws = [chain.latent_params(k, a) for k, a in enumerate(alphas)]  # the laws of z_k
+    # values of one draw per site: channels, groups (categorical) or group x K (Dirichlet)
+    z_width = []
+    for k, law in enumerate(laws):
+        d = chain.families[k].distribution(law)
+        z_width.append(d.batch_shape[-1] * math.prod(d.event_shape))
+    k_keep = min(channels, *z_width)
     sites = [
         a[0].shape[1 : a[0].dim() - 1 - chain.families[k].stat_dims] for k, a in enumerate(laws)
     ]
@@ -223,7 +229,8 @@ def collect(
         idx = idx[((torch.arange(p_keep) + 0.5) * idx.numel() / p_keep).long()]
         pos.append(idx)
         for params, out in ((rho, z_rho), (a_e, z_alpha)):
-            z = fam.distribution(params).sample((draws,))  # [D, E, *S, C]
+            z = fam.distribution(params).sample((draws,))  # [D, E, *S, C(, K)]
+            z = z.flatten(-1 - fam.event_dims) if fam.event_dims else z  # [D, E, *S, C]
             z = z.reshape(draws, e, -1, z.shape[-1])[:, :, idx, :k_keep]
             out.append(z.float())
     stats: dict[str, list[np.ndarray]] = {}

@@ -1,5 +1,6 @@
 """Agreement statistics and their InferenceData: known cases, every family and model kind."""
 
+import math
 from functools import cache
 
 import arviz as az
@@ -77,7 +78,8 @@ def test_an_untrained_feedback_network_leaves_rho_at_alpha(family):
     for name, value in (("kl", 0.0), ("mean_msd", 0.0), ("mean_cos", 1.0)):
         assert_close(run.stats[name], np.full_like(run.stats[name], value), atol=2e-3, msg=name)
     ks = _ks(run.z_rho, run.z_alpha)  # rho = alpha: the densities overlap
-    assert ks.mean() < 0.06 and ks.max() < 0.2, ks
+    # two samples of 400 from one law: E[KS] is about 0.87 * sqrt(2 / 400) = 0.061
+    assert ks.mean() < 0.075 and ks.max() < 0.2, ks
 
 
 @cache
@@ -129,18 +131,22 @@ def _tiny_models(family):
     """(chain, x, y, mask, sites, channels): an MLP, a transformer and a ResNet.
 
     ``sites`` is the fewest valid sites of any block, ``channels`` the narrowest block's
-    latent channels (categorical groups of 3 for the categorical family).
+    latent values per site (read from the family: channels, or a categorical's groups).
     """
-    group = 3 if family.name == "categorical" else 1
+
+    def values(width):  # values of one draw of a latent of ``width`` channels
+        d = family.distribution(family.params(torch.zeros(1, family.raw_size(width))))
+        return d.batch_shape[-1] * math.prod(d.event_shape)
+
     g = torch.Generator().manual_seed(0)
     x, y = _clusters(10, g)
-    yield mlp_chain(family, register_params=False, widths=(6, 12, 6)), x, y, None, 1, 6 // group
+    yield mlp_chain(family, register_params=False, widths=(6, 12, 6)), x, y, None, 1, values(6)
     task = S2SReverseTask(RunConfig(layers=2, d_model=12, seq_len=3))
     x, y, mask = make_sequences(task.test_perms[:5])
-    yield task.build_chain(family), x, y, mask, 3, 12 // group  # positions 3..5 carry labels
+    yield task.build_chain(family), x, y, mask, 3, values(12)  # positions 3..5 carry labels
     cfg = RunConfig(task="fashion_mnist", width=6 / 64, blocks=3, message="pool")
     resnet = build_resnet_chain("resnet18", 1, 4, family, cfg)  # maps 8x8, 4x4, 2x2
-    yield resnet, torch.randn(3, 1, 16, 16), torch.tensor([0, 3, 1]), None, 4, 12 // group
+    yield resnet, torch.randn(3, 1, 16, 16), torch.tensor([0, 3, 1]), None, 4, values(12)
 
 
 def test_inference_data_groups_dims_and_shapes_for_every_model_kind(family, tmp_path):

@@ -63,12 +63,27 @@ def test_params_have_the_documented_shapes_and_lie_in_support(family):
     family.check_params(params)
     d = family.distribution(params)
     z = d.sample()
-    assert z.shape == d.batch_shape and d.batch_shape[:2] == (5, 7)
+    assert z.shape == d.batch_shape + d.event_shape and d.batch_shape[:2] == (5, 7)
+    assert len(d.event_shape) == family.event_dims
     assert d.support.check(z).all()
     assert family.mean(params).shape == (5, 7, C)  # what the next block consumes
     assert family.features(z).shape == (5, 7, C)  # a draw fed on (propagate="sample")
     for eta, stat in zip(family.natural(params), family.sufficient_stats(z), strict=True):
         assert eta.shape == stat.shape
+
+
+def _check_posterior_of_a_vector_family(family, alpha, beta, rho):
+    """No grid covers a simplex: log rho(z) - log alpha(z) - <beta, T(z)> must be one
+    constant over random z (torch's log-densities), and that constant is minus the log of
+    E_alpha exp<beta, T(z)> (Monte Carlo over 200,000 draws)."""
+    d_alpha, d_rho = family.distribution(alpha), family.distribution(rho)
+    z = d_alpha.sample((200_000,))
+    log_w = family.inner(beta, family.sufficient_stats(z))  # [S, 4, G]
+    offset = d_rho.log_prob(z) - d_alpha.log_prob(z) - log_w
+    assert_close(offset, offset[:1].expand_as(offset), atol=1e-8, rtol=1e-8)
+    w = log_w.exp()
+    se = w.std(0) / 200_000**0.5
+    assert ((w.mean(0) - (-offset[0]).exp()).abs() <= 6 * se).all()
 
 
 def test_natural_round_trip(family):
@@ -90,6 +105,8 @@ def test_posterior_matches_numerical_normalisation(family):
     beta = _potential(family, 4)
     rho = family.posterior(alpha, beta)
     family.check_params(rho)
+    if family.event_dims:
+        return _check_posterior_of_a_vector_family(family, alpha, beta, rho)
     z, rule = _support_points(family, alpha, rho)
     d_alpha, d_rho = family.distribution(alpha), family.distribution(rho)
     log_unnorm = d_alpha.log_prob(z) + family.inner(beta, family.sufficient_stats(z))

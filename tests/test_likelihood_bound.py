@@ -35,7 +35,7 @@ def _class_laws(family, protos):
 def _log_q_by_torch(family, protos, z, y):
     """log q(y | z) from torch's log-densities: softmax_c sum_C log pi_c(z). ``z [S, B, C]``."""
     laws = _class_laws(family, protos)  # batch [V, C]
-    lp = laws.log_prob(z.unsqueeze(-2))  # [S, B, V, C]
+    lp = laws.log_prob(z.unsqueeze(-2 - family.event_dims))  # [S, B, V, C]
     logits = lp.sum(-1)  # [S, B, V]
     return torch.log_softmax(logits, -1).gather(-1, y.expand(z.shape[0], -1).unsqueeze(-1))[..., 0]
 
@@ -46,7 +46,7 @@ def test_prototype_logits_equal_the_class_laws_log_densities(family):
     z = family.distribution(rho).sample()  # [5, C]
     logits = family.potential_logits(z, protos)  # [5, V]
     laws = _class_laws(family, protos)
-    direct = laws.log_prob(z.unsqueeze(-2)).sum(-1)  # [5, V]
+    direct = laws.log_prob(z.unsqueeze(-2 - family.event_dims)).sum(-1)  # [5, V]
     diff = direct - logits
     assert_close(diff, diff[:, :1].expand_as(diff), atol=1e-9, rtol=0)
 
@@ -117,7 +117,7 @@ def test_bound_on_a_pooled_map_lies_below_the_monte_carlo_expectation(family):
     bound = prototype_bound(family, rho, protos, y, weight=1 / 4, spatial_dims=2)
     z = family.distribution(rho).sample((20_000,))  # [S, 3, 2, 2, C(, K)]
     laws = _class_laws(family, protos)
-    per_loc = laws.log_prob(z.unsqueeze(-2)).sum(-1)  # [S, 3, 2, 2, V]
+    per_loc = laws.log_prob(z.unsqueeze(-2 - family.event_dims)).sum(-1)  # [S, 3, 2, 2, V]
     log_q = torch.log_softmax(per_loc.mean((2, 3)), -1)
     log_q = log_q.gather(-1, y.expand(20_000, -1).unsqueeze(-1))[..., 0]
     mc, se = log_q.mean(0), log_q.std(0) / 20_000**0.5
@@ -181,7 +181,7 @@ def test_channel_law_has_the_maps_mean(family):
     family.check_params(law)
     got = family.distribution(law).mean
     want = family.distribution(alpha).mean.mean((1, 2))
-    if family.stat_dims:  # a categorical's mean is its probability vector
+    if family.discrete and family.stat_dims:  # a categorical's mean: its probabilities
         got = family.distribution(law).probs
         want = family.distribution(alpha).probs.mean((1, 2))
     assert_close(got, want, atol=1e-9, rtol=1e-9)

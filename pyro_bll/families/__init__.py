@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from .base import Family, FamilyError, Natural, Params
+from .dirichlet import Dirichlet
 from .discrete import Bernoulli, GroupedCategorical, Poisson
 from .gaussian import FixedVarianceGaussian, LearnedVarianceGaussian
 from .positive import Beta, Gamma
@@ -18,6 +19,7 @@ FAMILIES: dict[str, type[Family]] = {
     "poisson": Poisson,
     "gamma": Gamma,
     "beta": Beta,
+    "dirichlet": Dirichlet,
 }
 
 
@@ -39,6 +41,7 @@ __all__ = [
     "FAMILIES",
     "Bernoulli",
     "Beta",
+    "Dirichlet",
     "Gamma",
     "GroupedCategorical",
     "Poisson",

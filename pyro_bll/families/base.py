@@ -80,6 +80,9 @@ class Family(ABC):
     # trailing axes of each natural parameter beyond the latent's own shape (1 for a
     # categorical group's K logits, 0 for scalar-per-channel families)
     stat_dims: ClassVar[int] = 0
+    # axes of one draw of a latent variable (0: a scalar per channel or group; 1: a vector,
+    # e.g. a Dirichlet group's K values on the simplex); tests read shapes from it
+    event_dims: ClassVar[int] = 0
     discrete: ClassVar[bool] = False
     # initial scale of the feedback weights: a potential of this size moves rho well away
     # from alpha for the Gaussians, but makes KL(rho || alpha) swamp the other terms for
