@@ -42,7 +42,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.task, TASKS, "task"),
         (cfg.method, METHODS, "method"),
         (cfg.family, FAMILIES, "family"),
-        (cfg.propagate, ("mean", "params", "sample"), "propagate"),
         (cfg.feedback, FEEDBACKS, "feedback"),
         (cfg.feedback_update, ("grad", "solve"), "feedback update"),
         (cfg.arch, RESNET_ARCHS, "arch"),
@@ -56,8 +55,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             )
     if cfg.likelihood is not None and cfg.likelihood not in ("bound", "sample"):
         raise ConfigError(f"unknown likelihood {cfg.likelihood!r}; valid: bound, sample")
+    if cfg.propagate is None and getattr(TASKS[cfg.task], "params_propagation", False):
+        cfg.propagate = FAMILIES[cfg.family].default_propagate
     fill_defaults(cfg)
     for name, choices, what in [
+        (cfg.propagate, ("mean", "params", "sample"), "propagate"),
         (cfg.lr_schedule, LR_SCHEDULES, "lr schedule"),
         (cfg.message, MESSAGES, "message"),
     ]:

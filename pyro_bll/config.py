@@ -34,6 +34,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "lr_schedule": "constant",
     "pred_weight": 1.0,
     "message": "pool",
+    "propagate": "mean",
 }
 
 
@@ -188,10 +189,12 @@ class RunConfig:
         1.0,
         "ridge term of --feedback-update solve",
     )
-    propagate: str = _opt(
-        "mean",
-        "what the next block consumes: the mean of z_k (paper), its unconstrained "
-        "parameters (e.g. logits; s2s_reverse only) or a draw",
+    propagate: str | None = _opt(
+        None,
+        "what the next block consumes: the mean of z_k (the paper), its unconstrained "
+        "parameters (e.g. logits; s2s_reverse only) or a draw (default: on s2s_reverse "
+        "the family's default_propagate, params for the families with bounded or "
+        "positive means and mean for the Gaussians; mean on the other tasks)",
         choices=("mean", "params", "sample"),
     )
     likelihood: str | None = _opt(

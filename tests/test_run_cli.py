@@ -214,3 +214,20 @@ def test_the_parser_is_generated_from_the_config_fields():
         assert {"family_args": "family_arg"}.get(f.name, f.name) in dests, f.name
     flags = [s for a in parser._actions for s in a.option_strings]
     assert len(flags) == len(set(flags))
+
+
+@pytest.mark.parametrize(
+    "task, family, expected",
+    [
+        ("s2s_reverse", "bernoulli", "params"),  # bounded means: unconstrained parameters
+        ("s2s_reverse", "gaussian", "mean"),  # the paper's
+        ("fashion_mnist_mlp", "bernoulli", "mean"),  # MLP blocks read means only
+    ],
+)
+def test_propagate_defaults_to_the_family_choice_where_the_task_allows_it(task, family, expected):
+    from pyro_bll.build import validate
+
+    cfg, _ = run.parse_config(["--task", task, "--family", family])
+    assert validate(cfg).propagate == expected
+    cfg, _ = run.parse_config(["--task", task, "--family", family, "--propagate", "sample"])
+    assert validate(cfg).propagate == "sample"  # an explicit choice is kept

@@ -95,6 +95,10 @@ class Family(ABC):
     zero_potential_tol: ClassVar[float] = 0.0
     # the default of --likelihood for this family, chosen from measurements (docs/families.md)
     default_likelihood: ClassVar[str] = "bound"
+    # what the next block consumes on the transformer by default: "params" (unconstrained
+    # coordinates) keeps a deep stack of bounded or positive means from squashing the
+    # residual stream at every block (docs/results.md); the Gaussians use their mean
+    default_propagate: ClassVar[str] = "params"
     # options that fit the family to a latent of 6 channels: the generic tests build every
     # family with them (e.g. a categorical's group size must divide the channel count)
     example_options: ClassVar[dict[str, Any]] = {}

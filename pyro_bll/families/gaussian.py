@@ -26,6 +26,7 @@ class _DiagonalGaussian(Family):
     """Shared algebra; subclasses choose how raw outputs become (loc, scale)."""
 
     feedback_init_std = 1.0
+    default_propagate = "mean"  # the paper's
 
     def check_params(self, params: Params) -> None:
         loc, scale = params

@@ -46,6 +46,7 @@ class S2SReverseTask:
 
     DEFAULTS: dict = {}  # COMMON_DEFAULTS are this task's (the paper's 20 layers, 5 epochs)
     event_dim = 2  # latents are [B, T, D]
+    params_propagation = True  # blocks can read alpha's unconstrained parameters
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
