@@ -46,6 +46,7 @@ from .build import build_from_config, validate
 from .chain import BLLChain
 from .config import ConfigError, RunConfig
 from .families import Params
+from .methods import build_method
 from .seed import seed_everything
 
 # config keys that may differ between runs compared as chains (they do not change the
@@ -138,6 +139,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     cfg.device, cfg.resume, cfg.overwrite = device, False, False
     validate(cfg)
     _, task, chain = build_from_config(cfg)
+    build_method(chain, cfg)  # the method's own modules (FA's backward weights, Pred-Sim's heads)
     run = LoadedRun(path, cfg, task, chain.to(device).eval(), ckpts, history)
     run.load_epoch(ckpts[-1])
     return run
