@@ -17,7 +17,7 @@ shortcut projections not counted), for the default N = 4:
 
 Both sum to the paper's 18 and 50 layers; they differ from the paper's grouping by one
 layer in blocks 1 and 2 (the paper does not say how it counts; splitting after residual
-units, as the issue asks, cannot give it). ``--blocks N`` takes any N from 1 to U.
+units cannot give it). Any N from 1 to U works.
 
 Latents. Block k maps ``[B, C_in, H, W]`` images (k = 1) or the previous block's message
 ``[B, H, W, C]`` (channels last, permuted to NCHW and passed through the ReLU that ends a
@@ -36,11 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..assembly import assemble_chain
-from ..chain import BLLChain
-from ..config import ConfigError, RunConfig
 from ..families import Family, FamilyError
-from ..likelihoods import PRED_HEADS, PooledHead
+from .errors import ModelError
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 
@@ -150,18 +147,19 @@ def split_units(num_units: int, num_blocks: int) -> list[int]:
 
 def _spec(arch: str) -> ResNetSpec:
     if arch not in RESNET_ARCHS:
-        raise ConfigError(f"unknown --arch {arch!r}; valid: {', '.join(RESNET_ARCHS)}")
+        raise ModelError("arch", f"{arch!r} is unknown; valid: {', '.join(RESNET_ARCHS)}")
     return RESNET_ARCHS[arch]
 
 
 def check_num_blocks(arch: str, num_blocks: int) -> None:
-    """ConfigError unless 1 <= num_blocks <= the architecture's residual units."""
+    """ModelError unless 1 <= num_blocks <= the architecture's residual units."""
     u = _spec(arch).num_units
     if not 1 <= num_blocks <= u:
-        raise ConfigError(
-            f"--blocks {num_blocks} exceeds the {u} residual units of {arch}; use 1..{u}"
+        raise ModelError(
+            "blocks",
+            f"{num_blocks} exceeds the {u} residual units of {arch}; use 1..{u}"
             if num_blocks > u
-            else f"--blocks must be positive, got {num_blocks}; use 1..{u} for {arch}"
+            else f"must be positive, got {num_blocks}; use 1..{u} for {arch}",
         )
 
 
@@ -182,7 +180,7 @@ def resnet_blocks(
     spec = _spec(arch)
     check_num_blocks(arch, num_blocks)
     if not width > 0:
-        raise ConfigError(f"--width must be positive, got {width}")
+        raise ModelError("width", f"must be positive, got {width}")
     widths = [max(1, round(c * width)) for c in STAGE_WIDTHS]
     stem = nn.Sequential(*_conv_bn(in_channels, widths[0], 3), nn.ReLU())
     units: list[_Unit] = []
@@ -198,7 +196,9 @@ def resnet_blocks(
         try:  # the channel count must fit the family (e.g. categorical groups)
             family.params(torch.zeros(1, family.raw_size(block.channels)))
         except FamilyError as e:
-            raise ConfigError(f"{arch} block {k + 1} ({block.channels} channels): {e}") from None
+            raise ModelError(
+                "family", f"does not fit {arch} block {k + 1} ({block.channels} channels): {e}"
+            ) from None
         blocks.append(block)
     return blocks
 
@@ -214,57 +214,3 @@ def block_map_sizes(blocks: list[ResNetBlock], image_size: int) -> list[int]:
             side = -(-side // unit.stride)
         sizes.append(side)
     return sizes
-
-
-def build_resnet_chain(
-    arch: str,
-    in_channels: int,
-    num_classes: int,
-    family: Family,
-    cfg: RunConfig,
-    image_size: int = 32,
-) -> BLLChain:
-    """A ResNet chain with the paper's linear feedback and pooled heads.
-
-    Reads ``cfg.blocks`` (None: 4, the paper), ``cfg.width``, ``cfg.message``,
-    ``cfg.feedback``, ``cfg.pred_weight`` (per-block predictive heads when > 0: average
-    pool to at most 2048 features, then linear, ``GridPooledHead``) and ``cfg.propagate``.
-    Inputs are images ``[B, in_channels, image_size, image_size]``, labels ``[B]``.
-    """
-    cfg.fill_defaults({})  # options still unset: the common defaults
-    from ..guides import MESSAGES
-
-    if cfg.message not in MESSAGES:
-        raise ConfigError(f"unknown --message {cfg.message!r}; valid: {', '.join(MESSAGES)}")
-    if cfg.propagate not in ("mean", "sample"):
-        raise ConfigError(f"--propagate {cfg.propagate!r}: ResNet blocks take mean or sample")
-    if cfg.message in ("mean", "channel") and cfg.propagate != "mean":
-        raise ConfigError(
-            f"--message {cfg.message} puts the latent on a channel summary, so there is no map to "
-            "sample for the next block; use --propagate mean or --message pool"
-        )
-    num_blocks = 4 if cfg.blocks is None else cfg.blocks
-    blocks = resnet_blocks(arch, in_channels, num_blocks, cfg.width, family)
-    channels = [b.channels for b in blocks]
-    message = MESSAGES[cfg.message](spatial_dims=2)
-    try:  # e.g. --message mean needs a family closed under averaging
-        probe = family.params(torch.zeros(1, 1, 1, family.raw_size(channels[0])))
-        message.latent_params(family, probe)
-    except FamilyError as e:
-        raise ConfigError(f"--message {cfg.message}: {e}") from None
-    sides = block_map_sizes(blocks, image_size)
-    if cfg.pred_head not in PRED_HEADS:
-        raise ConfigError(f"unknown --pred-head {cfg.pred_head!r}; valid: {', '.join(PRED_HEADS)}")
-    head = PRED_HEADS[cfg.pred_head]
-    return assemble_chain(
-        cfg,
-        family,
-        blocks,
-        channels,
-        num_classes,
-        lambda: PooledHead(channels[-1], num_classes),
-        lambda k: head(channels[k], num_classes, sides[k]),
-        event_dim=3,  # latents [B, H, W, C]
-        label_event_dim=0,  # one label per image
-        message=message,
-    )

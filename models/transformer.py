@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..families import Family
+from .errors import ModelError
 
 
 class CausalSelfAttention(nn.Module):
@@ -110,7 +111,7 @@ def transformer_blocks(
     (``--propagate params``) rather than its mean.
     """
     if blocks <= 0 or layers <= 0 or layers % blocks:
-        raise ValueError(f"--blocks ({blocks}) must be positive and divide --layers ({layers})")
+        raise ModelError("blocks", f"({blocks}) must be positive and divide the layers ({layers})")
     per = layers // blocks
     return [
         TransformerBlock(d_model, per, family, vocab if k == 0 else 0, max_len, params_input)

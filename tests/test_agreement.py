@@ -20,10 +20,10 @@ from pyro_bll.agreement import (
 )
 from pyro_bll.config import RunConfig
 from pyro_bll.diagnostics import collect, forward_messages, to_inference_data
-from pyro_bll.models.resnet import build_resnet_chain
 from pyro_bll.step_cache import StepCache
 from pyro_bll.tasks import S2SReverseTask
 from pyro_bll.tasks.s2s_reverse import make_sequences
+from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_close, mlp_chain
 

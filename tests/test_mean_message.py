@@ -15,7 +15,7 @@ from pyro_bll.config import ConfigError, RunConfig
 from pyro_bll.diagnostics import collect, to_inference_data
 from pyro_bll.families import FAMILIES, FamilyError, make_family
 from pyro_bll.guides import MeanMessage
-from pyro_bll.models import build_resnet_chain
+from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close
 

@@ -11,9 +11,10 @@ from pyro_bll.config import ConfigError, RunConfig
 from pyro_bll.families import FAMILIES, make_family
 from pyro_bll.guides import BroadcastMessage, PoolMessage
 from pyro_bll.likelihoods import ConvPooledHead, GridPooledHead
-from pyro_bll.models import RESNET_ARCHS, build_resnet_chain, resnet_blocks
+from pyro_bll.models import RESNET_ARCHS, ModelError, resnet_blocks
 from pyro_bll.models.resnet import block_layer_counts, split_units
 from pyro_bll.step_cache import StepCache
+from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close
 
@@ -167,23 +168,25 @@ def test_prototype_logits_on_the_map(message, name):
 
 
 def test_bad_input_names_the_fix():
+    """The model names the argument at fault (plain ModelError); the task layer turns it
+    into the command-line flag."""
     fam = make_family("gaussian")
-    with pytest.raises(
-        ConfigError, match=r"--blocks 9 exceeds the 8 residual units of resnet18; use 1\.\.8"
-    ):
+    with pytest.raises(ModelError, match=r"^blocks 9 exceeds the 8 residual units of resnet18"):
         resnet_blocks("resnet18", 1, 9, TINY, fam)
+    with pytest.raises(ModelError, match="^width must be positive"):
+        resnet_blocks("resnet18", 1, 4, 0.0, fam)
+    with pytest.raises(ModelError, match="group_size 3 does not divide the 4 channels"):
+        resnet_blocks("resnet18", 1, 4, TINY, make_family("categorical", group_size=3))
     with pytest.raises(
-        ConfigError, match=r"exceeds the 16 residual units of resnet50; use 1\.\.16"
+        ConfigError, match=r"--blocks 17 exceeds the 16 residual units of resnet50; use 1\.\.16"
     ):
         tiny_chain("resnet50", blocks=17)
     with pytest.raises(ConfigError, match="--blocks must be positive"):
         tiny_chain(blocks=0)
-    with pytest.raises(ConfigError, match="unknown --arch 'resnet34'; valid: resnet18, resnet50"):
+    with pytest.raises(
+        ConfigError, match="--arch 'resnet34' is unknown; valid: resnet18, resnet50"
+    ):
         tiny_chain("resnet34")
-    with pytest.raises(ConfigError, match="--width must be positive"):
-        resnet_blocks("resnet18", 1, 4, 0.0, fam)
-    with pytest.raises(ConfigError, match="group_size 3 does not divide the 4 channels"):
-        resnet_blocks("resnet18", 1, 4, TINY, make_family("categorical", group_size=3))
     for bad, match in (
         ({"arch": "vgg"}, "unknown arch 'vgg'"),
         ({"message": "sum"}, "unknown message 'sum'"),

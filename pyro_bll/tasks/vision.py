@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..assembly import assemble_chain
 from ..chain import BLLChain
 from ..config import ConfigError, RunConfig
 from ..data import (
@@ -41,7 +42,11 @@ from ..data import (
     load_fashion_mnist,
 )
 from ..data.device_data import Augmentation
-from ..families import Family
+from ..families import Family, FamilyError
+from ..guides import MESSAGES
+from ..likelihoods import PRED_HEADS, PooledHead
+from ..models.errors import ModelError
+from ..models.resnet import block_map_sizes, resnet_blocks
 from .base import check_diagnostic_size
 
 _VISION_DEFAULTS: dict[str, Any] = {
@@ -112,12 +117,13 @@ class VisionTask(ABC):
     def check_config(cls, cfg: RunConfig) -> None:
         from ..models.resnet import check_num_blocks
 
-        check_num_blocks(cfg.arch, cfg.num_blocks)
+        try:
+            check_num_blocks(cfg.arch, cfg.num_blocks)
+        except ModelError as e:
+            raise ConfigError(e.as_flag_message()) from None
 
     # ---- network -----------------------------------------------------------------------
     def build_chain(self, family: Family) -> BLLChain:
-        from ..models.resnet import build_resnet_chain
-
         return build_resnet_chain(
             self.cfg.arch,
             self.data.in_channels,
@@ -177,3 +183,62 @@ class CIFAR10Task(VisionTask):
     @classmethod
     def load(cls, cfg: RunConfig, split: str) -> tuple[Tensor, Tensor]:
         return load_cifar10(cfg.data_dir or DEFAULT_CIFAR10, split)
+
+
+def build_resnet_chain(
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    family: Family,
+    cfg: RunConfig,
+    image_size: int = 32,
+) -> BLLChain:
+    """A ResNet chain with the paper's linear feedback and pooled heads, from a config.
+
+    The configuration layer over ``pyro_bll.models.resnet`` (whose functions take plain
+    arguments): it reads the options and turns the model's errors into flag names.
+
+    Reads ``cfg.blocks`` (None: 4, the paper), ``cfg.width``, ``cfg.message``,
+    ``cfg.feedback``, ``cfg.pred_weight`` (per-block predictive heads when > 0: average
+    pool to at most 2048 features, then linear, ``GridPooledHead``) and ``cfg.propagate``.
+    Inputs are images ``[B, in_channels, image_size, image_size]``, labels ``[B]``.
+    """
+    cfg.fill_defaults({})  # options still unset: the common defaults
+
+    if cfg.message not in MESSAGES:
+        raise ConfigError(f"unknown --message {cfg.message!r}; valid: {', '.join(MESSAGES)}")
+    if cfg.propagate not in ("mean", "sample"):
+        raise ConfigError(f"--propagate {cfg.propagate!r}: ResNet blocks take mean or sample")
+    if cfg.message in ("mean", "channel") and cfg.propagate != "mean":
+        raise ConfigError(
+            f"--message {cfg.message} puts the latent on a channel summary, so there is no map to "
+            "sample for the next block; use --propagate mean or --message pool"
+        )
+    num_blocks = 4 if cfg.blocks is None else cfg.blocks
+    try:
+        blocks = resnet_blocks(arch, in_channels, num_blocks, cfg.width, family)
+    except ModelError as e:  # the model names its argument; the flag is named here
+        raise ConfigError(e.as_flag_message()) from None
+    channels = [b.channels for b in blocks]
+    message = MESSAGES[cfg.message](spatial_dims=2)
+    try:  # e.g. --message mean needs a family closed under averaging
+        probe = family.params(torch.zeros(1, 1, 1, family.raw_size(channels[0])))
+        message.latent_params(family, probe)
+    except FamilyError as e:
+        raise ConfigError(f"--message {cfg.message}: {e}") from None
+    sides = block_map_sizes(blocks, image_size)
+    if cfg.pred_head not in PRED_HEADS:
+        raise ConfigError(f"unknown --pred-head {cfg.pred_head!r}; valid: {', '.join(PRED_HEADS)}")
+    head = PRED_HEADS[cfg.pred_head]
+    return assemble_chain(
+        cfg,
+        family,
+        blocks,
+        channels,
+        num_classes,
+        lambda: PooledHead(channels[-1], num_classes),
+        lambda k: head(channels[k], num_classes, sides[k]),
+        event_dim=3,  # latents [B, H, W, C]
+        label_event_dim=0,  # one label per image
+        message=message,
+    )
