@@ -132,7 +132,7 @@ def local_logits(chain: BLLChain, k: int, alpha: Params, z: Tensor) -> Tensor:
 
 def _spatial_axes(chain: BLLChain) -> tuple[int, ...] | None:
     """Axes averaged before the prototype comparison (pooling spatial messages only)."""
-    message = getattr(chain, "message", None)
+    message = getattr(chain, "spatial_message", None)
     if message is None or getattr(message, "name", "") != "pool":
         return None
     return tuple(range(1, 1 + message.spatial_dims))

@@ -20,7 +20,7 @@ only from its own sites. Forward messages are computed once per step and shared 
 and model through the ``StepCache`` that ``BlockLocalELBO`` passes to both; the training
 step may put a ``NoiseKey`` in ``cache.noise`` so that every block draws z_k from its
 own stream (``pyro_bll.noise``). ``segment=(a, b)`` runs blocks a..b-1 only, with ``x``
-then block a's input message; the guide leaves the outgoing message m(alpha_{b-1}) in
+then block a's input; the guide leaves the outgoing value m(alpha_{b-1}) in
 ``cache.outgoing`` (the block-parallel runtime, ``pyro_bll.distributed``).
 """
 
@@ -78,7 +78,7 @@ class BLLChain(nn.Module):
             feature maps ``[B, H, W, C]``).
         label_event_dim: label axes per example (default ``event_dim - 1``: one label per
             position, as for sequences ``[B, T]``; 0 for one label per image ``[B]``).
-        message: how a per-example feedback potential meets a feature map
+        spatial_message: how a per-example feedback potential meets a feature map
             (``pyro_bll.guides.spatial``: pool or broadcast); ``None`` when the potential
             already has the latent's shape.
         local_likelihoods: "prototype" (tied to the feedback weights), ``None`` (off), or
@@ -107,7 +107,7 @@ class BLLChain(nn.Module):
         *,
         event_dim: int = 1,
         label_event_dim: int | None = None,
-        message: SpatialMessage | None = None,
+        spatial_message: SpatialMessage | None = None,
         local_likelihoods: str | Sequence[LocalLikelihood] | None = "prototype",
         pred_heads: Sequence[nn.Module] | None = None,
         pred_weight: float = 1.0,
@@ -129,7 +129,7 @@ class BLLChain(nn.Module):
         self.head = head
         self.event_dim = event_dim
         self.label_event_dim = event_dim - 1 if label_event_dim is None else label_event_dim
-        self.message = message
+        self.spatial_message = spatial_message
         if local_likelihoods == "prototype":
             local_likelihoods = [_prototype] * (n - 1)
         elif isinstance(local_likelihoods, str):
@@ -184,13 +184,13 @@ class BLLChain(nn.Module):
     ) -> Natural:
         """beta_k ``[..., C]`` per natural parameter; zero (no information) where masked.
 
-        With a spatial ``message`` the potential is placed on alpha_k's map (needs alpha).
+        With a ``spatial_message`` the potential is placed on alpha_k's map (needs alpha).
         """
         beta = self.families[k].feedback_potential(self.feedback(y, k))
-        if self.message is not None:
+        if self.spatial_message is not None:
             if alpha is None:
                 raise ValueError("a chain with a spatial message needs alpha_k for beta_k")
-            beta = self.message.place(beta, alpha)
+            beta = self.spatial_message.place(beta, alpha)
         if mask is None:
             return beta
         m = mask.to(beta[0].dtype)
@@ -210,14 +210,15 @@ class BLLChain(nn.Module):
 
     # ---- the Pyro program -------------------------------------------------------------
     def latent_params(self, k: int, alpha: Params, cache: StepCache | None = None) -> Params:
-        """Parameters of site z_k: alpha_k itself, or the law of the spatial statistic the
-        chain's ``message`` puts the latent on (``--message mean``: the map's mean ``[B, C]``).
-        With the step's ``cache`` it is computed once for guide and model."""
-        if self.message is None:
+        """Parameters of site z_k: alpha_k itself, or the law of the channel summary the
+        chain's ``spatial_message`` puts the latent on (``--message mean``: the law of the
+        map's mean ``[B, C]``). With the step's ``cache`` it is computed once for guide and
+        model."""
+        if self.spatial_message is None:
             return alpha
         if cache is not None and k in cache.latent:
             return cache.latent[k]
-        law = self.message.latent_params(self.families[k], alpha)
+        law = self.spatial_message.latent_params(self.families[k], alpha)
         if cache is not None:
             cache.latent[k] = law
         return law
@@ -225,9 +226,9 @@ class BLLChain(nn.Module):
     @property
     def latent_event_dim(self) -> int:
         """Event axes of every site z_k."""
-        if self.message is None:
+        if self.spatial_message is None:
             return self.event_dim
-        return self.message.latent_event_dim(self.event_dim)
+        return self.spatial_message.latent_event_dim(self.event_dim)
 
     def _latent(self, k: int, params: Params) -> Distribution:
         return self.families[k].distribution(params).to_event(self.latent_event_dim)
@@ -351,7 +352,7 @@ def _prototype(chain: BLLChain, k: int, z: Tensor, cache: StepCache | None = Non
     if chain.likelihood == "bound" and cache is not None:
         rho = cache.rho.get(k)
     return PrototypeLikelihood().distribution(
-        chain.families[k], z, chain.class_potentials(k), chain.message, rho=rho
+        chain.families[k], z, chain.class_potentials(k), chain.spatial_message, rho=rho
     )
 
 

@@ -54,7 +54,7 @@ def check_solvable(chain: BLLChain) -> None:
         raise ValueError("--feedback-update solve needs --feedback linear")
     if chain.propagate != "mean":
         raise ValueError("--feedback-update solve needs --propagate mean")
-    if chain.message is not None:
+    if chain.spatial_message is not None:
         raise ValueError(
             "--feedback-update solve covers vector and sequence latents, not feature maps; "
             "use --feedback-update grad"

@@ -240,5 +240,5 @@ def build_resnet_chain(
         lambda k: head(channels[k], num_classes, sides[k]),
         event_dim=3,  # latents [B, H, W, C]
         label_event_dim=0,  # one label per image
-        message=message,
+        spatial_message=message,
     )
