@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .chain import BLLChain
+from .chain import LIKELIHOOD_ESTIMATORS, BLLChain
 from .config import BLL_TERMS, LR_SCHEDULES, ConfigError, RunConfig
 from .families import FAMILIES, Family, FamilyError, make_family
 from .guides import FEEDBACKS, MESSAGES
@@ -53,8 +53,10 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(
                 f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}"
             )
-    if cfg.likelihood is not None and cfg.likelihood not in ("bound", "sample"):
-        raise ConfigError(f"unknown likelihood {cfg.likelihood!r}; valid: bound, sample")
+    if cfg.likelihood is not None and cfg.likelihood not in LIKELIHOOD_ESTIMATORS:
+        raise ConfigError(
+            f"unknown likelihood {cfg.likelihood!r}; valid: {', '.join(LIKELIHOOD_ESTIMATORS)}"
+        )
     if cfg.propagate is None and getattr(TASKS[cfg.task], "params_propagation", False):
         cfg.propagate = FAMILIES[cfg.family].default_propagate
     fill_defaults(cfg)

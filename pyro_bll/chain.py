@@ -271,7 +271,7 @@ class BLLChain(nn.Module):
                         cache.rho[k] = rho  # the prototype bound reads it in the model
                     with block_noise(noise, k, rho[0].device):
                         z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
-                if z is not None or self.propagate != "sample":  # the last block may have no z
+                if k < self.num_blocks - 1:  # what block k + 1 (or the next rank) reads
                     inp = self.next_input(k, alpha, z)
         if cache is not None:
             cache.outgoing = inp

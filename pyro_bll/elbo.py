@@ -227,12 +227,7 @@ class BlockLocalELBO(ELBO):
         latent = site["infer"].get("latent")
         rho_site = guide_trace.nodes[latent] if latent is not None else None
         base, mask, event = _unwrap(site["fn"])
-        if (
-            self.analytic_likelihood
-            and rho_site is not None
-            and hasattr(base, "expected_log_prob")
-            and getattr(base, "has_bound", True)
-        ):
+        if self.analytic_likelihood and rho_site is not None and hasattr(base, "expected_log_prob"):
             value = base.expected_log_prob(site["value"], rho_site["fn"])  # [B, *L]
             if mask is not None:
                 value = value * mask.to(value.dtype)

@@ -183,10 +183,11 @@ def prototype_bound(
 
 
 class PrototypeCategorical(dist.Categorical):
-    """q(y | z) as a Categorical over the prototype logits; with ``rho`` it also offers the
-    sampling-free ``expected_log_prob`` (``prototype_bound``) that ``BlockLocalELBO`` uses."""
+    """q(y | z) as a Categorical over the prototype logits that also offers the
+    sampling-free ``expected_log_prob`` (``prototype_bound`` under the rho it was built
+    with), which ``BlockLocalELBO`` uses in place of a draw."""
 
-    def __init__(self, logits: Tensor, bound: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(self, logits: Tensor, bound: Callable[[Tensor], Tensor]) -> None:
         super().__init__(logits=logits)
         self._bound = bound
 
@@ -195,14 +196,8 @@ class PrototypeCategorical(dist.Categorical):
         new._bound = self._bound
         return new
 
-    @property
-    def has_bound(self) -> bool:
-        return self._bound is not None
-
     def expected_log_prob(self, value: Tensor, rho: Distribution | None = None) -> Tensor:
         """The bound on E_rho[log q(value | z)], label-shaped; rho is the one it was built with."""
-        if self._bound is None:
-            raise ValueError("this likelihood was built without rho (--likelihood sample)")
         return self._bound(value)
 
 
@@ -218,7 +213,8 @@ class PrototypeLikelihood:
     On a feature map the per-location logits are reduced by the chain's spatial
     ``message`` (summed for broadcast, averaged for pool; ``pyro_bll.guides.spatial``).
     Given rho's parameters the distribution carries the sampling-free bound
-    (``prototype_bound``) on its expectation under rho.
+    (``prototype_bound``) on its expectation under rho (``PrototypeCategorical``); without
+    them it is a plain Categorical, read at a draw of z.
     """
 
     def distribution(
@@ -233,16 +229,18 @@ class PrototypeLikelihood:
         logits = family.potential_logits(z, class_potentials)
         if message is not None:
             logits = message.reduce_logits(logits)  # [B, H, W, V] -> [B, V]
-        bound = None
-        if rho is not None:
-            weight, spatial = 1.0, 0
-            if message is not None:
-                spatial = message.bound_spatial_dims()
-                weight = message.weight(message.num_locations(rho)) if spatial else 1.0
-            bound = lambda y: prototype_bound(  # noqa: E731
+        if rho is None:
+            return dist.Categorical(logits=logits)
+        weight, spatial = 1.0, 0
+        if message is not None:
+            spatial = message.bound_spatial_dims()
+            weight = message.weight(message.num_locations(rho)) if spatial else 1.0
+        return PrototypeCategorical(
+            logits,
+            lambda y: prototype_bound(
                 family, rho, class_potentials, y, weight=weight, spatial_dims=spatial
-            )
-        return PrototypeCategorical(logits, bound)
+            ),
+        )
 
 
 class AffineGaussian(dist.Normal):

@@ -67,6 +67,23 @@ class FamilyError(ValueError):
     """A block output or parameter that does not fit a family."""
 
 
+def check_group_size(name: str, group_size: int) -> None:
+    """FamilyError unless ``group_size`` is an integer >= 2 (grouped families)."""
+    if not (isinstance(group_size, int) and group_size >= 2):
+        raise FamilyError(f"{name}: group_size must be an integer >= 2, got {group_size!r}")
+
+
+def group_channels(name: str, raw: Tensor, group_size: int, what: str) -> Tensor:
+    """``[..., C]`` -> ``[..., C / K, K]`` with K = ``group_size`` (categorical, Dirichlet)."""
+    c = raw.shape[-1]
+    if c % group_size:
+        raise FamilyError(
+            f"{name}: group_size {group_size} does not divide the {c} channels "
+            f"of the {what}; choose a group_size that divides the channel count"
+        )
+    return raw.unflatten(-1, (c // group_size, group_size))
+
+
 class Family(ABC):
     """One exponential family of channel-wise latent distributions.
 

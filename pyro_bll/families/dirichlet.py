@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Family, FamilyError, Natural, Params, bounded_below
+from .base import (
+    Family,
+    FamilyError,
+    Natural,
+    Params,
+    bounded_below,
+    check_group_size,
+    group_channels,
+)
 
 
 @dataclass(repr=True)
@@ -42,21 +50,12 @@ class Dirichlet(Family):
     example_options = {"group_size": 3}
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.group_size, int) and self.group_size >= 2):
-            raise FamilyError(
-                f"dirichlet: group_size must be an integer >= 2, got {self.group_size!r}"
-            )
+        check_group_size(self.name, self.group_size)
         if not self.min_param > 0:
             raise FamilyError(f"dirichlet: min_param must be > 0, got {self.min_param}")
 
     def _groups(self, raw: Tensor, what: str) -> Tensor:
-        c = raw.shape[-1]
-        if c % self.group_size:
-            raise FamilyError(
-                f"dirichlet: group_size {self.group_size} does not divide the {c} channels "
-                f"of the {what}; choose a group_size that divides the channel count"
-            )
-        return raw.unflatten(-1, (c // self.group_size, self.group_size))
+        return group_channels(self.name, raw, self.group_size, what)
 
     def params(self, raw: Tensor) -> Params:
         return (F.softplus(self._groups(raw, "block output")) + self.min_param,)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import register_kl
 
-from .base import Family, FamilyError, Natural, Params
+from .base import Family, FamilyError, Natural, Params, check_group_size, group_channels
 
 
 class StableBernoulli(dist.Bernoulli):
@@ -122,19 +122,10 @@ class GroupedCategorical(_Logits):
     discrete = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.group_size, int) and self.group_size >= 2):
-            raise FamilyError(
-                f"categorical: group_size must be an integer >= 2, got {self.group_size!r}"
-            )
+        check_group_size(self.name, self.group_size)
 
     def _groups(self, raw: Tensor, what: str) -> Tensor:
-        c = raw.shape[-1]
-        if c % self.group_size:
-            raise FamilyError(
-                f"categorical: group_size {self.group_size} does not divide the {c} channels "
-                f"of the {what}; choose a group_size that divides the channel count"
-            )
-        return raw.unflatten(-1, (c // self.group_size, self.group_size))
+        return group_channels(self.name, raw, self.group_size, what)
 
     def params(self, raw: Tensor) -> Params:
         return (self._groups(raw, "block output"),)
