@@ -40,8 +40,6 @@ class Method(ABC):
     name: ClassVar[str]
     # method-specific config fields (keys of METHOD_OPTIONS) this method reads
     options: ClassVar[frozenset[str]] = frozenset()
-    # True when every block learns from a loss of its own (block-parallel training works)
-    block_local: ClassVar[bool] = False
 
     @abstractmethod
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:

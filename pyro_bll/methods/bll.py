@@ -30,7 +30,6 @@ class BLL(Method):
 
     name = "bll"
     options = frozenset({"bll_terms", "likelihood", "feedback_update"})
-    block_local = True
 
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         chain.detach = True

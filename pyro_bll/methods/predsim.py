@@ -74,7 +74,6 @@ class PredSim(Method):
     """Noekland & Eidnes' local prediction + similarity-matching loss on the chain's blocks."""
 
     name = "predsim"
-    block_local = True
 
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         if chain.label_event_dim != 0:
