@@ -39,6 +39,7 @@ from pyro_bll.diagnostics import (
     diagnostic_batch,
     load_run,
     point_statistics,
+    require_trained_feedback,
     to_inference_data,
 )
 
@@ -107,6 +108,7 @@ def diagnose(args: argparse.Namespace) -> dict:
                 f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
             )
     runs = [load_run(d) for d in args.runs]
+    require_trained_feedback(runs)
     check_comparable(runs)
     names = [r.name for r in runs]
     if len(set(names)) < len(names):
@@ -121,6 +123,7 @@ def diagnose(args: argparse.Namespace) -> dict:
         total=sum(len(r.checkpoints) if not args.last_only else 1 for r in runs),
         desc="checkpoints",
         leave=False,
+        disable=not sys.stderr.isatty(),  # no carriage-return lines in a log file
     )
     for i, (run, name) in enumerate(zip(runs, names, strict=True)):
         for ckpt in run.checkpoints[-1:] if args.last_only else run.checkpoints:

@@ -10,11 +10,13 @@ import argparse
 import ast
 import dataclasses
 import os
+import shlex
 import sys
 
 from pyro_bll.config import COMMON_DEFAULTS, ConfigError, RunConfig
 from pyro_bll.families import FAMILIES
 from pyro_bll.guides import FEEDBACKS, MESSAGES
+from pyro_bll.interrupt import TrainingInterrupted
 from pyro_bll.likelihoods import PRED_HEADS
 from pyro_bll.methods import METHODS
 from pyro_bll.models import RESNET_ARCHS
@@ -158,20 +160,36 @@ def cli(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # SIGINT / SIGTERM: the checkpoint is written
+        print(f"{e}; resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
+        return e.exit_code
     print(final_line(metrics, cfg.out))
     if build_parser().parse_args(argv).diagnostics:
         return _diagnostics(cfg)
     return 0
 
 
+def resume_command(argv: list[str] | None) -> str:
+    """This run's command line with ``--resume`` in place of ``--overwrite``."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", "experiments/run.py", *args])
+
+
 def _diagnostics(cfg: RunConfig) -> int:
     from pyro_bll.diagnostics import write_diagnostics
 
     try:
-        print(f"diagnostics: {write_diagnostics(cfg.out, device=cfg.device)}")
+        path = write_diagnostics(cfg.out, device=cfg.device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if METHODS[cfg.method].trains_feedback:
+        print(f"diagnostics: {path}")
+    else:
+        print(f"diagnostics: {path} (forward draws z ~ alpha only: --method {cfg.method} "
+              "trains no feedback network, so the agreement statistics are left out)")  # fmt: skip
     return 0
 
 

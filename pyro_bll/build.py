@@ -72,6 +72,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("--amp (bf16 autocast) needs --device cuda; drop --amp on CPU")
     if cfg.max_minutes is not None and not cfg.max_minutes > 0:
         raise ConfigError(f"--max-minutes must be positive, got {cfg.max_minutes}")
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every <= 0:
+        raise ConfigError(
+            f"--checkpoint-every must be a positive number of steps, got {cfg.checkpoint_every}"
+        )
     if not cfg.lr > 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
     if cfg.ridge < 0:

@@ -259,6 +259,12 @@ class RunConfig:
         "time budget of training plus evaluation: stop after the epoch during which "
         "it is used up (metrics.json: elapsed_seconds, budget_exhausted)",
     )
+    checkpoint_every: int | None = _opt(
+        None,
+        "also write a checkpoint every N training steps inside an epoch (for long "
+        "epochs); --resume continues from it mid-epoch",
+        metavar="N",
+    )
     augment: bool = _opt(
         True,
         "vision: no random crop / flip of training batches",

@@ -44,16 +44,17 @@ from torch import Tensor
 from .agreement import SCALARS, _expand_labels, block_sums, bootstrap_weights, summarise
 from .build import build_from_config, validate
 from .chain import BLLChain
+from .checkpoints import END_OF_EPOCH, checkpoint_key, list_checkpoints, load_checkpoint
 from .config import ConfigError, RunConfig
 from .families import Params
-from .methods import build_method
+from .methods import METHODS, build_method
 from .seed import seed_everything
 
 # config keys that may differ between runs compared as chains (they do not change the
 # network, the task or the diagnostic batch)
 FREE_KEYS = frozenset(
     "seed out threads device resume overwrite epochs lr batch_size train_size test_size "
-    "data_dir augment channels_last".split()
+    "data_dir augment channels_last checkpoint_every max_minutes".split()
 )
 
 
@@ -91,13 +92,8 @@ class LoadedRun:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many kinds for a damaged file
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise ConfigError(f"{path} is not a pyro-bll checkpoint (no 'model' entry)")
-    return state
+    """Weights-only; a damaged or foreign file is refused by name (CheckpointError)."""
+    return load_checkpoint(path)
 
 
 def _model_config(d: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +124,9 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
             raise ConfigError(
                 f"{path} has no {name}; pass a run directory written by experiments/run.py"
             )
-    ckpts = sorted((path / "checkpoints").glob("epoch_*.pt"))
+    every = list_checkpoints(path / "checkpoints")
+    # epoch ends; a run interrupted in its first epoch has a mid-epoch checkpoint only
+    ckpts = [p for p in every if checkpoint_key(p)[1] == END_OF_EPOCH] or every
     if not ckpts:
         raise ConfigError(f"{path} has no checkpoints/epoch_*.pt; train the run first")
     try:
@@ -143,6 +141,22 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     run = LoadedRun(path, cfg, task, chain.to(device).eval(), ckpts, history)
     run.load_epoch(ckpts[-1])
     return run
+
+
+def agreement_refusal(method: str) -> str:
+    """Why the agreement statistics mean nothing for a method without trained feedback."""
+    return (
+        f"--method {method} trains no feedback network, so the forward/feedback agreement "
+        "statistics (rho_k, KL, prototypes, local accuracy) would describe an untrained "
+        "one; they are defined for --method bll"
+    )
+
+
+def require_trained_feedback(runs: list[LoadedRun]) -> None:
+    """ConfigError (one line) unless every run trained its feedback network (BLL)."""
+    for run in runs:
+        if not METHODS[run.cfg.method].trains_feedback:
+            raise ConfigError(f"{run.path}: {agreement_refusal(run.cfg.method)}")
 
 
 def check_comparable(runs: list[LoadedRun]) -> None:
@@ -177,7 +191,7 @@ def forward_messages(chain: BLLChain, x: Tensor) -> list[Params]:
 class RunDiagnostics:
     """One run's draws and statistics as numpy arrays (draw axis first)."""
 
-    z_rho: np.ndarray  # [D, N, E, P, K]
+    z_rho: np.ndarray | None  # [D, N, E, P, K]; None: no trained feedback network
     z_alpha: np.ndarray  # [D, N, E, P, K]
     position_index: np.ndarray  # [N, P]
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # [D, N, ...]
@@ -196,8 +210,13 @@ def collect(
     channels: int = 4,
     seed: int = 0,
     alphas: list[Params] | None = None,
+    feedback: bool = True,
 ) -> RunDiagnostics:
-    """Draws from rho_k and alpha_k and the bootstrapped statistics of every block."""
+    """Draws from rho_k and alpha_k and the bootstrapped statistics of every block.
+
+    ``feedback=False`` (a method that trains no feedback network): draws from alpha_k only;
+    rho_k and every agreement statistic would describe an untrained network.
+    """
     if draws <= 0:
         raise ConfigError(f"--draws must be positive, got {draws}")
     seed_everything(seed)
@@ -206,7 +225,11 @@ def collect(
     weights = bootstrap_weights(y.shape[0], draws, g)
     e = min(examples, y.shape[0])
     labels_valid = torch.ones_like(y, dtype=torch.bool) if mask is None else mask.bool()
-    sums = [block_sums(chain, k, a, y, mask, draws, per_class=True) for k, a in enumerate(alphas)]
+    sums = (
+        [block_sums(chain, k, a, y, mask, draws, per_class=True) for k, a in enumerate(alphas)]
+        if feedback
+        else []
+    )
     width = [s.kl.shape[-1] for s in sums]
     laws = [chain.latent_params(k, a) for k, a in enumerate(alphas)]  # the laws of z_k
     # values of one draw per site: channels, groups (categorical) or group x K (Dirichlet)
@@ -226,11 +249,14 @@ def collect(
         fam = chain.families[k]
         a_e = tuple(t[:e] for t in alpha)
         m_e = None if mask is None else mask[:e]
-        rho = fam.posterior(a_e, chain.feedback_message(k, y[:e], m_e, a_e))
         idx = valid0[k].nonzero().flatten()
         idx = idx[((torch.arange(p_keep) + 0.5) * idx.numel() / p_keep).long()]
         pos.append(idx)
-        for params, out in ((rho, z_rho), (a_e, z_alpha)):
+        laws_k = [(a_e, z_alpha)]
+        if feedback:
+            rho = fam.posterior(a_e, chain.feedback_message(k, y[:e], m_e, a_e))
+            laws_k.insert(0, (rho, z_rho))
+        for params, out in laws_k:
             z = fam.distribution(params).sample((draws,))  # [D, E, *S, C(, K)]
             z = z.flatten(-1 - fam.event_dims) if fam.event_dims else z  # [D, E, *S, C]
             z = z.reshape(draws, e, -1, z.shape[-1])[:, :, idx, :k_keep]
@@ -243,7 +269,7 @@ def collect(
                 v = torch.nn.functional.pad(v, (0, max(width) - v.shape[-1]), value=np.nan)
             stats.setdefault(name, []).append(v.numpy())
     return RunDiagnostics(
-        z_rho=torch.stack(z_rho, 1).numpy(),
+        z_rho=torch.stack(z_rho, 1).numpy() if feedback else None,
         z_alpha=torch.stack(z_alpha, 1).numpy(),
         position_index=torch.stack(pos).numpy(),
         stats={name: np.stack(v, 1) for name, v in stats.items()},
@@ -270,7 +296,12 @@ def to_inference_data(
     mask: Tensor | None,
     attrs: dict[str, Any] | None = None,
 ) -> az.InferenceData:
-    """The groups of the module docstring; ``attrs`` are stored JSON-encoded on each group."""
+    """The groups of the module docstring; ``attrs`` are stored JSON-encoded on each group.
+
+    Runs without a trained feedback network (``z_rho`` None) give ``prior``,
+    ``observed_data`` and ``constant_data`` only: no ``posterior``, no ``agreement``.
+    """
+    with_feedback = runs[0].z_rho is not None
     z_dims = ["block", "example", "position", "channel"]
     label_dims = ["example", "label_position"][: y.dim()]
     dims: dict[str, list[str]] = {
@@ -283,7 +314,7 @@ def to_inference_data(
     if mask is not None:
         constant["mask"] = mask.cpu().numpy()
     idata = az.from_dict(
-        posterior={"z": np.stack([r.z_rho for r in runs])},
+        posterior={"z": np.stack([r.z_rho for r in runs])} if with_feedback else None,
         prior={"z": np.stack([r.z_alpha for r in runs])},
         observed_data={"y": y.cpu().numpy()},
         constant_data=constant,
@@ -295,8 +326,9 @@ def to_inference_data(
         "proto_msd_class": ["block", "class"],
         "local_acc_class": ["block", "class"],
     }
-    stats = {name: np.stack([r.stats[name] for r in runs]) for name in stat_dims}
-    idata.add_groups({"agreement": az.dict_to_dataset(stats, dims=stat_dims)})
+    if with_feedback:
+        stats = {name: np.stack([r.stats[name] for r in runs]) for name in stat_dims}
+        idata.add_groups({"agreement": az.dict_to_dataset(stats, dims=stat_dims)})
     encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (attrs or {}).items()}
     for group in idata.groups():
         idata[group].attrs.update(encoded)
@@ -306,11 +338,17 @@ def to_inference_data(
 def write_diagnostics(
     run_dir: str | Path, batch: int = 200, draws: int = 100, device: str = "cpu", seed: int = 0
 ) -> Path:
-    """``run_dir/diagnostics.nc``: the InferenceData of one run's newest checkpoint."""
+    """``run_dir/diagnostics.nc``: the InferenceData of one run's newest checkpoint.
+
+    For a method that trains no feedback network (BP, FA, Pred-Sim) it holds the forward
+    draws z_k ~ alpha_k only (``to_inference_data``); its ``omitted`` attribute says why.
+    """
     run = load_run(run_dir, device=device)
     x, y, mask = diagnostic_batch(run.task, batch)
+    feedback = METHODS[run.cfg.method].trains_feedback
+    omitted = {} if feedback else {"omitted": agreement_refusal(run.cfg.method)}
     idata = to_inference_data(
-        [collect(run.chain, x, y, mask, draws=draws, seed=seed)],
+        [collect(run.chain, x, y, mask, draws=draws, seed=seed, feedback=feedback)],
         y,
         mask,
         {
@@ -319,6 +357,7 @@ def write_diagnostics(
             "config": run.cfg.to_dict(),
             "batch": int(y.shape[0]),
             "statistics": "pyro_bll/agreement.py",
+            **omitted,
         },
     )
     path = run.path / "diagnostics.nc"

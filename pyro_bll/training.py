@@ -2,52 +2,52 @@
 
 Per epoch the run directory receives a checkpoint (``checkpoints/epoch_NNN.pt``: model,
 optimiser, RNG states, history), an updated ``metrics.json`` and ``learning_curve.png``.
-``resume`` restores the newest checkpoint, RNG states included, so that a resumed run
-ends with the same metrics as an uninterrupted one.
+Inside an epoch, a signal (SIGINT, SIGTERM) or ``--checkpoint-every N`` writes
+``checkpoints/epoch_NNN_step_SSSSSS.pt``, which adds the epoch's progress (``EpochState``)
+and the method's state. ``resume`` restores the newest readable checkpoint, RNG states
+included, and skips the batches already done in its epoch (the batch order is seeded by
+run seed and epoch), so that a resumed run ends with the same metrics and parameters as
+an uninterrupted one. Files: ``pyro_bll.checkpoints`` (weights-only loads).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import random
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
-from tqdm import tqdm
 
 from .build import build_from_config, validate
 from .chain import BLLChain
+from .checkpoints import (
+    END_OF_EPOCH,
+    checkpoint_key,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    newest_readable,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from .config import ConfigError, RunConfig
+from .interrupt import StopSignals, TrainingInterrupted
 from .methods import build_method
 from .noise import NoiseKey
+from .progress import Progress
 from .seed import seed_everything
 
 
 class TrainingDiverged(RuntimeError):
     """A local loss became NaN or infinite."""
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "random": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    # checkpoints load with map_location=device; RNG states must be CPU byte tensors
-    torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def make_lr_schedule(
@@ -63,8 +63,39 @@ def make_lr_schedule(
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("epoch_*.pt"))
+    """The newest checkpoint file in ``out/checkpoints`` by (epoch, step), readable or not."""
+    ckpts = list_checkpoints(Path(out) / "checkpoints")
     return ckpts[-1] if ckpts else None
+
+
+@dataclass
+class EpochState:
+    """Where an epoch stands; a mid-epoch checkpoint stores it for an exact resume.
+
+    ``step`` batches of the epoch's (seeded) order are done; ``totals`` are the sums of
+    their per-block logs ``[N]``, ``seconds`` their training time.
+    """
+
+    epoch: int
+    step: int = 0
+    totals: dict[str, torch.Tensor] | None = None
+    seconds: float = 0.0
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        logs = {k: v.detach() for k, v in logs.items()}
+        self.totals = (
+            logs if self.totals is None else {k: self.totals[k] + v for k, v in logs.items()}
+        )
+        self.step += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        totals = {k: v.cpu() for k, v in (self.totals or {}).items()}
+        return {"step": self.step, "totals": totals, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, epoch: int, d: dict[str, Any], device: torch.device) -> EpochState:
+        totals = {k: v.to(device) for k, v in d["totals"].items()} or None
+        return cls(epoch, int(d["step"]), totals, float(d["seconds"]))
 
 
 def prepare_out_dir(cfg: RunConfig) -> Path:
@@ -118,6 +149,7 @@ class Trainer:
         )
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.partial: EpochState | None = None  # a mid-epoch checkpoint's progress
         self.steps_done = 0  # optimiser steps so far; names each step's noise (noise.py)
 
     def autocast(self) -> torch.autocast:
@@ -138,70 +170,111 @@ class Trainer:
         return logs
 
     # ---- checkpoints -------------------------------------------------------------------
-    def save(self, out: Path, epoch: int) -> Path:
-        path = out / "checkpoints" / f"epoch_{epoch:03d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "epoch": epoch,
-                "config": self.cfg.to_dict(),
-                "model": self.chain.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "history": self.history,
-                "rng": _rng_state(),
-                "steps_done": self.steps_done,
-            },
-            tmp,
-        )
-        tmp.replace(path)  # never leave a half-written checkpoint behind
+    def save(self, out: Path, epoch: int, partial: EpochState | None = None) -> Path:
+        """``epoch_NNN.pt`` after an epoch; with ``partial``, ``epoch_NNN_step_SSSSSS.pt``
+        inside it (its EpochState and the method's state: an exact mid-epoch resume)."""
+        state: dict[str, Any] = {
+            "epoch": epoch,
+            "config": self.cfg.to_dict(),
+            "model": self.chain.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": self.history,
+            "rng": rng_state(),
+            "steps_done": self.steps_done,
+        }
+        if partial is not None:
+            state["epoch_state"] = partial.to_dict()
+            state["method_state"] = self.method.state_dict()
+        step = None if partial is None else partial.step
+        path = save_atomic(state, checkpoint_path(out, epoch, step))
+        for older in list_checkpoints(path.parent):  # mid-epoch ones this one supersedes
+            key = checkpoint_key(older)
+            if key[1] != END_OF_EPOCH and key < checkpoint_key(path):
+                older.unlink(missing_ok=True)
         return path
 
-    def load(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+    def load(self, path: Path, state: dict[str, Any] | None = None) -> None:
+        """Restore a checkpoint (already loaded weights-only as ``state``, or from
+        ``path``); a mid-epoch one resumes inside its epoch."""
+        if state is None:
+            state = load_checkpoint(path, self.device)
         self.chain.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         self.history = state["history"]
-        self.start_epoch = state["epoch"] + 1
         self.steps_done = state.get("steps_done", 0)
-        _set_rng_state(state["rng"])
+        if "epoch_state" in state:
+            self.start_epoch = state["epoch"]
+            self.partial = EpochState.from_dict(state["epoch"], state["epoch_state"], self.device)
+            self.method.load_state_dict(state.get("method_state", {}))
+        else:
+            self.start_epoch = state["epoch"] + 1
+            self.partial = None
+        set_rng_state(state["rng"])
+
+    def resume(self, out: Path) -> Path:
+        """Load the newest readable checkpoint of ``out``; unreadable newer ones are named
+        on stderr and kept. ``CheckpointError`` if none is readable."""
+        found = newest_readable(Path(out) / "checkpoints", self.device)
+        if found is None:
+            raise ConfigError(f"--resume: no checkpoint in {Path(out) / 'checkpoints'}")
+        for path, reason in found.skipped:  # kept, but out of the way of later resumes
+            kept = path.rename(path.with_name(path.name + ".unreadable"))
+            print(
+                f"warning: {reason}; kept as {kept.name}, resuming from {found.path.name}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.load(found.path, found.state)
+        return found.path
 
     # ---- the loop ----------------------------------------------------------------------
-    def fit(self, out: Path, progress: bool = True) -> dict[str, Any]:
+    def fit(self, out: Path, progress: bool = True, handle_signals: bool = True) -> dict[str, Any]:
+        """Train the remaining epochs. On SIGINT / SIGTERM (``handle_signals``): finish the
+        step, write a mid-epoch checkpoint and raise ``TrainingInterrupted``."""
         cfg = self.cfg
         if cfg.resume:
-            self.load(latest_checkpoint(out))
+            self.resume(out)
         else:  # --overwrite: the old run's checkpoints go only once the new run is set up,
             # so that a later --resume cannot pick up one of them
-            for stale in (out / "checkpoints").glob("epoch_*.pt"):
+            for stale in list_checkpoints(out / "checkpoints"):
                 stale.unlink()
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         pyro.enable_validation(False)  # shape checks cost time in the hot loop
         try:
-            for epoch in range(self.start_epoch, cfg.epochs):
-                if self.budget_exhausted():  # --max-minutes: the last epoch used it up
-                    break
-                self._epoch(out, epoch, progress)
+            with StopSignals(handle_signals) as stop:
+                for epoch in range(self.start_epoch, cfg.epochs):
+                    if self.budget_exhausted():  # --max-minutes: the last epoch used it up
+                        break
+                    path = self._epoch(out, epoch, progress, stop)
+                    if stop.requested is not None:  # arrived during evaluation or saving
+                        raise TrainingInterrupted(stop.requested, path, f"after epoch {epoch + 1}")
         finally:
             pyro.enable_validation(True)
         return self.metrics()
 
-    def _epoch(self, out: Path, epoch: int, progress: bool) -> None:
+    def _epoch(self, out: Path, epoch: int, progress: bool, stop: StopSignals) -> Path:
+        """Train (the rest of) one epoch, evaluate, checkpoint; returns the checkpoint."""
         cfg = self.cfg
         self.chain.train()
-        t0 = time.perf_counter()
-        total, count = None, 0
-        self.method.start_epoch()
-        bar = tqdm(
-            self.task.train_batches(epoch),
-            total=self.task.steps_per_epoch(),
+        state = self.partial if self.partial and self.partial.epoch == epoch else None
+        self.partial = None
+        if state is None:
+            state = EpochState(epoch)
+            self.method.start_epoch()  # a mid-epoch resume restored the method's state
+        steps = self.task.steps_per_epoch()
+        # the epoch's seeded batch order; the steps done before a resume are skipped
+        batches = itertools.islice(self.task.train_batches(epoch), state.step, None)
+        bar = Progress(
+            batches,
+            total=steps,
+            initial=state.step,
             desc=f"epoch {epoch + 1}/{cfg.epochs} [{cfg.method}]",
-            disable=not progress,
-            leave=False,
-            dynamic_ncols=True,
+            enabled=progress,
         )
+        t0 = time.perf_counter() - state.seconds
         for x, y, mask in bar:
             mask = None if mask is None else mask.to(self.device)
             logs = self.step(x.to(self.device), y.to(self.device), mask)
@@ -213,15 +286,23 @@ class Trainer:
                     f"metrics and checkpoints up to epoch {epoch} are kept in {out}; "
                     "try a smaller --lr"
                 )
-            total = logs if total is None else {k: total[k] + v for k, v in logs.items()}
-            count += 1
+            state.add(logs)
             bar.set_postfix(loss=f"{per_block.sum().item():.3f}")
+            every = cfg.checkpoint_every
+            if stop.requested is not None or (every and state.step % every == 0):
+                state.seconds = time.perf_counter() - t0
+                path = self.save(out, epoch, state)
+                if stop.requested is not None:
+                    raise TrainingInterrupted(
+                        stop.requested, path, f"at step {state.step}/{steps} of epoch {epoch + 1}"
+                    )
         train_time = time.perf_counter() - t0
         t1 = time.perf_counter()
         with self.autocast():
             metrics = self.task.evaluate(self.chain, self.device)
         eval_time = time.perf_counter() - t1
-        means = {k: (v / max(count, 1)).tolist() for k, v in (total or {}).items()}
+        count = max(state.step, 1)
+        means = {k: (v / count).tolist() for k, v in (state.totals or {}).items()}
         block_losses = means.pop("loss", [])
         agreement = {  # BLL: forward/feedback agreement per block (pyro_bll.agreement)
             k.removeprefix("agreement_"): means.pop(k) for k in list(means) if "agreement_" in k
@@ -237,7 +318,7 @@ class Trainer:
                 **metrics,
             }
         )
-        self.save(out, epoch)
+        path = self.save(out, epoch)
         self.write_results(out)
         losses = " ".join(f"{v:.3f}" for v in block_losses)
         shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
@@ -245,6 +326,7 @@ class Trainer:
             f"epoch {epoch + 1}/{cfg.epochs}  {train_time:.1f}s  block losses [{losses}]  {shown}",
             flush=True,
         )
+        return path
 
     def elapsed_seconds(self) -> float:
         """Training plus evaluation time of all epochs so far (resumed ones included)."""

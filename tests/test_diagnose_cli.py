@@ -118,3 +118,33 @@ def test_bad_input_is_one_line_with_exit_code_2(two_seeds, tmp_path, capsys):
         code = diagnose.cli([*map(str, argv), "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip()
         assert code == 2 and needle in err and "\n" not in err, (argv, err)
+
+
+@pytest.mark.parametrize(
+    "task, method",
+    [("s2s_reverse", "bp"), ("s2s_reverse", "fa"), ("fashion_mnist", "predsim")],
+)
+def test_every_method_is_rebuilt_and_agreement_is_refused_where_meaningless(
+    tmp_path, capsys, task, method
+):
+    """BP, FA and Pred-Sim train no feedback network: run.py --diagnostics writes the
+    forward draws only (their modules are rebuilt before the weights load), and
+    diagnose.py refuses the agreement statistics with one line."""
+    if task == "s2s_reverse":
+        args = [*TINY, "--epochs", "1"]
+    else:
+        from vision_files import tiny_fashion_mnist
+
+        data = tiny_fashion_mnist(tmp_path / "data")
+        args = ["--task", task, "--data-dir", str(data), "--width", "0.05", "--train-size",
+                "8", "--test-size", "8", "--batch-size", "4", "--epochs", "1", "--threads",
+                "1", "--no-progress"]  # fmt: skip
+    out = tmp_path / method
+    assert run.cli([*args, "--method", method, "--diagnostics", "--out", str(out)]) == 0
+    assert "forward draws z ~ alpha only" in capsys.readouterr().out
+    idata = az.from_netcdf(str(out / "diagnostics.nc"))
+    assert set(idata.groups()) == {"prior", "observed_data", "constant_data"}
+    assert "trains no feedback network" in idata.prior.attrs["omitted"]
+    assert diagnose.cli([str(out), "--out", str(tmp_path / "diag")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--method {method} trains no feedback network" in err

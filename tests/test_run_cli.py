@@ -231,12 +231,3 @@ def test_propagate_defaults_to_the_family_choice_where_the_task_allows_it(task, 
     assert validate(cfg).propagate == expected
     cfg, _ = run.parse_config(["--task", task, "--family", family, "--propagate", "sample"])
     assert validate(cfg).propagate == "sample"  # an explicit choice is kept
-
-
-def test_diagnostics_rebuild_the_chain_of_every_method(tmp_path):
-    """FA's converted layers are rebuilt before its checkpoint is loaded (build_method)."""
-    out = tmp_path / "fa"
-    assert (
-        run.cli([*TINY, "--epochs", "1", "--method", "fa", "--diagnostics", "--out", str(out)]) == 0
-    )
-    assert (out / "diagnostics.nc").stat().st_size > 0

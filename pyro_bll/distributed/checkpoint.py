@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoints import load_checkpoint, save_atomic
 from ..config import ConfigError
 
 FORMAT = "pyro_bll.rank_checkpoint/1"
@@ -41,13 +42,6 @@ def rank_epochs(out: Path, rank: int) -> list[int]:
     d = rank_dir(out, rank)
     found = (_EPOCH.search(p.name) for p in d.glob("epoch_*.pt")) if d.is_dir() else ()
     return sorted(int(m.group(1)) for m in found if m)
-
-
-def save_atomic(obj: dict[str, Any], path: Path) -> Path:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)  # never leave a half-written checkpoint behind
-    return path
 
 
 def _rank_dirs(run_dir: Path) -> dict[int, Path]:
@@ -85,7 +79,7 @@ def assemble(run_dir: Path, epoch: int | None = None) -> Path:
         path = rank_checkpoint(run_dir, r, epoch)
         if not path.exists():
             raise ConfigError(f"{path} is missing: epoch {epoch + 1} is not complete")
-        parts[r] = torch.load(path, map_location="cpu", weights_only=False)
+        parts[r] = load_checkpoint(path)  # CheckpointError names a damaged file
     world = parts[0]["world_size"] if 0 in parts else None
     if world is None or sorted(parts) != list(range(world)):
         raise ConfigError(

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pyro
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..checkpoints import load_checkpoint
 from ..config import ConfigError, RunConfig
 from . import checkpoint as ckpt
 from .schedule import SCHEDULES, StageStats, device_batches
@@ -119,7 +119,7 @@ class RankTrainer:
         if resume:
             epoch = complete[-1]
             path = ckpt.rank_checkpoint(out, rank, epoch)
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_checkpoint(path)
             mismatch = None
             if state["rank_blocks"] != list(self.stage.groups.sizes):
                 mismatch = (

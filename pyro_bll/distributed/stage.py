@@ -19,16 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checkpoints import load_checkpoint, rng_state, set_rng_state
 from ..config import ConfigError, RunConfig
 from ..noise import NoiseKey
 from ..step_cache import StepCache
-from ..training import (
-    Trainer,
-    TrainingDiverged,
-    _rng_state,
-    _set_rng_state,
-    make_lr_schedule,
-)
+from ..training import Trainer, TrainingDiverged, make_lr_schedule
 from . import checkpoint as ckpt
 from .group import BlockGroups, owned_parameter_index, owned_state_keys
 from .transport import Message
@@ -113,19 +108,19 @@ class RankStage:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "steps_done": self.steps_done,
-                "rng": _rng_state(),
+                "rng": rng_state(),
                 "history": history,
             },
             ckpt.rank_checkpoint(out, self.rank, epoch),
         )
 
     def load(self, path: Path) -> dict[str, Any]:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = load_checkpoint(path, self.device)
         missing, unexpected = self.chain.load_state_dict(state["model"], strict=False)
         if unexpected or set(self.state_keys) & set(missing):
             raise ConfigError(f"{path} does not hold the blocks of rank {self.rank}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps_done = state["steps_done"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         return state

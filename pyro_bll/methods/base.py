@@ -17,7 +17,7 @@ configuration refuses the others with one line.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
@@ -40,6 +40,9 @@ class Method(ABC):
     name: ClassVar[str]
     # method-specific config fields (keys of METHOD_OPTIONS) this method reads
     options: ClassVar[frozenset[str]] = frozenset()
+    # whether the label-driven feedback network (beta_k) is trained: the agreement
+    # diagnostics compare it with the forward network and mean nothing otherwise
+    trains_feedback: ClassVar[bool] = False
 
     @abstractmethod
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
@@ -59,3 +62,11 @@ class Method(ABC):
 
     def start_epoch(self) -> None:  # noqa: B027 (a hook: most methods need nothing)
         """Called before every epoch; stateless methods need nothing."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State held between steps of an epoch (tensors and plain values), saved in
+        mid-epoch checkpoints; stateless methods have none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (a hook)
+        """Restore ``state_dict()`` when a run resumes inside an epoch."""

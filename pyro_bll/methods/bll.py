@@ -30,6 +30,7 @@ class BLL(Method):
 
     name = "bll"
     options = frozenset({"bll_terms", "likelihood", "feedback_update"})
+    trains_feedback = True
 
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         chain.detach = True
@@ -74,6 +75,14 @@ class BLL(Method):
 
     def start_epoch(self) -> None:
         self.agreement.reset()  # agreement statistics restart per epoch
+
+    def state_dict(self) -> dict:
+        """The agreement statistics held between steps (``StepAgreement``)."""
+        return {"agreement_calls": self.agreement.calls, "agreement_last": self.agreement.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.agreement.calls = state["agreement_calls"]
+        self.agreement.last = state["agreement_last"]
 
     def optimised(self, losses: BlockLosses) -> Tensor:
         """l_k ``[N]`` restricted to ``--bll-terms`` (all three: ``losses.per_block``).

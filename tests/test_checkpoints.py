@@ -1,0 +1,161 @@
+"""Checkpoint files: weights-only loads, damaged files, fallback on --resume, RNG states."""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_bll.checkpoints import (
+    CheckpointError,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from pyro_bll.diagnostics import load_run
+from pyro_bll.distributed.checkpoint import assemble
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import run  # noqa: E402
+
+TINY = ["--layers", "2", "--d-model", "16", "--seq-len", "4", "--train-size", "64",
+        "--test-size", "16", "--batch-size", "16", "--threads", "1", "--no-progress"]  # fmt: skip
+
+
+class _MakesMarker:
+    """Unpickling this object would call ``open(marker, "w")``: it creates a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _crafted(path: Path, marker: Path) -> Path:
+    torch.save({"model": {}, "epoch": 9, "payload": _MakesMarker(marker)}, path)
+    assert not marker.exists()
+    return path
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-epoch tiny run (epoch_000.pt, epoch_001.pt), copied by tests that damage it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert run.cli([*TINY, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_every_checkpoint_the_trainer_writes_loads_weights_only(trained):
+    for path in list_checkpoints(trained / "checkpoints"):
+        state = torch.load(path, weights_only=True)  # raises on any other pickled object
+        assert set(state) >= {"model", "optimizer", "rng", "history", "config"}
+
+
+def test_a_pickled_object_is_refused_by_name_and_never_built(tmp_path):
+    marker = tmp_path / "marker"
+    path = _crafted(tmp_path / "epoch_000.pt", marker)
+    with pytest.raises(CheckpointError, match=r"weights-only load refuses \(global io.open\)"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_diagnostics_refuse_a_crafted_checkpoint_without_running_it(trained, tmp_path):
+    out = _copy(trained, tmp_path / "run")
+    marker = tmp_path / "marker"
+    _crafted(out / "checkpoints" / "epoch_009.pt", marker)
+    with pytest.raises(CheckpointError, match="epoch_009.pt holds a pickled object"):
+        load_run(out)
+    assert not marker.exists()
+
+
+def test_assembly_refuses_a_crafted_rank_checkpoint(tmp_path):
+    marker = tmp_path / "marker"
+    (tmp_path / "rank_0").mkdir()
+    _crafted(tmp_path / "rank_0" / "epoch_000.pt", marker)
+    with pytest.raises(CheckpointError, match="rank_0/epoch_000.pt holds a pickled object"):
+        assemble(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "damage", [_truncate, lambda p: p.write_bytes(b""), lambda p: p.write_bytes(b"not a zip")]
+)
+def test_a_damaged_file_is_named_in_one_line(tmp_path, damage):
+    path = save_atomic({"model": {"w": torch.ones(3)}}, tmp_path / "epoch_000.pt")
+    damage(path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "corrupt or truncated" in message
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint(trained, tmp_path, capsys):
+    """The truncated last epoch is moved aside (kept) and training repeats it exactly."""
+    out = _copy(trained, tmp_path / "run")
+    _truncate(out / "checkpoints" / "epoch_001.pt")
+    capsys.readouterr()
+    assert run.cli([*TINY, "--epochs", "3", "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "epoch_001.pt is corrupt or truncated" in err and "resuming from epoch_000.pt" in err
+    kept = out / "checkpoints" / "epoch_001.pt.unreadable"
+    assert kept.exists() and kept.stat().st_size > 0  # the bad file is never deleted
+    full = tmp_path / "full"
+    assert run.cli([*TINY, "--epochs", "3", "--out", str(full)]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())["history"]
+    straight = json.loads((full / "metrics.json").read_text())["history"]
+    assert [h["block_losses"] for h in resumed] == [h["block_losses"] for h in straight]
+    assert [h["test_accuracy"] for h in resumed] == [h["test_accuracy"] for h in straight]
+
+
+def test_resume_with_no_readable_checkpoint_exits_2_naming_the_file(trained, tmp_path, capsys):
+    out = _copy(trained, tmp_path / "run")
+    for path in list_checkpoints(out / "checkpoints"):
+        _truncate(path)
+    capsys.readouterr()
+    assert run.cli([*TINY, "--epochs", "3", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "epoch_001.pt is corrupt or truncated" in err
+    assert (out / "checkpoints" / "epoch_001.pt").exists()  # nothing moved or deleted
+
+
+def test_names_sort_mid_epoch_checkpoints_between_epochs(tmp_path):
+    names = [checkpoint_path(tmp_path, 1), checkpoint_path(tmp_path, 1, 7),
+             checkpoint_path(tmp_path, 0), checkpoint_path(tmp_path, 1, 12)]  # fmt: skip
+    (tmp_path / "checkpoints").mkdir()
+    for p in names:
+        p.write_bytes(b"")
+    order = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert order == ["epoch_000.pt", "epoch_001_step_000007.pt", "epoch_001_step_000012.pt",
+                     "epoch_001.pt"]  # fmt: skip
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    np.random.standard_normal()  # a cached Gaussian in NumPy's state
+    path = save_atomic({"model": {}, "rng": rng_state()}, tmp_path / "epoch_000.pt")
+    expected = (random.random(), np.random.standard_normal(4), torch.rand(4))
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    set_rng_state(load_checkpoint(path)["rng"])
+    got = (random.random(), np.random.standard_normal(4), torch.rand(4))
+    assert got[0] == expected[0]
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert torch.equal(got[2], expected[2])
