@@ -145,7 +145,9 @@ def cli(argv: list[str] | None = None) -> int:
         from pyro_bll.distributed.launch import main as distributed_main
 
         try:
-            code = distributed_main(cfg, progress=progress)
+            hint = "resume with: torchrun <the same launch options> " + resume_command(argv)
+            hint = hint.replace(" python experiments/run.py", " experiments/run.py")
+            code = distributed_main(cfg, progress=progress, resume_hint=hint)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

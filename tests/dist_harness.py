@@ -42,7 +42,7 @@ class RankResult:
 class Fault:
     rank: int
     step: int  # the rank's step index at which it fails
-    kind: str = "raise"  # raise | kill
+    kind: str = "raise"  # raise | kill | signal (SIGTERM to itself, then go on)
 
 
 def _rank_main(rank, world, port, argv, log, fault, extra_env, rank_argv):
@@ -66,6 +66,9 @@ def _rank_main(rank, world, port, argv, log, fault, extra_env, rank_argv):
 
         def faulty(self, loss):
             if self.steps_done == fault.step:
+                if fault.kind == "signal":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return original(self, loss)
                 if fault.kind == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected fault at step {fault.step}")

@@ -154,6 +154,31 @@ def test_a_failed_rank_stops_every_rank_and_is_named(tmp_path, kind, failing):
     assert not (tmp_path / "run" / "checkpoints").exists()  # no assembled end state
 
 
+@pytest.mark.parametrize("schedule, signalled", [("pipelined", 0), ("sync", 1)])
+def test_a_signal_to_one_rank_checkpoints_every_rank_and_resume_is_exact(
+    tmp_path, schedule, signalled
+):
+    """SIGTERM reaches one rank at its step 2 of an 11-step epoch: every rank finishes the
+    same step, writes its mid-epoch checkpoint and exits 143; the resumed job ends as one
+    uninterrupted process does."""
+    args = [*TINY, "--train-size", "96", "--epochs", "1"]
+    straight = tmp_path / "single"
+    assert run.cli([*args, "--out", str(straight)]) == 0
+    out = tmp_path / "run"
+    args += ["--out", out, "--schedule", schedule]
+    results = launch(args, 2, tmp_path, fault=Fault(signalled, 2, "signal"), timeout=60)
+    assert [r.exitcode for r in results] == [143, 143], results[signalled].log
+    line = [ln for ln in results[0].log.splitlines() if ln.startswith("interrupted by")]
+    assert len(line) == 1 and "SIGTERM at step" in line[0] and "of epoch 1" in line[0], line
+    assert "resume with: torchrun" in line[0] and line[0].endswith("--resume")
+    mids = [sorted(p.name for p in (out / f"rank_{r}").glob("*_step_*.pt")) for r in (0, 1)]
+    assert mids[0] == mids[1] and len(mids[0]) == 1, mids  # the same step on both ranks
+    assert "Traceback" not in results[0].log + results[1].log
+    _ok(launch([*args, "--resume"], 2, tmp_path))
+    end = Path("checkpoints") / "epoch_000.pt"
+    _same_checkpoints(straight / end, out / end)
+
+
 def test_ranks_that_read_different_data_refuse_to_train(tmp_path):
     results = launch([*TINY, "--epochs", "1", "--out", tmp_path / "run"], 2, tmp_path,
                      rank_argv={1: ["--seed", "1"]})  # fmt: skip

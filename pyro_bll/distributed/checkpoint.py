@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import load_checkpoint, save_atomic
+from ..checkpoints import checkpoint_key, list_checkpoints, load_checkpoint, save_atomic
 from ..config import ConfigError
 
 FORMAT = "pyro_bll.rank_checkpoint/1"
@@ -33,8 +33,10 @@ def rank_dir(out: Path, rank: int) -> Path:
     return Path(out) / f"rank_{rank}"
 
 
-def rank_checkpoint(out: Path, rank: int, epoch: int) -> Path:
-    return rank_dir(out, rank) / f"epoch_{epoch:03d}.pt"
+def rank_checkpoint(out: Path, rank: int, epoch: int, step: int | None = None) -> Path:
+    """``rank_<R>/epoch_NNN.pt``, or ``..._step_SSSSSS.pt`` inside an epoch."""
+    name = f"epoch_{epoch:03d}" + ("" if step is None else f"_step_{step:06d}")
+    return rank_dir(out, rank) / f"{name}.pt"
 
 
 def rank_epochs(out: Path, rank: int) -> list[int]:
@@ -42,6 +44,12 @@ def rank_epochs(out: Path, rank: int) -> list[int]:
     d = rank_dir(out, rank)
     found = (_EPOCH.search(p.name) for p in d.glob("epoch_*.pt")) if d.is_dir() else ()
     return sorted(int(m.group(1)) for m in found if m)
+
+
+def rank_keys(out: Path, rank: int) -> list[tuple[int, int]]:
+    """(epoch, step) of every checkpoint of rank ``rank``, mid-epoch ones included
+    (``pyro_bll.checkpoints.checkpoint_key``: step END_OF_EPOCH for a finished epoch)."""
+    return [checkpoint_key(p) for p in list_checkpoints(rank_dir(out, rank))]
 
 
 def _rank_dirs(run_dir: Path) -> dict[int, Path]:

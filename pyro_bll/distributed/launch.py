@@ -17,7 +17,9 @@ unless ``--threads`` says otherwise.
 
 Exit codes: 0 success; 2 bad input (one ``error:`` line, rank 0 prints it); 1 when a rank
 failed: the failed rank prints its error, every other rank prints ``error: rank R failed:
-...`` and stops (``fault``).
+...`` and stops (``fault``); 130 / 143 when SIGINT / SIGTERM reached any rank: every
+rank finished the same step and wrote a mid-epoch checkpoint (``stop``), and rank 0 says
+how to resume.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch.distributed as dist
 
 from ..build import validate
 from ..config import ConfigError, RunConfig
+from ..interrupt import TrainingInterrupted
 from ..training import TrainingDiverged, final_line
 from .fault import FaultMonitor, connect_store
 from .group import BlockGroups
@@ -159,9 +162,11 @@ def _default_threads(cfg: RunConfig, env: DistEnv) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
 
 
-def main(cfg: RunConfig, progress: bool = True) -> int:
+def main(cfg: RunConfig, progress: bool = True, resume_hint: str = "") -> int:
     """Train this rank; return the exit code (bad input before training raises ConfigError
-    on rank 0; a failure during training ends the process via ``os._exit``)."""
+    on rank 0; a failure during training ends the process via ``os._exit``; a signal on
+    any rank stops every rank with a checkpoint and exit code 128 + signal, rank 0 printing
+    one line that ends with ``resume_hint``)."""
     env = DistEnv.from_environ()
     try:
         validate(cfg)
@@ -189,10 +194,22 @@ def main(cfg: RunConfig, progress: bool = True) -> int:
     # the store's host lingers after a failure so that the others can read the verdict
     linger = 3 * monitor.interval if hosts_store else 0.0
     me = env.rank
+    stop_store = dist.PrefixStore(  # where a signal on one rank reaches the others
+        f"pyro_bll/stop/{env.restart_count}",
+        connect_store(env.master_addr, env.master_port, cfg.dist_timeout),
+    )
     try:
         metrics = trainer.fit(
-            Path(cfg.out), progress=progress and me == 0, auto_resume=env.restart_count > 0
+            Path(cfg.out),
+            progress=progress and me == 0,
+            auto_resume=env.restart_count > 0,
+            store=stop_store,
         )
+    except TrainingInterrupted as e:  # every rank stopped at the same step, checkpointed
+        if me == 0:
+            print(f"{e}; {resume_hint or 'relaunch with --resume'}", file=sys.stderr, flush=True)
+        _shutdown(monitor, linger)
+        return e.exit_code
     except ConfigError as e:  # decided alike on every rank (gathered views)
         if me == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

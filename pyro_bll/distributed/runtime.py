@@ -24,13 +24,15 @@ from typing import Any
 
 import pyro
 import torch.distributed as dist
-from tqdm import tqdm
 
-from ..checkpoints import load_checkpoint
+from ..checkpoints import END_OF_EPOCH, CheckpointError, list_checkpoints, load_checkpoint
 from ..config import ConfigError, RunConfig
+from ..interrupt import StopSignals, TrainingInterrupted
+from ..progress import Progress
 from . import checkpoint as ckpt
 from .schedule import SCHEDULES, StageStats, device_batches
 from .stage import RankStage
+from .stop import StopCoordinator
 from .transport import Channel, PeerFailure
 
 
@@ -73,6 +75,8 @@ class RankTrainer:
         self.schedule = SCHEDULES[cfg.schedule]
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's epoch_state
+        self.coordinator = StopCoordinator(None, rank)  # fit() gives it the store
 
     # ---- setup (collective) -------------------------------------------------------------
     def prepare(self, out: Path, auto_resume: bool = False) -> None:
@@ -82,26 +86,26 @@ class RankTrainer:
         is one, as ``--resume`` does.
         """
         cfg, rank = self.cfg, self.rank
-        error, epochs, other = None, [], None
+        error, keys, other = None, [], None
         try:
             ckpt.rank_dir(out, rank).mkdir(parents=True, exist_ok=True)
             probe = ckpt.rank_dir(out, rank) / ".write_test"
             probe.write_text("")
             probe.unlink()
-            epochs = ckpt.rank_epochs(out, rank)
+            keys = ckpt.rank_keys(out, rank)  # (epoch, step): mid-epoch ones included
             if rank == 0:
                 single = sorted((out / "checkpoints").glob("epoch_*.pt"))
-                other = single[-1].name if single and not epochs else None
+                other = single[-1].name if single and not keys else None
         except OSError as e:
             error = f"--out {cfg.out!r} cannot be written on rank {rank} ({e.strerror})"
         # every decision below is taken from the same gathered views on every rank
         views: list[Any] = [None] * self.world_size
-        mine = (error, epochs, other)
+        mine = (error, keys, other)
         _collective("listing the checkpoints", lambda: dist.all_gather_object(views, mine))
         first_error = next((v[0] for v in views if v[0] is not None), None)
         if first_error is not None:
             raise ConfigError(first_error)
-        per_rank = [set(v[1]) for v in views]
+        per_rank = [{tuple(k) for k in v[1]} for v in views]
         complete = sorted(set.intersection(*per_rank))
         existing = any(per_rank) or views[0][2] is not None
         resume = cfg.resume or (auto_resume and bool(complete))
@@ -117,11 +121,14 @@ class RankTrainer:
                 "it, --overwrite to start it again, or choose another --out"
             )
         if resume:
-            epoch = complete[-1]
-            path = ckpt.rank_checkpoint(out, rank, epoch)
-            state = load_checkpoint(path)
-            mismatch = None
-            if state["rank_blocks"] != list(self.stage.groups.sizes):
+            epoch, step = complete[-1]
+            path = ckpt.rank_checkpoint(out, rank, epoch, None if step == END_OF_EPOCH else step)
+            mismatch, state = None, {"rank_blocks": list(self.stage.groups.sizes)}
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as e:  # every rank raises it (gathered below)
+                mismatch = f"--resume: {e}"
+            if mismatch is None and state["rank_blocks"] != list(self.stage.groups.sizes):
                 mismatch = (
                     f"the checkpoints in {out}/rank_*/ were written with blocks per rank "
                     f"{','.join(map(str, state['rank_blocks']))}, this launch has "
@@ -130,16 +137,36 @@ class RankTrainer:
                     "resume in one process"
                 )
             _agree(mismatch)
-            self.history = self.stage.load(path)["history"]
-            self.start_epoch = epoch + 1
+            state = self.stage.load(path)
+            self.history = state["history"]
+            self.partial = state.get("epoch_state")
+            self.start_epoch = epoch if self.partial is not None else epoch + 1
         elif cfg.overwrite:
-            for e in epochs:  # a fresh run: stale checkpoints would confuse a later resume
-                ckpt.rank_checkpoint(out, rank, e).unlink()
+            for p in list_checkpoints(ckpt.rank_dir(out, rank)):  # stale ones would confuse
+                p.unlink()  # a later resume
 
     # ---- the loop -----------------------------------------------------------------------
-    def fit(self, out: Path, progress: bool = True, auto_resume: bool = False) -> dict | None:
-        """Train all epochs; rank 0 returns the final metrics, the other ranks None."""
+    def fit(
+        self,
+        out: Path,
+        progress: bool = True,
+        auto_resume: bool = False,
+        store: dist.Store | None = None,
+        handle_signals: bool = True,
+    ) -> dict | None:
+        """Train all epochs; rank 0 returns the final metrics, the other ranks None.
+
+        SIGINT / SIGTERM on any rank (``store``: the rendezvous store the ranks agree
+        through, ``pyro_bll.distributed.stop``) makes every rank finish the same step,
+        write a mid-epoch checkpoint and raise ``TrainingInterrupted``.
+        """
         out = Path(out)
+        self.coordinator.store = store
+        with StopSignals(handle_signals) as local:
+            self.coordinator.local = local
+            return self._fit(out, progress, auto_resume)
+
+    def _fit(self, out: Path, progress: bool, auto_resume: bool) -> dict | None:
         self.prepare(out, auto_resume)
         if self.rank == 0:
             (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
@@ -152,6 +179,12 @@ class RankTrainer:
                 if not self._epoch(out, epoch, progress):
                     break  # --max-minutes: the last epoch used the budget up
                 trained = epoch
+                if epoch + 1 < self.cfg.epochs and self._stop_requested():
+                    raise TrainingInterrupted(
+                        self.coordinator.signum,
+                        ckpt.rank_checkpoint(out, self.rank, epoch),
+                        f"after epoch {epoch + 1}",
+                    )
         finally:
             pyro.enable_validation(True)
         if self.rank != 0:
@@ -175,8 +208,20 @@ class RankTrainer:
             )
         return not views[0][1]
 
+    def _stop_requested(self) -> bool:
+        """Whether any rank was asked to stop (all ranks learn it together)."""
+        views: list[Any] = [None] * self.world_size
+        mine = self.coordinator.requested()
+        _collective("sharing stop requests", lambda: dist.all_gather_object(views, mine))
+        signum = next((v for v in views if v is not None), None)
+        self.coordinator.signum = signum
+        return signum is not None
+
     def _epoch(self, out: Path, epoch: int, progress: bool) -> bool:
-        """Train one epoch (False: the time budget is used up, nothing done)."""
+        """Train (the rest of) one epoch (False: the time budget is used up, nothing done).
+
+        Resumes inside the epoch from ``self.partial``; raises ``TrainingInterrupted``
+        after writing a mid-epoch checkpoint when the ranks agreed to stop."""
         stage, cfg = self.stage, self.cfg
         stage.epoch = epoch
         stage.chain.train()
@@ -184,19 +229,45 @@ class RankTrainer:
         first = next(batches, None)
         if not self._check_same_data(epoch, first):
             return False
-        stage.method.start_epoch()
+        partial, self.partial = self.partial, None
+        stats = StageStats()
+        if partial is None:
+            stage.method.start_epoch()
+            partial = {"step": 0, "seconds": 0.0}
+        else:  # the method's state came with the checkpoint
+            stats.sums = {k: v.to(stage.device) for k, v in partial["sums"].items()}
+            stats.count, stats.busy, stats.wait = partial["step"], partial["busy"], partial["wait"]
         stream = itertools.chain([first] if first is not None else [], batches)
+        stream = itertools.islice(stream, partial["step"], None)  # the steps already done
+        stream = self.coordinator.stream(stream, epoch, partial["step"])
         stream = device_batches(stream, stage.device, needs_x=stage.first)
-        if progress and self.rank == 0:
-            stream = tqdm(
-                stream,
-                total=stage.task.steps_per_epoch(),
-                desc=f"epoch {epoch + 1}/{cfg.epochs} [bll, {cfg.schedule}, rank 0]",
-                leave=False,
-                dynamic_ncols=True,
+        stream = Progress(
+            stream,
+            total=stage.task.steps_per_epoch(),
+            initial=partial["step"],
+            desc=f"epoch {epoch + 1}/{cfg.epochs} [bll, {cfg.schedule}, rank 0]",
+            enabled=progress and self.rank == 0,
+        )
+        t0 = time.perf_counter() - partial["seconds"]
+
+        def save_mid(s: StageStats) -> Path:
+            sums = {k: v.detach().cpu() for k, v in s.sums.items()}
+            state = {"step": s.count, "sums": sums, "seconds": time.perf_counter() - t0,
+                     "busy": s.busy, "wait": s.wait}  # fmt: skip
+            return stage.save(out, epoch, self.history if self.rank == 0 else [], state)
+
+        def every_n(s: StageStats) -> None:  # --checkpoint-every N
+            if s.count % cfg.checkpoint_every == 0:
+                save_mid(s)
+
+        on_step = every_n if cfg.checkpoint_every else None
+        stats = self.schedule(stage, self.channel, stream, cfg.pipeline_depth, stats, on_step)
+        if self.coordinator.cut:  # the ranks agreed to stop inside the epoch
+            raise TrainingInterrupted(
+                self.coordinator.signum,
+                save_mid(stats),
+                f"at step {stats.count}/{stage.task.steps_per_epoch()} of epoch {epoch + 1}",
             )
-        t0 = time.perf_counter()
-        stats = self.schedule(stage, self.channel, stream, cfg.pipeline_depth)
         seconds = time.perf_counter() - t0
         self._end_epoch(out, epoch, stats, seconds)
         return True

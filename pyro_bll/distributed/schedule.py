@@ -76,9 +76,22 @@ def _barrier() -> None:
         raise PeerFailure(None, "the step barrier", e) from e
 
 
-def run_sync(stage: Stage, channel: Channel, batches: Iterable[Batch], depth: int = 1):
-    """Lock-step schedule (``depth`` unused): a barrier after every step."""
-    stats = StageStats()
+OnStep = Callable[[StageStats], None]
+
+
+def run_sync(
+    stage: Stage,
+    channel: Channel,
+    batches: Iterable[Batch],
+    depth: int = 1,
+    stats: StageStats | None = None,
+    on_step: OnStep | None = None,
+) -> StageStats:
+    """Lock-step schedule (``depth`` unused): a barrier after every step.
+
+    ``stats`` continues an epoch's sums (a mid-epoch resume); ``on_step(stats)`` runs
+    after every update (mid-epoch checkpoints)."""
+    stats = StageStats() if stats is None else stats
     for x, y, mask in batches:
         t0 = time.perf_counter()
         inp = x if channel.prev is None else channel.recv(y.shape[0])
@@ -92,12 +105,22 @@ def run_sync(stage: Stage, channel: Channel, batches: Iterable[Batch], depth: in
         stats.add(logs)
         stats.wait += (t1 - t0) + (time.perf_counter() - t2)
         stats.busy += t2 - t1
+        if on_step is not None:
+            on_step(stats)
     return stats
 
 
-def run_pipelined(stage: Stage, channel: Channel, batches: Iterable[Batch], depth: int = 2):
-    """Pipelined schedule: pre-posted receives, at most ``depth`` sends in flight."""
-    stats = StageStats()
+def run_pipelined(
+    stage: Stage,
+    channel: Channel,
+    batches: Iterable[Batch],
+    depth: int = 2,
+    stats: StageStats | None = None,
+    on_step: OnStep | None = None,
+) -> StageStats:
+    """Pipelined schedule: pre-posted receives, at most ``depth`` sends in flight
+    (``stats``, ``on_step``: as in ``run_sync``)."""
+    stats = StageStats() if stats is None else stats
     it = iter(batches)
     nxt = next(it, None)
     receiving = channel.prev is not None
@@ -125,6 +148,8 @@ def run_pipelined(stage: Stage, channel: Channel, batches: Iterable[Batch], dept
         stats.add(logs)
         stats.wait += (t1 - t0) + (t3 - t2)
         stats.busy += (t2 - t1) + (time.perf_counter() - t3)
+        if on_step is not None:
+            on_step(stats)
     t0 = time.perf_counter()
     while sends:
         sends.popleft().wait()

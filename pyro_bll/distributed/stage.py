@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoints import load_checkpoint, rng_state, set_rng_state
+from ..checkpoints import (
+    END_OF_EPOCH,
+    checkpoint_key,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from ..config import ConfigError, RunConfig
 from ..noise import NoiseKey
 from ..step_cache import StepCache
@@ -92,8 +99,20 @@ class RankStage:
         sd = self.chain.state_dict()
         return {k: sd[k].detach().cpu() for k in self.state_keys}
 
-    def save(self, out: Path, epoch: int, history: list[dict[str, Any]]) -> Path:
-        return ckpt.save_atomic(
+    def save(
+        self,
+        out: Path,
+        epoch: int,
+        history: list[dict[str, Any]],
+        partial: dict[str, Any] | None = None,
+    ) -> Path:
+        """This rank's checkpoint after ``epoch``; with ``partial`` (the epoch's step and
+        log sums so far) a mid-epoch one, plus the method's state."""
+        extra = {} if partial is None else {
+            "epoch_state": partial, "method_state": self.method.state_dict()
+        }  # fmt: skip
+        step = None if partial is None else partial["step"]
+        path = ckpt.save_atomic(
             {
                 "format": ckpt.FORMAT,
                 "epoch": epoch,
@@ -110,9 +129,17 @@ class RankStage:
                 "steps_done": self.steps_done,
                 "rng": rng_state(),
                 "history": history,
+                **extra,
             },
-            ckpt.rank_checkpoint(out, self.rank, epoch),
+            ckpt.rank_checkpoint(out, self.rank, epoch, step),
         )
+        # mid-epoch checkpoints this one supersedes; the newest two are kept, since another
+        # rank may not have written the newest yet when a crash ends the job
+        mids = [p for p in list_checkpoints(path.parent) if checkpoint_key(p)[1] != END_OF_EPOCH]
+        mids = [p for p in mids if checkpoint_key(p) <= checkpoint_key(path)]
+        for older in mids[:-2] if partial is not None else mids:
+            older.unlink(missing_ok=True)
+        return path
 
     def load(self, path: Path) -> dict[str, Any]:
         state = load_checkpoint(path, self.device)
