@@ -55,7 +55,11 @@ from torch.distributions import Distribution
 
 from .chain import BLLChain, _prototype
 from .families import Params
+from .noise import block_noise
 from .step_cache import StepCache
+
+# block index offset of the logged statistics' noise streams (training draws use 0..N-1)
+STATISTICS_STREAM = 1 << 20
 
 SCALARS = ("kl", "mean_msd", "mean_cos", "proto_msd", "proto_cos", "feedback_weight", "local_acc")
 LOGGED = (
@@ -289,7 +293,10 @@ def step_statistics(
     """The cheap statistics ``LOGGED``, ``[N]`` each, from a step's cached alpha_k.
 
     One draw per block for the local accuracy, taken under a forked RNG so that logging
-    leaves the training's random stream (and hence its results) unchanged. Blocks whose
+    leaves the training's random stream (and hence its results) unchanged; with the
+    step's noise key it comes from a stream of its own per block, so that the logged
+    value does not depend on which blocks were computed with it (one backward per block,
+    a rank's segment). Blocks whose
     alpha_k is not in the cache (a segment of the block-parallel runtime) log zeros, as
     their losses do.
     """
@@ -297,8 +304,9 @@ def step_statistics(
     rows = torch.zeros(len(LOGGED), chain.num_blocks, device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for k in range(chain.num_blocks):
-            if k in cache.alpha:
-                rows[:, k] = _quick(chain, k, cache.alpha[k], y, mask)
+            if k in cache.alpha:  # the draw: a stream of its own per (seed, step, block)
+                with block_noise(cache.noise, STATISTICS_STREAM + k, device):
+                    rows[:, k] = _quick(chain, k, cache.alpha[k], y, mask)
     return {f"agreement_{name}": row for name, row in zip(LOGGED, rows, strict=True)}
 
 

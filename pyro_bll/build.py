@@ -88,6 +88,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown --bll-terms {','.join(unknown)}; valid: {','.join(BLL_TERMS)}")
     check_method_options(cfg)
+    local = METHODS[cfg.method].local
+    if cfg.backward is None:  # per-block wherever the loss is a sum of local losses
+        cfg.backward = "per-block" if local else "joint"
+    elif cfg.backward not in ("per-block", "joint"):
+        raise ConfigError(f"unknown --backward {cfg.backward!r}; valid: per-block, joint")
+    elif cfg.backward == "per-block" and not local:
+        raise ConfigError(
+            f"--backward per-block needs block-local losses (--method bll or predsim); "
+            f"--method {cfg.method} has one loss over the whole network: use --backward joint"
+        )
     if cfg.pred_weight < 0:
         raise ConfigError(f"--pred-weight must be >= 0, got {cfg.pred_weight}")
     if cfg.device not in ("cpu",) and not cfg.device.startswith("cuda"):

@@ -259,6 +259,14 @@ class RunConfig:
         "time budget of training plus evaluation: stop after the epoch during which "
         "it is used up (metrics.json: elapsed_seconds, budget_exhausted)",
     )
+    backward: str | None = _opt(
+        None,
+        "per-block: backpropagate each block's local loss and free its graph before the "
+        "next block runs (activation memory of one block at a time); joint: one backward "
+        "over the summed local losses. Same gradients either way; bll and predsim only "
+        "(default: per-block for them, joint for bp and fa)",
+        choices=("per-block", "joint"),
+    )
     checkpoint_every: int | None = _opt(
         None,
         "also write a checkpoint every N training steps inside an epoch (for long "

@@ -158,16 +158,38 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------
     def step(self, x, y, mask) -> dict[str, torch.Tensor]:
-        """One optimiser step; returns per-block values ``[N]`` (``loss`` and its terms)."""
+        """One optimiser step; returns per-block values ``[N]`` (``loss`` and its terms).
+
+        ``--backward per-block``: block k's local loss is backpropagated, and its graph
+        freed, before block k + 1 runs (``Method.local_losses``), so only one block's
+        activations are alive at a time; ``joint``: one backward over the summed loss.
+        Both give the same gradients (the blocks' inputs are detached either way).
+        """
         noise = NoiseKey(self.cfg.seed, self.steps_done)
-        with self.autocast():
-            loss, logs = self.method.loss(self.chain, x, y, mask, noise=noise)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.cfg.backward == "per-block":
+            logs = self._per_block_backward(x, y, mask, noise)
+        else:
+            with self.autocast():
+                loss, logs = self.method.loss(self.chain, x, y, mask, noise=noise)
+            loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.steps_done += 1
         return logs
+
+    def _per_block_backward(self, x, y, mask, noise: NoiseKey) -> dict[str, torch.Tensor]:
+        blocks = self.method.local_losses(self.chain, x, y, mask, noise=noise)
+        total: dict[str, torch.Tensor] = {}
+        while True:
+            with self.autocast():  # the forward of one block; its backward outside
+                item = next(blocks, None)
+            if item is None:
+                return total
+            loss, logs = item
+            loss.backward()
+            del loss  # nothing of block k's graph outlives this iteration
+            total = logs if not total else {k: total[k] + v for k, v in logs.items()}
 
     # ---- checkpoints -------------------------------------------------------------------
     def save(self, out: Path, epoch: int, partial: EpochState | None = None) -> Path:

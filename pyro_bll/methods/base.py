@@ -17,6 +17,7 @@ configuration refuses the others with one line.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
@@ -40,6 +41,8 @@ class Method(ABC):
     name: ClassVar[str]
     # method-specific config fields (keys of METHOD_OPTIONS) this method reads
     options: ClassVar[frozenset[str]] = frozenset()
+    # whether the loss is a sum of block-local losses (``local_losses``, --backward per-block)
+    local: ClassVar[bool] = False
     # whether the label-driven feedback network (beta_k) is trained: the agreement
     # diagnostics compare it with the forward network and mean nothing otherwise
     trains_feedback: ClassVar[bool] = False
@@ -59,6 +62,21 @@ class Method(ABC):
         noise: NoiseKey | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The scalar loss of a batch (per example) and detached per-block logs ``[N]``."""
+
+    def local_losses(
+        self,
+        chain: BLLChain,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None,
+        *,
+        noise: NoiseKey | None = None,
+    ) -> Iterator[tuple[Tensor, dict[str, Tensor]]] | None:
+        """Block by block: (l_k, logs ``[N]`` zero outside block k), so that the training
+        step can backpropagate and free block k's graph before block k + 1 runs
+        (``--backward per-block``). The sum of the yielded losses and logs equals ``loss``.
+        None for methods without block-local losses (one backward over the network)."""
+        return None
 
     def start_epoch(self) -> None:  # noqa: B027 (a hook: most methods need nothing)
         """Called before every epoch; stateless methods need nothing."""

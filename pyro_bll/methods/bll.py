@@ -8,6 +8,8 @@ own stream, so a block draws the same noise in one process as on a rank of its o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -31,12 +33,15 @@ class BLL(Method):
     name = "bll"
     options = frozenset({"bll_terms", "likelihood", "feedback_update"})
     trains_feedback = True
+    local = True
 
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         chain.detach = True
         self.elbo = BlockLocalELBO(chain.num_blocks)
         self.terms = frozenset(cfg.bll_terms)  # --bll-terms: the terms that are optimised
-        self.agreement = StepAgreement()  # forward/feedback agreement for the logs
+        # forward/feedback agreement for the logs: one per segment of blocks computed at
+        # once (the whole chain, one block with --backward per-block, or a rank's blocks)
+        self.agreements: dict[tuple[int, int] | None, StepAgreement] = {}
         self.solve = cfg.feedback_update == "solve"
         self.ridge = cfg.ridge
         if self.solve:
@@ -70,19 +75,51 @@ class BLL(Method):
         per_block = self.optimised(losses) / y.shape[0]
         logs = {"loss": per_block.detach()}
         logs.update({k: v.detach() / y.shape[0] for k, v in losses.terms.items()})
-        logs.update(self.agreement(chain, cache, y, mask))  # agreement_*: no grad
+        agreement = self.agreements.setdefault(segment, StepAgreement())
+        logs.update(agreement(chain, cache, y, mask))  # agreement_*: no grad
         return per_block.sum(), logs
 
     def start_epoch(self) -> None:
-        self.agreement.reset()  # agreement statistics restart per epoch
+        for agreement in self.agreements.values():
+            agreement.reset()  # agreement statistics restart per epoch
+
+    def local_losses(
+        self,
+        chain: BLLChain,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None,
+        *,
+        noise: NoiseKey | None = None,
+    ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """l_k and logs (zeros outside block k) of one block at a time: block k's graph
+        can be backpropagated and freed before block k + 1 runs. The blocks see the same
+        inputs and noise as in ``loss``, so the gradients are the joint ones."""
+        inp = x
+        for k in range(chain.num_blocks):
+            cache = StepCache()
+            loss, logs = self.loss(
+                chain, inp, y, mask, noise=noise, segment=(k, k + 1), cache=cache
+            )
+            yield loss, logs
+            if k + 1 < chain.num_blocks:  # block k's graph is not kept alive by it
+                inp = _detached(cache.outgoing)
 
     def state_dict(self) -> dict:
-        """The agreement statistics held between steps (``StepAgreement``)."""
-        return {"agreement_calls": self.agreement.calls, "agreement_last": self.agreement.last}
+        """The agreement statistics held between steps (``StepAgreement``), per segment."""
+        return {
+            "agreement": [
+                (None if seg is None else list(seg), a.calls, a.last)
+                for seg, a in self.agreements.items()
+            ]
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.agreement.calls = state["agreement_calls"]
-        self.agreement.last = state["agreement_last"]
+        self.agreements = {}
+        for seg, calls, last in state.get("agreement", []):
+            agreement = StepAgreement()
+            agreement.calls, agreement.last = calls, last
+            self.agreements[None if seg is None else tuple(seg)] = agreement
 
     def optimised(self, losses: BlockLosses) -> Tensor:
         """l_k ``[N]`` restricted to ``--bll-terms`` (all three: ``losses.per_block``).
@@ -102,3 +139,10 @@ class BLL(Method):
             if name in self.terms:
                 out = out + t[name]
         return out
+
+
+def _detached(message):
+    """A forward message (a tensor or a tuple of parameters) without its graph."""
+    if isinstance(message, tuple):
+        return tuple(t.detach() for t in message)
+    return message.detach()

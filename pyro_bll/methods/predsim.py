@@ -25,6 +25,8 @@ block. The heads belong to the method; they are attached to the chain as the sub
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -74,6 +76,7 @@ class PredSim(Method):
     """Noekland & Eidnes' local prediction + similarity-matching loss on the chain's blocks."""
 
     name = "predsim"
+    local = True
 
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         if chain.label_event_dim != 0:
@@ -111,8 +114,16 @@ class PredSim(Method):
         self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """l_k of every block ``[N]`` (per example, with graph) and detached logs."""
+        losses, logs = zip(*self._blocks(chain, x, y, mask), strict=True)
+        per_block = torch.stack(losses)
+        return per_block, {k: sum(log[k] for log in logs) for k in logs[0]}
+
+    def _blocks(
+        self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None
+    ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """l_k of one block at a time (with graph) and its logs ``[N]`` (zeros elsewhere);
+        the next block's input is block k's detached mean."""
         n, batch = chain.num_blocks, y.shape[0]
-        losses, preds, sims = [], [], []
         inp = x
         for k in range(n):
             h = chain.families[k].mean(chain.forward_message(k, inp))  # input detached, k > 0
@@ -120,17 +131,28 @@ class PredSim(Method):
                 heads = chain.predsim_heads[k]
                 ce = masked_cross_entropy(heads["pred"](h), y, mask).sum() / batch
                 sim = similarity_loss(heads["sim"](h), y, self.num_classes)
-                losses.append((1 - self.beta) * ce + self.beta * sim)
+                loss = (1 - self.beta) * ce + self.beta * sim
             else:
                 ce = masked_cross_entropy(chain.head(h), y, mask).sum() / batch
                 sim = torch.zeros_like(ce)
-                losses.append(ce)
-            preds.append(ce.detach())
-            sims.append(sim.detach())
-            inp = h
-        per_block = torch.stack(losses)
-        logs = {"loss": per_block.detach(), "pred": torch.stack(preds), "sim": torch.stack(sims)}
-        return per_block, logs
+                loss = ce
+            onehot = torch.zeros(n, device=ce.device, dtype=ce.dtype)
+            onehot[k] = 1.0
+            yield loss, {"loss": onehot * loss.detach(), "pred": onehot * ce.detach(),
+                         "sim": onehot * sim.detach()}  # fmt: skip
+            inp = h.detach()
+
+    def local_losses(
+        self,
+        chain: BLLChain,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None,
+        *,
+        noise: object = None,
+    ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """l_k and logs of one block at a time (``--backward per-block``)."""
+        return self._blocks(chain, x, y, mask)
 
     def loss(
         self, chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None, *, noise: object = None
