@@ -31,6 +31,7 @@ would pass on; families with n_raw > 1 read their parameters off the unit's outp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -173,12 +174,8 @@ def block_layer_counts(arch: str, num_blocks: int) -> list[int]:
     return counts
 
 
-def resnet_blocks(
-    arch: str, in_channels: int, num_blocks: int, width: float, family: Family
-) -> list[ResNetBlock]:
-    """The network as ``num_blocks`` blocks whose outputs parametrise ``family``."""
+def _stem_and_units(arch: str, in_channels: int, width: float) -> tuple[nn.Module, list[_Unit]]:
     spec = _spec(arch)
-    check_num_blocks(arch, num_blocks)
     if not width > 0:
         raise ModelError("width", f"must be positive, got {width}")
     widths = [max(1, round(c * width)) for c in STAGE_WIDTHS]
@@ -189,8 +186,75 @@ def resnet_blocks(
         for i in range(n):
             units.append(spec.unit(cin, w, 2 if stage > 0 and i == 0 else 1))
             cin = units[-1].out_channels
+    return stem, units
+
+
+def check_split(arch: str, num_blocks: int, units_per_block: Sequence[int]) -> None:
+    """ModelError unless ``units_per_block`` cuts the architecture's units into
+    ``num_blocks`` non-empty blocks."""
+    u = _spec(arch).num_units
+    sizes = list(units_per_block)
+    if len(sizes) != num_blocks or any(n < 1 for n in sizes) or sum(sizes) != u:
+        raise ModelError(
+            "split",
+            f"{','.join(map(str, sizes))} does not cut the {u} residual units of {arch} "
+            f"into {num_blocks} non-empty blocks; give {num_blocks} positive counts that "
+            f"add up to {u} (e.g. {','.join(map(str, split_units(u, num_blocks)))}), "
+            "even, or memory",
+        )
+
+
+@torch.no_grad()
+def _unit_saved_bytes(stem: nn.Module, units: list[_Unit], in_channels: int, side: int):
+    """Bytes autograd saves in each unit (the stem counted with unit 1) for one image."""
+    from ..memory import SavedTensorMeter
+
+    costs, h = [], torch.zeros(1, in_channels, side, side)
+    modules = [nn.Sequential(stem, units[0]), *units[1:]]
+    for i, module in enumerate(modules):
+        module.train()
+        x = (torch.relu(h) if i else h).detach().requires_grad_(i > 0)
+        meter = SavedTensorMeter.for_module(module)
+        with torch.enable_grad(), meter:
+            h = module(x)
+            costs.append(meter.peak)
+        h = h.detach()
+    return costs
+
+
+def unit_activation_bytes(arch: str, in_channels: int, width: float, image_size: int) -> list[int]:
+    """Activation bytes of one training step per residual unit, per image (stem in unit 1):
+    the costs that ``--split memory`` balances (``pyro_bll.memory``)."""
+    stem, units = _stem_and_units(arch, in_channels, width)
+    return _unit_saved_bytes(stem, units, in_channels, image_size)
+
+
+def memory_split(
+    arch: str, in_channels: int, num_blocks: int, width: float, image_size: int
+) -> list[int]:
+    """Units per block that balance the blocks' activation memory (``--split memory``)."""
+    from ..memory import balanced_split
+
+    check_num_blocks(arch, num_blocks)
+    return balanced_split(unit_activation_bytes(arch, in_channels, width, image_size), num_blocks)
+
+
+def resnet_blocks(
+    arch: str,
+    in_channels: int,
+    num_blocks: int,
+    width: float,
+    family: Family,
+    units_per_block: Sequence[int] | None = None,
+) -> list[ResNetBlock]:
+    """The network as ``num_blocks`` blocks whose outputs parametrise ``family``;
+    ``units_per_block`` (default: as even as possible) sets the residual units of each."""
+    check_num_blocks(arch, num_blocks)
+    stem, units = _stem_and_units(arch, in_channels, width)
+    sizes = split_units(len(units), num_blocks) if units_per_block is None else units_per_block
+    check_split(arch, num_blocks, sizes)
     blocks, start = [], 0
-    for k, n in enumerate(split_units(len(units), num_blocks)):
+    for k, n in enumerate(sizes):
         block = ResNetBlock(stem if k == 0 else None, units[start : start + n], family.n_raw)
         start += n
         try:  # the channel count must fit the family (e.g. categorical groups)

@@ -212,6 +212,13 @@ class RunConfig:
         "paper)",
         registry="archs",
     )
+    split: str = _opt(
+        "even",
+        "vision tasks: residual units per block: even (as even as possible), memory "
+        "(balance the blocks' activation memory of a training step, measured per unit "
+        "on one image; block 1 otherwise holds most of it), or N1,N2,... explicitly",
+        metavar="even|memory|N1,N2,...",
+    )
     width: float = _opt(
         1.0,
         "vision tasks: channel multiplier of the stage widths 64,128,256,512 (e.g. "

@@ -161,11 +161,9 @@ def prototype_bound(
     """
     eta = family.natural(rho)
     k = family.stat_dims
-    cls = -(2 + k)  # where the class axis goes in front of the channel (and statistic) axes
-    eta_c = tuple(e.unsqueeze(cls) for e in eta)  # [B, *L, *S, 1, C(, K)]
     beta_c = tuple(weight * p for p in prototypes)  # [V, C(, K)]
     # log E_rho exp<w beta_c, T(z)> summed over channels: [B, *L, *S, V]
-    log_mgf = family.log_normalizer_shift(eta_c, beta_c).sum(-1)
+    log_mgf = family.class_log_mgf(eta, beta_c)
     flat = k + 1
     stats = [t.flatten(-flat) for t in family.expected_stats(eta)]  # [B, *L, *S, C']
     expected = sum(

@@ -12,11 +12,13 @@ an uninterrupted one. Files: ``pyro_bll.checkpoints`` (weights-only loads).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from .checkpoints import (
 )
 from .config import ConfigError, RunConfig
 from .interrupt import StopSignals, TrainingInterrupted
-from .methods import build_method
+from .methods import Method, build_method
 from .noise import NoiseKey
 from .progress import Progress
 from .seed import seed_everything
@@ -60,6 +62,48 @@ def make_lr_schedule(
         "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps)),
     }
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[kind])
+
+
+def backward_pass(
+    method: Method,
+    chain: BLLChain,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor | None,
+    noise: NoiseKey | None,
+    *,
+    per_block: bool,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    on_block: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Forward and backward of one batch (gradients accumulate; no optimiser step).
+
+    ``per_block``: block k's local loss is backpropagated, and its graph freed, before
+    block k + 1 runs (``Method.local_losses``); otherwise one backward over the summed
+    loss. ``on_block(k)`` is called after block k's forward, before its backward (memory
+    measurements). ``autocast()`` wraps the forward passes only. Returns the logs ``[N]``.
+    """
+    if not per_block:
+        with autocast():
+            loss, logs = method.loss(chain, x, y, mask, noise=noise)
+        if on_block is not None:
+            on_block(chain.num_blocks - 1)
+        loss.backward()
+        return logs
+    blocks = method.local_losses(chain, x, y, mask, noise=noise)
+    total: dict[str, torch.Tensor] = {}
+    for k in itertools.count():
+        with autocast():  # the forward of one block
+            item = next(blocks, None)
+        if item is None:
+            return total
+        loss, logs = item
+        if on_block is not None:
+            on_block(k)
+        loss.backward()
+        del loss, item  # nothing of block k's graph outlives this iteration
+        total = logs if not total else {name: total[name] + v for name, v in logs.items()}
+    raise AssertionError("unreachable")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -167,29 +211,14 @@ class Trainer:
         """
         noise = NoiseKey(self.cfg.seed, self.steps_done)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.cfg.backward == "per-block":
-            logs = self._per_block_backward(x, y, mask, noise)
-        else:
-            with self.autocast():
-                loss, logs = self.method.loss(self.chain, x, y, mask, noise=noise)
-            loss.backward()
+        logs = backward_pass(
+            self.method, self.chain, x, y, mask, noise,
+            per_block=self.cfg.backward == "per-block", autocast=self.autocast,
+        )  # fmt: skip
         self.optimizer.step()
         self.scheduler.step()
         self.steps_done += 1
         return logs
-
-    def _per_block_backward(self, x, y, mask, noise: NoiseKey) -> dict[str, torch.Tensor]:
-        blocks = self.method.local_losses(self.chain, x, y, mask, noise=noise)
-        total: dict[str, torch.Tensor] = {}
-        while True:
-            with self.autocast():  # the forward of one block; its backward outside
-                item = next(blocks, None)
-            if item is None:
-                return total
-            loss, logs = item
-            loss.backward()
-            del loss  # nothing of block k's graph outlives this iteration
-            total = logs if not total else {k: total[k] + v for k, v in logs.items()}
 
     # ---- checkpoints -------------------------------------------------------------------
     def save(self, out: Path, epoch: int, partial: EpochState | None = None) -> Path:

@@ -8,6 +8,7 @@ logits, Monte Carlo draws for expectations, finite differences for gradients.
 import pytest
 import torch
 
+from pyro_bll.families import make_family
 from pyro_bll.likelihoods import prototype_bound
 
 from utils import assert_close
@@ -209,3 +210,23 @@ def test_chain_uses_the_bound_only_when_asked(estimator):
     values = {elbo.block_losses(chain.model, chain.guide, x, y).terms["likelihood"][0].item()
               for _ in range(3)}  # fmt: skip
     assert (len(values) == 1) == (estimator == "bound")
+
+
+def test_the_fixed_gaussian_class_log_mgf_equals_the_broadcast_form():
+    """The matrix-product form (FixedVarianceGaussian.class_log_mgf) against the general
+    broadcast over classes (Family.class_log_mgf), float64, with a message weight."""
+    from pyro_bll.families.base import Family
+
+    torch.manual_seed(0)
+    fam = make_family("gaussian", sigma=0.7)
+    alpha = fam.params(torch.randn(5, 3, 6, dtype=torch.float64))
+    rho = fam.posterior(alpha, fam.feedback_potential(torch.randn(5, 3, 6, dtype=torch.float64)))
+    eta = fam.natural(rho)
+    for weight in (1.0, 0.25):
+        beta = tuple(
+            weight * b for b in fam.feedback_potential(torch.randn(4, 6, dtype=torch.float64))
+        )
+        fast = fam.class_log_mgf(eta, beta)
+        general = Family.class_log_mgf(fam, eta, beta)
+        assert fast.shape == (5, 3, 4)
+        assert_close(fast, general, rtol=1e-12, atol=1e-12)

@@ -193,6 +193,19 @@ class Family(ABC):
         shifted = tuple(e + b for e, b in zip(eta, beta, strict=True))
         return self.log_normalizer(shifted) - self.log_normalizer(eta)
 
+    def class_log_mgf(self, eta: Natural, beta: Natural) -> Tensor:
+        """sum_C [A(eta + beta_c) - A(eta)] for every class c, ``[..., V]``.
+
+        ``eta`` ``[..., C(, K)]`` per natural parameter, ``beta`` ``[V, C(, K)]``: the log
+        moment generating function of the prototype bound (``pyro_bll.likelihoods``). This
+        general form broadcasts to ``[..., V, C]``; families whose shift is linear or
+        quadratic in beta override it with matrix products that never build that tensor.
+        """
+        cls = -(2 + self.stat_dims)  # the class axis goes in front of channel (statistic)
+        eta_c = tuple(e.unsqueeze(cls) for e in eta)  # [..., 1, C(, K)]
+        shift = self.log_normalizer_shift(eta_c, beta)  # [..., V, C]
+        return shift.sum(-1)
+
     def class_natural(self, beta: Natural) -> Natural:
         """eta_ref + beta: the class-conditional law the prototype likelihood reads beta as."""
         return beta

@@ -140,6 +140,29 @@ class FixedVarianceGaussian(_DiagonalGaussian):
         prec = 1.0 / self.sigma**2
         return (b * prec, torch.full_like(b, -0.5 * prec))
 
+    def class_log_mgf(self, eta: Natural, beta: Natural) -> Tensor:
+        """``log_normalizer_shift`` summed over channels, as matrix products ``[..., V]``.
+
+        Every class potential has the same precision part b2 (-1 / (2 sigma^2), times the
+        message weight), so with
+        P the precision of eta, mu its mean and P' = P - 2 b2 (both free of c),
+
+            sum_C shift_c = sum_C (b2 mu^2 P / P' - log(1 - 2 b2 / P) / 2)
+                            + (mu P / P') . b1_c + (1 / (2 P')) . b1_c^2,
+
+        two products ``[..., C] @ [C, V]`` instead of a ``[..., V, C]`` tensor (the memory
+        of one block's step on the transformer).
+        """
+        prec = -2 * eta[1]  # [..., C]
+        mu = eta[0] / prec
+        b1 = beta[0]  # [V, C]
+        b2 = beta[1][0]  # [C]: the same for every class (a weight w scales all alike)
+        shifted = prec - 2 * b2
+        common = (b2 * mu * mu * prec / shifted - 0.5 * torch.log1p(-2 * b2 / prec)).sum(-1)
+        linear = (mu * prec / shifted) @ b1.transpose(0, 1)
+        square = (0.5 / shifted) @ (b1 * b1).transpose(0, 1)
+        return common.unsqueeze(-1) + linear + square
+
 
 @dataclass(repr=True)
 class LearnedVarianceGaussian(_DiagonalGaussian):

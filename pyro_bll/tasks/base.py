@@ -56,7 +56,12 @@ def check_blocks_divide_layers(cfg: RunConfig) -> None:
 
 def refuse_vision_options(cfg: RunConfig) -> None:
     """Tasks without ResNets: ``--pred-head`` and ``--val-size`` belong to the vision tasks."""
-    for flag, given in (("--pred-head", cfg.pred_head != "linear"), ("--val-size", cfg.val_size)):
+    vision_only = (
+        ("--pred-head", cfg.pred_head != "linear"),
+        ("--val-size", cfg.val_size),
+        ("--split", cfg.split != "even"),
+    )
+    for flag, given in vision_only:
         if given:
             raise ConfigError(f"{flag} applies to the vision tasks; drop it for --task {cfg.task}")
 

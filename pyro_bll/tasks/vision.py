@@ -46,7 +46,7 @@ from ..families import Family, FamilyError
 from ..guides import MESSAGES
 from ..likelihoods import PRED_HEADS, PooledHead
 from ..models.errors import ModelError
-from ..models.resnet import block_map_sizes, resnet_blocks
+from ..models.resnet import block_map_sizes, memory_split, resnet_blocks
 from .base import check_diagnostic_size
 
 _VISION_DEFAULTS: dict[str, Any] = {
@@ -115,10 +115,13 @@ class VisionTask(ABC):
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
-        from ..models.resnet import check_num_blocks
+        from ..models.resnet import check_num_blocks, check_split
 
         try:
             check_num_blocks(cfg.arch, cfg.num_blocks)
+            units = parse_split(cfg.split)
+            if units is not None:
+                check_split(cfg.arch, cfg.num_blocks, units)
         except ModelError as e:
             raise ConfigError(e.as_flag_message()) from None
 
@@ -185,6 +188,18 @@ class CIFAR10Task(VisionTask):
         return load_cifar10(cfg.data_dir or DEFAULT_CIFAR10, split)
 
 
+def parse_split(split: str) -> list[int] | None:
+    """``--split``: None for even or memory (decided with the network), else the counts."""
+    if split in ("even", "memory"):
+        return None
+    try:
+        return [int(v) for v in split.split(",")]
+    except ValueError:
+        raise ModelError(
+            "split", f"{split!r} is not even, memory or comma-separated unit counts"
+        ) from None
+
+
 def build_resnet_chain(
     arch: str,
     in_channels: int,
@@ -216,7 +231,10 @@ def build_resnet_chain(
         )
     num_blocks = 4 if cfg.blocks is None else cfg.blocks
     try:
-        blocks = resnet_blocks(arch, in_channels, num_blocks, cfg.width, family)
+        units = parse_split(cfg.split)
+        if cfg.split == "memory":
+            units = memory_split(arch, in_channels, num_blocks, cfg.width, image_size)
+        blocks = resnet_blocks(arch, in_channels, num_blocks, cfg.width, family, units)
     except ModelError as e:  # the model names its argument; the flag is named here
         raise ConfigError(e.as_flag_message()) from None
     channels = [b.channels for b in blocks]
