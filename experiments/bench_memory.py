@@ -95,7 +95,9 @@ def variants_for(config: str) -> list[str]:
     return [v for v in VARIANTS if v not in skip]
 
 
-def build(config: str, variant: str, batch_size: int, device: torch.device) -> Setup:
+def build(
+    config: str, variant: str, batch_size: int, device: torch.device, width: float = 1.0
+) -> Setup:
     task, arch, channels, side = CONFIGS[config]
     method, backward, split = VARIANTS[variant]
     seed_everything(0)
@@ -106,7 +108,7 @@ def build(config: str, variant: str, batch_size: int, device: torch.device) -> S
         chain = s2s.build_chain(make_family(cfg.family))
         batch = next(s2s.train_batches(0))
     else:
-        options.update(arch=arch, width=1.0, batch_size=batch_size, split=split)
+        options.update(arch=arch, width=width, batch_size=batch_size, split=split)
         cfg = validate(config_for_task(task, **options))
         chain = build_resnet_chain(arch, channels, 10, make_family(cfg.family), cfg, side)
         g = torch.Generator().manual_seed(0)
@@ -146,7 +148,7 @@ def run_config(config: str, args: argparse.Namespace, device: torch.device) -> d
     results: dict[str, dict[str, Any]] = {}
     setups = {}
     for name in tqdm(names, desc=f"{config}: memory", leave=False):
-        setup = build(config, name, args.batch_size, device)
+        setup = build(config, name, args.batch_size, device, args.width)
         setup.step()  # warm-up: Adam's moments exist from here on
         results[name] = measure_memory(setup, device)
         setups[name] = setup
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="variants to measure (default: every one that applies)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128, help="ResNet batch size")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant")
+    p.add_argument("--width", type=float, default=1.0, help="ResNet width multiplier")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default="results/bench_memory", help="output directory")
