@@ -25,9 +25,18 @@ _POSITIVE = ("layers", "d_model", "seq_len", "epochs", "train_size", "test_size"
 
 
 def fill_defaults(cfg: RunConfig) -> RunConfig:
-    """Set every option left unset (``None``) from the task's ``DEFAULTS``, then from
-    ``COMMON_DEFAULTS``; options the user set are kept. Idempotent; returns ``cfg``."""
-    return cfg.fill_defaults(getattr(TASKS.get(cfg.task), "DEFAULTS", {}))
+    """Set every option left unset (``None``) from the defaults that depend on the family
+    and the method (``--propagate`` on tasks that take the family's choice,
+    ``--backward``), then the task's ``DEFAULTS``, then ``COMMON_DEFAULTS``; options the
+    user set are kept. Idempotent; returns ``cfg``. The command line and
+    ``config_for_task`` both come here."""
+    task = TASKS.get(cfg.task)
+    if cfg.propagate is None and getattr(task, "params_propagation", False):
+        if cfg.family in FAMILIES:
+            cfg.propagate = FAMILIES[cfg.family].default_propagate
+    if cfg.backward is None and cfg.method in METHODS:  # per-block where losses are local
+        cfg.backward = "per-block" if METHODS[cfg.method].local else "joint"
+    return cfg.fill_defaults(getattr(task, "DEFAULTS", {}))
 
 
 def config_for_task(task: str, **options: Any) -> RunConfig:
@@ -57,8 +66,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"unknown likelihood {cfg.likelihood!r}; valid: {', '.join(LIKELIHOOD_ESTIMATORS)}"
         )
-    if cfg.propagate is None and getattr(TASKS[cfg.task], "params_propagation", False):
-        cfg.propagate = FAMILIES[cfg.family].default_propagate
     fill_defaults(cfg)
     for name, choices, what in [
         (cfg.propagate, ("mean", "params", "sample"), "propagate"),
@@ -88,12 +95,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown --bll-terms {','.join(unknown)}; valid: {','.join(BLL_TERMS)}")
     check_method_options(cfg)
-    local = METHODS[cfg.method].local
-    if cfg.backward is None:  # per-block wherever the loss is a sum of local losses
-        cfg.backward = "per-block" if local else "joint"
-    elif cfg.backward not in ("per-block", "joint"):
+    if cfg.backward not in ("per-block", "joint"):
         raise ConfigError(f"unknown --backward {cfg.backward!r}; valid: per-block, joint")
-    elif cfg.backward == "per-block" and not local:
+    if cfg.backward == "per-block" and not METHODS[cfg.method].local:
         raise ConfigError(
             f"--backward per-block needs block-local losses (--method bll or predsim); "
             f"--method {cfg.method} has one loss over the whole network: use --backward joint"

@@ -45,3 +45,26 @@ def test_the_default_run_lowers_its_loss(task, tmp_path):
     losses = [trainer.step(x, y, mask)["loss"].sum().item() for _ in range(steps)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-2:]) < sum(losses[:2]), losses
+
+
+def test_family_and_method_defaults_agree_between_python_and_the_command_line():
+    """--propagate follows the family on s2s_reverse and --backward the method, whether
+    the config comes from config_for_task or from the parser."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import run
+
+    from pyro_bll.build import config_for_task, validate
+    from pyro_bll.families import FAMILIES
+    from pyro_bll.methods import METHODS
+
+    for family, cls in FAMILIES.items():
+        for method in ("bll", "bp"):
+            py = validate(config_for_task("s2s_reverse", family=family, method=method))
+            cli, _ = run.parse_config(["--family", family, "--method", method])
+            cli = validate(cli)
+            assert py.propagate == cli.propagate == cls.default_propagate, family
+            expected = "per-block" if METHODS[method].local else "joint"
+            assert py.backward == cli.backward == expected
