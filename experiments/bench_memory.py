@@ -28,6 +28,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,13 +148,14 @@ def run_config(config: str, args: argparse.Namespace, device: torch.device) -> d
     names = variants_for(config) if not args.variants else args.variants
     results: dict[str, dict[str, Any]] = {}
     setups = {}
-    for name in tqdm(names, desc=f"{config}: memory", leave=False):
+    quiet = not sys.stderr.isatty()  # no carriage-return lines in a log file
+    for name in tqdm(names, desc=f"{config}: memory", leave=False, disable=quiet):
         setup = build(config, name, args.batch_size, device, args.width)
         setup.step()  # warm-up: Adam's moments exist from here on
         results[name] = measure_memory(setup, device)
         setups[name] = setup
     times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in tqdm(range(args.repeats), desc=f"{config}: time", leave=False):
+    for _ in tqdm(range(args.repeats), desc=f"{config}: time", leave=False, disable=quiet):
         for name in names:  # interleaved
             if device.type == "cuda":
                 torch.cuda.synchronize()
