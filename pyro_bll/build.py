@@ -34,8 +34,8 @@ def fill_defaults(cfg: RunConfig) -> RunConfig:
     if cfg.propagate is None and getattr(task, "params_propagation", False):
         if cfg.family in FAMILIES:
             cfg.propagate = FAMILIES[cfg.family].default_propagate
-    if cfg.backward is None and cfg.method in METHODS:  # per-block where losses are local
-        cfg.backward = "per-block" if METHODS[cfg.method].local else "joint"
+    if cfg.backward is None and cfg.method in METHODS and not METHODS[cfg.method].local:
+        cfg.backward = "joint"  # one loss over the whole network; local methods: per task
     return cfg.fill_defaults(getattr(task, "DEFAULTS", {}))
 
 

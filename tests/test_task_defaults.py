@@ -66,5 +66,9 @@ def test_family_and_method_defaults_agree_between_python_and_the_command_line():
             cli, _ = run.parse_config(["--family", family, "--method", method])
             cli = validate(cli)
             assert py.propagate == cli.propagate == cls.default_propagate, family
-            expected = "per-block" if METHODS[method].local else "joint"
-            assert py.backward == cli.backward == expected
+            assert py.backward == cli.backward == "joint"  # s2s_reverse: joint for all
+    for method in METHODS:
+        py = validate(config_for_task("cifar10", method=method))
+        cli, _ = run.parse_config(["--task", "cifar10", "--method", method])
+        expected = "per-block" if METHODS[method].local else "joint"
+        assert py.backward == validate(cli).backward == expected
