@@ -62,8 +62,8 @@ REGISTRIES = {
     "pred_heads": PRED_HEADS,
 }
 # the fields shown under their own heading (block-parallel training)
-DISTRIBUTED = ("distributed", "schedule", "rank_blocks", "dist_backend", "dist_timeout",
-               "pipeline_depth")  # fmt: skip
+DISTRIBUTED = ("distributed", "replicas", "schedule", "rank_blocks", "dist_backend",
+               "dist_timeout", "pipeline_depth")  # fmt: skip
 
 
 def _task_defaulted(name: str) -> bool:

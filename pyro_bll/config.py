@@ -305,7 +305,16 @@ class RunConfig:
     distributed: bool = _opt(
         False,
         "one process (rank) per group of blocks, forward messages sent rank to rank "
-        "with torch.distributed; every rank trains its own blocks (--method bll)",
+        "with torch.distributed; every rank trains its own blocks (--method bll); "
+        "--method bp: data parallel over all ranks (gradients averaged, as DDP)",
+    )
+    replicas: int | None = _opt(
+        None,
+        "data-parallel replicas R of every stage (group of blocks): the world is K stages "
+        "x R replicas, every replica trains on its shard of each batch and the replicas "
+        "of a stage average their gradients (default: world size / number of "
+        "--rank-blocks, else 1; --method bp: the world size)",
+        metavar="R",
     )
     schedule: str = _opt(
         "pipelined",
@@ -315,7 +324,8 @@ class RunConfig:
     )
     rank_blocks: list[int] | None = _opt(
         None,
-        "blocks per rank, in order (default: as even as possible); must add up to --blocks",
+        "blocks per stage, in order (default: as even as possible); must add up to "
+        "--blocks; one number per stage (a stage has --replicas ranks)",
         metavar="N0,N1,...",
     )
     dist_backend: str = _opt(

@@ -59,6 +59,8 @@ def _rank_main(rank, world, port, argv, log, fault, extra_env, rank_argv):
     os.dup2(f.fileno(), 1)
     os.dup2(f.fileno(), 2)
     sys.stdout = sys.stderr = f
+    if os.environ.get("BLL_TEST_FLOAT64"):  # tests: float64 parameters for tight comparisons
+        torch.set_default_dtype(torch.float64)
     if fault is not None and fault.rank == rank:
         from pyro_bll.distributed.stage import RankStage
 

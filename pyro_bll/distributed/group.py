@@ -1,10 +1,14 @@
-"""Which rank owns which blocks: contiguous groups, checked before any training starts.
+"""Which rank owns which blocks: stages of contiguous blocks, and replicas of each stage.
 
-Rank r owns the blocks ``segment(r) = [a_r, b_r)``; the segments tile 0..N-1 in order, so
-rank r receives its input message m(alpha_{a_r - 1}) from rank r - 1 and sends
-m(alpha_{b_r - 1}) to rank r + 1. Rank 0 also owns the input, the last rank the output
-head. By default the N blocks are split as evenly as possible (the first N mod K ranks
-get one block more); ``--rank-blocks`` gives the number of blocks of every rank.
+The world is K stages x R replicas (``Layout``): rank = replica * K + stage, so one
+replica's K stages are consecutive ranks (one pipeline, typically on one node) and the R
+replicas of a stage are K ranks apart. Stage s owns the blocks ``segment(s) = [a_s,
+b_s)``; the segments tile 0..N-1 in order, so replica r of stage s receives its input
+message m(alpha_{a_s - 1}) from replica r of stage s - 1 and sends m(alpha_{b_s - 1}) to
+replica r of stage s + 1. Stage 0 also owns the input, the last stage the output head. By
+default the N blocks are split as evenly as possible (the first N mod K stages get one
+block more); ``--rank-blocks`` gives the number of blocks of every stage. With R = 1
+(the default) a stage is a rank, as before replicas existed.
 """
 
 from __future__ import annotations
@@ -22,10 +26,17 @@ def validate_options(cfg: RunConfig) -> None:
     """The distributed options that can be checked without knowing the world size."""
     from .schedule import SCHEDULES
 
-    if cfg.method != "bll":
+    if cfg.method not in ("bll", "bp"):
         raise ConfigError(
-            f"--distributed trains block-local losses: use --method bll (--method {cfg.method} "
-            "needs a backward pass across all blocks)"
+            f"--distributed runs --method bll (stages of blocks, and replicas of them) or "
+            f"--method bp (data parallel); --method {cfg.method} is not supported there"
+        )
+    if cfg.replicas is not None and cfg.replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, got {cfg.replicas}")
+    if cfg.method == "bp" and cfg.rank_blocks is not None and len(cfg.rank_blocks) != 1:
+        raise ConfigError(
+            "--method bp --distributed trains the whole network on every rank (one stage); "
+            "drop --rank-blocks"
         )
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown --schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
@@ -49,6 +60,78 @@ def validate_options(cfg: RunConfig) -> None:
 
 def _fmt(sizes: Iterable[int]) -> str:
     return ",".join(str(n) for n in sizes)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """K stages x R replicas; ``groups`` says which blocks every stage owns."""
+
+    groups: BlockGroups
+    replicas: int
+
+    @property
+    def stages(self) -> int:
+        return self.groups.world_size
+
+    @property
+    def world_size(self) -> int:
+        return self.stages * self.replicas
+
+    def stage_of(self, rank: int) -> int:
+        return rank % self.stages
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.stages
+
+    def rank_of(self, stage: int, replica: int) -> int:
+        return replica * self.stages + stage
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        """The ranks of the replicas of ``stage`` (their gradients are averaged)."""
+        return [self.rank_of(stage, r) for r in range(self.replicas)]
+
+    def __str__(self) -> str:
+        if self.replicas == 1:
+            return self.groups.describe("rank")
+        return f"{self.stages} stage(s) x {self.replicas} replicas; " + self.groups.describe(
+            "stage"
+        )
+
+    @classmethod
+    def make(cls, cfg: RunConfig, world_size: int) -> Layout:
+        """The layout of ``world_size`` ranks for ``cfg``; ConfigError (one line) if the
+        world is not K stages x R replicas."""
+        if cfg.method == "bp":  # data parallel: the whole network on every rank
+            if cfg.replicas not in (None, world_size):
+                raise ConfigError(
+                    f"--method bp --distributed replicates the whole network on every rank: "
+                    f"--replicas must be the world size {world_size}, got {cfg.replicas}"
+                )
+            return cls(BlockGroups((cfg.num_blocks,)), world_size)
+        replicas = cfg.replicas
+        if replicas is None and cfg.rank_blocks is not None:
+            if world_size % len(cfg.rank_blocks):
+                raise ConfigError(
+                    f"--rank-blocks {_fmt(cfg.rank_blocks)} describes {len(cfg.rank_blocks)} "
+                    f"ranks, but the world size is {world_size}; give one number per stage "
+                    "(the world is stages x --replicas: torchrun's --nnodes x --nproc_per_node)"
+                )
+            replicas = world_size // len(cfg.rank_blocks)
+        replicas = 1 if replicas is None else replicas
+        stages = world_size // max(replicas, 1)
+        if replicas < 1 or stages * replicas != world_size:
+            raise ConfigError(
+                f"a world of {world_size} ranks is not K stages x {replicas} replicas; launch "
+                f"a multiple of {replicas} processes, or choose --replicas dividing "
+                f"{world_size}"
+            )
+        if cfg.rank_blocks is not None and len(cfg.rank_blocks) * replicas != world_size:
+            raise ConfigError(
+                f"--rank-blocks {_fmt(cfg.rank_blocks)} gives {len(cfg.rank_blocks)} stages, "
+                f"which with {replicas} replicas need {len(cfg.rank_blocks) * replicas} ranks, "
+                f"but the world size is {world_size}"
+            )
+        return cls(BlockGroups.make(cfg.num_blocks, stages, cfg.rank_blocks), replicas)
 
 
 @dataclass(frozen=True)
@@ -95,11 +178,15 @@ class BlockGroups:
         return a, a + self.sizes[rank]
 
     def __str__(self) -> str:
+        return self.describe("rank")
+
+    def describe(self, unit: str) -> str:
+        """"rank 0: blocks 0-1; rank 1: block 2" (``unit``: rank or stage)."""
         parts = []
         for r in range(self.world_size):
             a, b = self.segment(r)
             parts.append(
-                f"rank {r}: block{'s' if b - a > 1 else ''} "
+                f"{unit} {r}: block{'s' if b - a > 1 else ''} "
                 + (f"{a}" if b - a == 1 else f"{a}-{b - 1}")
             )
         return "; ".join(parts)

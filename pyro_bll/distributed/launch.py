@@ -40,7 +40,7 @@ from ..config import ConfigError, RunConfig
 from ..interrupt import TrainingInterrupted
 from ..training import TrainingDiverged, final_line
 from .fault import FaultMonitor, connect_store
-from .group import BlockGroups
+from .group import Layout
 from .runtime import RankTrainer
 from .transport import PeerFailure, brief
 
@@ -170,7 +170,7 @@ def main(cfg: RunConfig, progress: bool = True, resume_hint: str = "") -> int:
     env = DistEnv.from_environ()
     try:
         validate(cfg)
-        BlockGroups.make(cfg.num_blocks, env.world_size, cfg.rank_blocks)
+        Layout.make(cfg, env.world_size)  # K stages x R replicas, or a one-line error
         device, backend = select_device(cfg, env)
         _default_threads(cfg, env)
         trainer = RankTrainer(cfg, env.rank, env.world_size, device, backend)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pyro
+import torch
 import torch.distributed as dist
 
 from ..checkpoints import END_OF_EPOCH, CheckpointError, list_checkpoints, load_checkpoint
@@ -30,6 +31,7 @@ from ..config import ConfigError, RunConfig
 from ..interrupt import StopSignals, TrainingInterrupted
 from ..progress import Progress
 from . import checkpoint as ckpt
+from .group import Layout
 from .schedule import SCHEDULES, StageStats, device_batches
 from .stage import RankStage
 from .stop import StopCoordinator
@@ -70,8 +72,14 @@ class RankTrainer:
     ) -> None:
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
-        self.stage = RankStage(cfg, rank, world_size, device)
-        self.channel = Channel(rank, world_size, self.stage.device, backend)
+        self.layout = Layout.make(cfg, world_size)
+        self.stage = RankStage(cfg, rank, self.layout, device)
+        self.channel = Channel(
+            rank, world_size, self.stage.device, backend, stages=self.layout.stages
+        )
+        # replica 0 of every stage writes that stage's checkpoints (rank_<stage>/); every
+        # replica reads them (one filesystem, or copies of the rank_<stage>/ directories)
+        self.writes = self.stage.replica == 0
         self.schedule = SCHEDULES[cfg.schedule]
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -85,14 +93,15 @@ class RankTrainer:
         ``auto_resume`` (a torchrun restart) resumes from the last complete epoch if there
         is one, as ``--resume`` does.
         """
-        cfg, rank = self.cfg, self.rank
+        cfg, rank, stage = self.cfg, self.rank, self.stage.stage
         error, keys, other = None, [], None
         try:
-            ckpt.rank_dir(out, rank).mkdir(parents=True, exist_ok=True)
-            probe = ckpt.rank_dir(out, rank) / ".write_test"
-            probe.write_text("")
-            probe.unlink()
-            keys = ckpt.rank_keys(out, rank)  # (epoch, step): mid-epoch ones included
+            if self.writes:
+                ckpt.rank_dir(out, stage).mkdir(parents=True, exist_ok=True)
+                probe = ckpt.rank_dir(out, stage) / ".write_test"
+                probe.write_text("")
+                probe.unlink()
+            keys = ckpt.rank_keys(out, stage)  # (epoch, step): mid-epoch ones included
             if rank == 0:
                 single = sorted((out / "checkpoints").glob("epoch_*.pt"))
                 other = single[-1].name if single and not keys else None
@@ -105,13 +114,14 @@ class RankTrainer:
         first_error = next((v[0] for v in views if v[0] is not None), None)
         if first_error is not None:
             raise ConfigError(first_error)
-        per_rank = [{tuple(k) for k in v[1]} for v in views]
+        writers = [self.layout.rank_of(s, 0) for s in range(self.layout.stages)]
+        per_rank = [{tuple(k) for k in views[r][1]} for r in writers]
         complete = sorted(set.intersection(*per_rank))
         existing = any(per_rank) or views[0][2] is not None
         resume = cfg.resume or (auto_resume and bool(complete))
         if resume and not complete:
             raise ConfigError(
-                f"--resume: no epoch has a checkpoint from all {self.world_size} ranks in "
+                f"--resume: no epoch has a checkpoint from all {self.layout.stages} stages in "
                 f"{out}/rank_*/; run without --resume first"
             )
         if existing and not (resume or cfg.overwrite):
@@ -122,7 +132,7 @@ class RankTrainer:
             )
         if resume:
             epoch, step = complete[-1]
-            path = ckpt.rank_checkpoint(out, rank, epoch, None if step == END_OF_EPOCH else step)
+            path = ckpt.rank_checkpoint(out, stage, epoch, None if step == END_OF_EPOCH else step)
             mismatch, state = None, {"rank_blocks": list(self.stage.groups.sizes)}
             try:
                 state = load_checkpoint(path)
@@ -141,8 +151,8 @@ class RankTrainer:
             self.history = state["history"]
             self.partial = state.get("epoch_state")
             self.start_epoch = epoch if self.partial is not None else epoch + 1
-        elif cfg.overwrite:
-            for p in list_checkpoints(ckpt.rank_dir(out, rank)):  # stale ones would confuse
+        elif cfg.overwrite and self.writes:
+            for p in list_checkpoints(ckpt.rank_dir(out, stage)):  # stale ones would confuse
                 p.unlink()  # a later resume
 
     # ---- the loop -----------------------------------------------------------------------
@@ -162,6 +172,14 @@ class RankTrainer:
         """
         out = Path(out)
         self.coordinator.store = store
+        if self.layout.replicas > 1:  # every rank creates every stage's group, in order
+            for s in range(self.layout.stages):
+                group = _collective(
+                    "creating the replica groups",
+                    lambda s=s: dist.new_group(self.layout.stage_ranks(s)),
+                )
+                if s == self.stage.stage:
+                    self.stage.replica_group = group
         with StopSignals(handle_signals) as local:
             self.coordinator.local = local
             return self._fit(out, progress, auto_resume)
@@ -170,7 +188,7 @@ class RankTrainer:
         self.prepare(out, auto_resume)
         if self.rank == 0:
             (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
-            print(f"{self.cfg.schedule} schedule, {self.stage.groups}", flush=True)
+            print(f"{self.cfg.schedule} schedule, {self.layout}", flush=True)
         self.stage.trainer.history = self.history  # rank 0's: metrics and --max-minutes
         pyro.enable_validation(False)  # shape checks cost time in the hot loop
         trained = None
@@ -182,7 +200,7 @@ class RankTrainer:
                 if epoch + 1 < self.cfg.epochs and self._stop_requested():
                     raise TrainingInterrupted(
                         self.coordinator.signum,
-                        ckpt.rank_checkpoint(out, self.rank, epoch),
+                        ckpt.rank_checkpoint(out, self.stage.stage, epoch),
                         f"after epoch {epoch + 1}",
                     )
         finally:
@@ -207,6 +225,16 @@ class RankTrainer:
                 f"hashes {hashes}); every rank needs the same --seed, task options and data"
             )
         return not views[0][1]
+
+    def _shards(self, batches):
+        """This replica's shard of every batch (``torch.tensor_split``: sizes differ by at
+        most one), its share n_r / n queued for the stage's gradient average."""
+        r, n_rep = self.stage.replica, self.layout.replicas
+        for x, y, mask in batches:
+            n = y.shape[0]
+            index = torch.tensor_split(torch.arange(n), n_rep)[r]
+            self.stage.shard_weights.append(len(index) / n)
+            yield x[index], y[index], None if mask is None else mask[index]
 
     def _stop_requested(self) -> bool:
         """Whether any rank was asked to stop (all ranks learn it together)."""
@@ -240,12 +268,14 @@ class RankTrainer:
         stream = itertools.chain([first] if first is not None else [], batches)
         stream = itertools.islice(stream, partial["step"], None)  # the steps already done
         stream = self.coordinator.stream(stream, epoch, partial["step"])
+        if self.layout.replicas > 1:
+            stream = self._shards(stream)
         stream = device_batches(stream, stage.device, needs_x=stage.first)
         stream = Progress(
             stream,
             total=stage.task.steps_per_epoch(),
             initial=partial["step"],
-            desc=f"epoch {epoch + 1}/{cfg.epochs} [bll, {cfg.schedule}, rank 0]",
+            desc=f"epoch {epoch + 1}/{cfg.epochs} [{cfg.method}, {cfg.schedule}, rank 0]",
             enabled=progress and self.rank == 0,
         )
         t0 = time.perf_counter() - partial["seconds"]
@@ -254,6 +284,8 @@ class RankTrainer:
             sums = {k: v.detach().cpu() for k, v in s.sums.items()}
             state = {"step": s.count, "sums": sums, "seconds": time.perf_counter() - t0,
                      "busy": s.busy, "wait": s.wait}  # fmt: skip
+            if not self.writes:  # replica 0 of the stage writes it
+                return ckpt.rank_checkpoint(out, stage.stage, epoch, s.count)
             return stage.save(out, epoch, self.history if self.rank == 0 else [], state)
 
         def every_n(s: StageStats) -> None:  # --checkpoint-every N
@@ -275,7 +307,7 @@ class RankTrainer:
     def _end_epoch(self, out: Path, epoch: int, stats: StageStats, seconds: float) -> None:
         stage = self.stage
         payload = {
-            "state": stage.own_state(),
+            "state": stage.own_state() if self.writes else {},  # replicas hold the same
             "sums": {k: v.detach().cpu() for k, v in stats.sums.items()},
             "count": stats.count,
             "seconds": seconds,
@@ -288,7 +320,8 @@ class RankTrainer:
         )
         if self.rank == 0:
             self._evaluate_and_log(out, epoch, gathered)
-        stage.save(out, epoch, self.history if self.rank == 0 else [])
+        if self.writes:
+            stage.save(out, epoch, self.history if self.rank == 0 else [])
 
     def _evaluate_and_log(self, out: Path, epoch: int, parts: list[dict[str, Any]]) -> None:
         stage = self.stage

@@ -12,11 +12,13 @@ parameter sets step exactly like one optimiser over all of them.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..checkpoints import (
@@ -32,17 +34,29 @@ from ..noise import NoiseKey
 from ..step_cache import StepCache
 from ..training import Trainer, TrainingDiverged, make_lr_schedule
 from . import checkpoint as ckpt
-from .group import BlockGroups, owned_parameter_index, owned_state_keys
-from .transport import Message
+from .group import Layout, owned_parameter_index, owned_state_keys
+from .transport import Message, PeerFailure
 
 
 class RankStage:
-    """Blocks a..b-1 of the chain on one rank, with an Adam over their parameters only."""
+    """Blocks a..b-1 of the chain on one rank, with an Adam over their parameters only.
 
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: str) -> None:
-        self.groups = BlockGroups.make(cfg.num_blocks, world_size, cfg.rank_blocks)
-        self.rank, self.world_size = rank, world_size
-        self.segment = self.groups.segment(rank)
+    With replicas (``Layout``), this rank is replica ``replica`` of stage ``stage``: it
+    trains on its shard of every batch (``shard_weights``: its share n_r / n of each
+    batch, queued by the runtime) and averages its gradients with the stage's other
+    replicas before every optimiser step (``replica_group``, set once the process group
+    exists), so that all replicas take the step of the whole batch.
+    """
+
+    def __init__(self, cfg: RunConfig, rank: int, layout: Layout, device: str) -> None:
+        self.layout = layout
+        self.groups = layout.groups
+        self.rank, self.world_size = rank, layout.world_size
+        self.stage, self.replica = layout.stage_of(rank), layout.replica_of(rank)
+        self.segment = self.groups.segment(self.stage)
+        self.replica_group: Any = None  # torch.distributed group of the stage's replicas
+        self.shard_weights: deque[float] = deque()  # n_r / n of the batches to come
+        self._weight = 1.0
         self.cfg = cfg
         self.trainer = Trainer(replace(cfg, device=device))  # full chain, seeded init
         self.trainer.cfg = cfg
@@ -53,14 +67,18 @@ class RankStage:
         )
         self.device = self.trainer.device
         params = list(self.chain.parameters())
-        self.param_index = owned_parameter_index(self.chain, self.segment)
+        self.param_index = (
+            list(range(len(params)))  # one stage (bp): the whole network, head included
+            if layout.stages == 1
+            else owned_parameter_index(self.chain, self.segment)
+        )
         self.optimizer = torch.optim.Adam([params[i] for i in self.param_index], lr=cfg.lr)
         self.trainer.optimizer = self.optimizer  # nothing else may step the others' blocks
         # one optimiser step per training batch, as in one process: the same lr schedule
         self.scheduler = make_lr_schedule(
             self.optimizer, cfg.lr_schedule, cfg.epochs * self.task.steps_per_epoch()
         )
-        self.state_keys = owned_state_keys(self.chain, self.segment, rank)
+        self.state_keys = owned_state_keys(self.chain, self.segment, self.stage)
         self.first = self.segment[0] == 0
         self.last = self.segment[1] == self.chain.num_blocks
         self.steps_done = 0
@@ -73,9 +91,15 @@ class RankStage:
         cache = StepCache()
         noise = NoiseKey(self.cfg.seed, self.steps_done)
         with self.trainer.autocast():  # --amp, as in the single-process step
-            loss, logs = self.method.loss(
-                self.chain, inp, y, mask, noise=noise, segment=self.segment, cache=cache
-            )
+            if self.method.local:
+                loss, logs = self.method.loss(
+                    self.chain, inp, y, mask, noise=noise, segment=self.segment, cache=cache
+                )
+            else:  # bp: one stage holds the whole network
+                loss, logs = self.method.loss(self.chain, inp, y, mask, noise=noise)
+        if self.shard_weights:  # this replica's share of the batch: logs add up over replicas
+            self._weight = self.shard_weights.popleft()
+            logs = {k: v * self._weight for k, v in logs.items()}
         a, b = self.segment
         own = logs["loss"][a:b]
         if not torch.isfinite(own).all():
@@ -90,9 +114,33 @@ class RankStage:
     def update(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.replica_group is not None:
+            self.average_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.steps_done += 1
+
+    def average_gradients(self) -> None:
+        """sum_r (n_r / n) grad_r over the stage's replicas, in one all-reduce.
+
+        Each replica's loss is the mean over its shard, so this is the gradient of the
+        mean over the whole batch, which one process computes. Parameters without a
+        gradient (the same ones on every replica) are left out, as Adam skips them."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        wire = "cpu" if dist.get_backend(self.replica_group) == "gloo" else grads[0].device
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(wire) * self._weight
+        try:
+            dist.all_reduce(flat, group=self.replica_group)
+        except (RuntimeError, OSError) as e:
+            raise PeerFailure(None, "averaging gradients with the stage's replicas", e) from e
+        flat = flat.to(grads[0].device)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     # ---- checkpoints ----------------------------------------------------------------------
     def own_state(self) -> dict[str, Tensor]:
@@ -116,8 +164,8 @@ class RankStage:
             {
                 "format": ckpt.FORMAT,
                 "epoch": epoch,
-                "rank": self.rank,
-                "world_size": self.world_size,
+                "rank": self.stage,  # replica 0 of every stage writes: one file per stage
+                "world_size": self.layout.stages,
                 "rank_blocks": list(self.groups.sizes),
                 "segment": list(self.segment),
                 "config": self.cfg.to_dict(),
@@ -131,7 +179,7 @@ class RankStage:
                 "history": history,
                 **extra,
             },
-            ckpt.rank_checkpoint(out, self.rank, epoch, step),
+            ckpt.rank_checkpoint(out, self.stage, epoch, step),
         )
         # mid-epoch checkpoints this one supersedes; the newest two are kept, since another
         # rank may not have written the newest yet when a crash ends the job

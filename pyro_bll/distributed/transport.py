@@ -124,11 +124,20 @@ class PendingRecv:
 
 
 class Channel:
-    """The forward links of one rank: receive from ``rank - 1``, send to ``rank + 1``."""
+    """The forward links of one rank: receive from ``rank - 1``, send to ``rank + 1``,
+    within its replica's pipeline of ``stages`` consecutive ranks (``group.Layout``)."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device, backend: str) -> None:
-        self.prev = rank - 1 if rank > 0 else None
-        self.next = rank + 1 if rank + 1 < world_size else None
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        backend: str,
+        stages: int | None = None,
+    ) -> None:
+        stage, stages = (rank, world_size) if stages is None else (rank % stages, stages)
+        self.prev = rank - 1 if stage > 0 else None
+        self.next = rank + 1 if stage + 1 < stages else None
         self.device = device
         # gloo moves CPU tensors only: stage CUDA messages through host memory
         self.wire = torch.device("cpu") if backend == "gloo" else device
