@@ -11,7 +11,19 @@ variant; samples per second = steps x batch size / wall time of the timed steps:
 * single-process BP on the same network, 1 and K threads;
 * K-process BLL, one thread per rank (``pyro_bll.distributed``: ``RankStage``,
   ``Channel`` and the ``pipelined`` schedule training uses; ``sync`` as a reference
-  without overlap), timed between two barriers on all ranks.
+  without overlap), timed between two barriers on all ranks;
+* on the same K processes and the same global batches: BLL with S stages x R replicas for
+  every other factorisation K = S x R (``bll_SxR``: each replica a shard of the batch,
+  gradients averaged per stage), and BP data parallel over all K (``bp_ddp_K``: the
+  whole network on every rank, gradients averaged; the baseline block-parallel BLL must
+  beat).
+
+A cost model (``cost_model``) predicts every distributed variant's samples per second
+from quantities measured here: each block's step time alone at the batch sizes the
+variants use, one-process BP at the shard size, and gloo's all-reduce and
+point-to-point time (latency + bytes / bandwidth, fitted on two sizes). It is compared
+with the measurements and evaluated for 8 and 32 workers of the same kind (a model, not
+a measurement).
 
 Block times: each rank's work per step (its local losses, backward and Adam step, from a
 precomputed input message) timed alone in this process with 1 thread. Ideal speed-up
@@ -44,7 +56,9 @@ import torch.multiprocessing as mp
 
 from pyro_bll.build import config_for_task
 from pyro_bll.config import RunConfig
-from pyro_bll.distributed.schedule import SCHEDULES
+from pyro_bll.distributed.group import BlockGroups, Layout
+from pyro_bll.distributed.runtime import replica_groups, shard_batches
+from pyro_bll.distributed.schedule import SCHEDULES, StageStats
 from pyro_bll.distributed.stage import RankStage
 from pyro_bll.distributed.transport import Channel
 from pyro_bll.training import Trainer
@@ -100,11 +114,17 @@ def single_process(cfg: RunConfig, method: str, threads: int, steps: int, warmup
     return _time_steps(trainer.step, batches, trainer.device)
 
 
-def block_times(cfg: RunConfig, ranks: int, steps: int, warmup: int) -> list[float]:
-    """Seconds per step of each rank's work alone (1 thread), from precomputed inputs."""
+def block_times(
+    cfg: RunConfig, ranks: int, steps: int, warmup: int, batch: int | None = None
+) -> list[float]:
+    """Seconds per step of each block's work alone (1 thread), from precomputed inputs,
+    on the first ``batch`` examples of every batch (default: all)."""
     torch.set_num_threads(1)
-    stages = [RankStage(cfg, r, ranks, cfg.device) for r in range(ranks)]
+    layout = Layout(BlockGroups.make(cfg.num_blocks, ranks), 1)
+    stages = [RankStage(cfg, r, layout, cfg.device) for r in range(ranks)]
     batches = _batches(stages[0].task, steps, stages[0].device)
+    if batch is not None:
+        batches = [(x[:batch], y[:batch], m[:batch]) for x, y, m in batches]
     inputs = []
     for x, y, mask in batches:  # the message every stage receives, computed once
         row, inp = [], x
@@ -132,8 +152,134 @@ def block_times(cfg: RunConfig, ranks: int, steps: int, warmup: int) -> list[flo
     return times
 
 
+def bp_time(cfg: RunConfig, steps: int, warmup: int, batch: int) -> float:
+    """Seconds per one-process BP step (1 thread) on the first ``batch`` examples."""
+    torch.set_num_threads(1)
+    trainer = Trainer(replace(cfg, method="bp"))
+    batches = _batches(trainer.task, steps, trainer.device)
+    batches = [(x[:batch], y[:batch], m[:batch]) for x, y, m in batches]
+    _time_steps(trainer.step, batches[:warmup], trainer.device)
+    return _time_steps(trainer.step, batches, trainer.device) / steps
+
+
+def network_sizes(cfg: RunConfig, ranks: int) -> dict[str, list[int] | int]:
+    """Gradient bytes of every block and of the whole chain, and message bytes per example."""
+    stage = RankStage(cfg, 0, Layout(BlockGroups.make(cfg.num_blocks, ranks), 1), "cpu")
+    chain = stage.chain
+    per_block = [4 * sum(p.numel() for p in chain.block_parameters(k)) for k in range(ranks)]
+    message = 4 * 2 * cfg.seq_len * cfg.d_model  # m(alpha) [T, d_model] float32 per example
+    return {"block_grad_bytes": per_block, "all_grad_bytes": 4 * sum(
+        p.numel() for p in chain.parameters()), "message_bytes_per_example": message}  # fmt: skip
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Intercept and slope of the line through two points."""
+    slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+    return max(ys[0] - slope * xs[0], 0.0), max(slope, 0.0)
+
+
+def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[str, float]:
+    """Predicted samples per second of every variant (``variant_specs``) for ``workers``
+    processes (default k, the measured setting) on a network of ``workers`` blocks whose
+    blocks cost what the measured ones cost on average.
+
+    Step time per variant, with c(b) a block's step at batch b (fitted linear in b from
+    the measured batch sizes), a_R(n) the ring all-reduce of n bytes over R ranks
+    (2 (R - 1) latency + 2 (R - 1) / R n / bandwidth, fitted on the measured k-rank
+    all-reduce) and p(n) one message of n bytes:
+
+        BLL S x R, pipelined:  max over stages of [blocks(s) c(B / R) + a_R(grads(s))]
+                               + p(message(B / R))            (S > 1)
+        BLL K x 1, sync:       sum over stages of the same + (K - 1) p(message(B))
+        BP data parallel:      N c_bp(B / P) + a_P(all grads), c_bp per block
+    """
+    p_ = workers or k
+    blk = m["block_seconds_by_batch"]
+    sizes = sorted(int(b) for b in blk)
+    mean_at = [statistics.mean(blk[str(b)]) for b in sizes]
+    c0, c1 = _fit(sizes, mean_at)
+    bp_sizes = sorted(int(b) for b in m["bp_seconds_by_batch"])
+    bp0, bp1 = _fit(bp_sizes, [m["bp_seconds_by_batch"][str(b)] / k for b in bp_sizes])
+    comm = m["comm"]
+    ar0, ar1 = _fit(comm["bytes"], comm["allreduce"])
+    lat = ar0 / (2 * (k - 1)) if k > 1 else 0.0
+    inv_bw = ar1 * k / (2 * (k - 1)) if k > 1 else 0.0
+    p2p0, p2p1 = _fit(comm["bytes"], comm["p2p"])
+    grads = statistics.mean(m["sizes"]["block_grad_bytes"])
+    msg = m["sizes"]["message_bytes_per_example"]
+
+    def allreduce(n_bytes: float, r: int) -> float:
+        return 0.0 if r == 1 else 2 * (r - 1) * lat + 2 * (r - 1) / r * n_bytes * inv_bw
+
+    def block(b: float) -> float:
+        return c0 + c1 * b
+
+    out = {}
+    for name, (method, stages, replicas, schedule) in variant_specs(p_).items():
+        b = batch / replicas
+        if method == "bp":
+            step = p_ * (bp0 + bp1 * b) + allreduce(p_ * grads, replicas)
+        else:
+            per_stage = p_ / stages * block(b) + allreduce(p_ / stages * grads, replicas)
+            send = (p2p0 + p2p1 * msg * b) if stages > 1 else 0.0
+            if schedule == "sync":
+                step = stages * per_stage + (stages - 1) * send
+            else:
+                step = per_stage + send
+        out[name] = batch / step
+    return out
+
+
+def factorisations(k: int) -> list[tuple[int, int]]:
+    """(stages, replicas) with stages x replicas = k, most stages first."""
+    return [(k // r, r) for r in range(1, k + 1) if k % r == 0]
+
+
+def variant_specs(k: int) -> dict[str, tuple[str, int, int, str]]:
+    """name -> (method, stages, replicas, schedule) of the K-process variants."""
+    specs = {f"{k}_ranks_pipelined": ("bll", k, 1, "pipelined"),
+             f"{k}_ranks_sync": ("bll", k, 1, "sync")}  # fmt: skip
+    for stages, replicas in factorisations(k):
+        if replicas > 1:
+            specs[f"bll_{stages}x{replicas}"] = ("bll", stages, replicas, "pipelined")
+    specs[f"bp_ddp_{k}"] = ("bp", 1, k, "sync")
+    return specs
+
+
+def _variant_config(cfg: RunConfig, method: str, stages: int, replicas: int) -> RunConfig:
+    """The network of ``cfg`` (K blocks) as ``stages`` stages of even block counts."""
+    blocks = cfg.num_blocks
+    sizes = [blocks // stages + (i < blocks % stages) for i in range(stages)]
+    return replace(cfg, method=method, replicas=replicas,
+                   rank_blocks=None if method == "bp" else sizes)  # fmt: skip
+
+
+def _comm_times(rank: int, k: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of a gloo all-reduce over all k ranks and of a send from rank 0 to rank 1,
+    for two sizes (the model fits latency + bytes / bandwidth)."""
+    out: dict[str, list[float]] = {"bytes": [], "allreduce": [], "p2p": []}
+    for numel in (1 << 10, 1 << 20):
+        buf = torch.zeros(numel)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            dist.all_reduce(buf)
+        out["allreduce"].append((time.perf_counter() - t0) / 10)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            if rank == 0:
+                dist.send(buf, 1)
+            elif rank == 1:
+                dist.recv(buf, 0)
+        dist.barrier()
+        out["p2p"].append((time.perf_counter() - t0) / 10)
+        out["bytes"].append(4 * numel)
+    return out
+
+
 def _worker(rank, ranks, port, cfg, steps, warmup, backend, commands, results):
-    """One rank: build its stage once, then run a timed epoch per command."""
+    """One rank: build every variant's stage once, then run a timed epoch per command."""
     torch.set_num_threads(1)
     pyro.enable_validation(False)
     device = f"cuda:{rank}" if cfg.device.startswith("cuda") and backend == "nccl" else cfg.device
@@ -143,17 +289,31 @@ def _worker(rank, ranks, port, cfg, steps, warmup, backend, commands, results):
                           timeout=timedelta(seconds=600))  # fmt: skip
     dist.init_process_group(backend, store=store, rank=rank, world_size=ranks,
                             timeout=timedelta(seconds=600))  # fmt: skip
-    stage = RankStage(cfg, rank, ranks, device)
-    channel = Channel(rank, ranks, stage.device, backend)
-    batches = _batches(stage.task, steps, stage.device)
-    SCHEDULES["pipelined"](stage, channel, batches[:warmup], 2)
-    results.put(("ready", rank))
+    setups = {}
+    for name, (method, stages, replicas, schedule) in variant_specs(ranks).items():
+        vcfg = _variant_config(cfg, method, stages, replicas)
+        layout = Layout.make(vcfg, ranks)
+        stage = RankStage(vcfg, rank, layout, device)
+        replica_groups(layout, stage)
+        channel = Channel(rank, ranks, stage.device, backend, stages=layout.stages)
+        setups[name] = (stage, channel, schedule)
+    batches = _batches(setups[f"{ranks}_ranks_pipelined"][0].task, steps, torch.device(device))
+
+    def run(name: str, part: list) -> StageStats:
+        stage, channel, schedule = setups[name]
+        stream = shard_batches(part, stage) if stage.layout.replicas > 1 else part
+        return SCHEDULES[schedule](stage, channel, stream, 2)
+
+    for name in setups:
+        run(name, batches[:warmup])
+    comm = _comm_times(rank, ranks, torch.device(device))
+    results.put(("ready", rank, comm))
     while (cmd := commands[rank].get()) != "stop":
         dist.barrier()
-        _sync(stage.device)
+        _sync(torch.device(device))
         t0 = time.perf_counter()
-        stats = SCHEDULES[cmd](stage, channel, batches, 2)
-        _sync(stage.device)
+        stats = run(cmd, batches)
+        _sync(torch.device(device))
         dist.barrier()
         results.put((rank, cmd, time.perf_counter() - t0, stats.busy, stats.wait))
     dist.destroy_process_group()
@@ -228,7 +388,8 @@ def main() -> None:
     ]
     for w in workers:
         w.start()
-    _collect(results, workers, k)  # no timing while the ranks start up (warm-up)
+    ready = _collect(results, workers, k)  # no timing while the ranks start up (warm-up)
+    comm = next(g[2] for g in ready if g[1] == 0)
 
     seconds: dict[str, list[float]] = {}
     rank_stats: dict[str, list] = {}
@@ -242,11 +403,10 @@ def main() -> None:
         for name, fn in variants.items():
             seconds.setdefault(name, []).append(fn())
         torch.set_num_threads(1)  # idle while the ranks run
-        for schedule in ("pipelined", "sync"):
+        for name in variant_specs(k):
             for q in commands:
-                q.put(schedule)
+                q.put(name)
             got = _collect(results, workers, k)
-            name = f"{k}_ranks_{schedule}"
             seconds.setdefault(name, []).append(max(g[2] for g in got))
             rank_stats.setdefault(name, []).append(sorted(got))
         print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
@@ -257,6 +417,22 @@ def main() -> None:
     for w in workers:
         w.join(timeout=60)
     blocks = block_times(cfg, k, args.steps, args.warmup)
+    shard_sizes = sorted({args.batch_size // r for _, r in factorisations(k)} | {args.batch_size})
+    if len(shard_sizes) == 1:  # one rank: a second size for the per-example fit
+        shard_sizes = [max(1, args.batch_size // 2), args.batch_size]
+    measured = {
+        "block_seconds_by_batch": {
+            str(b): blocks
+            if b == args.batch_size
+            else block_times(cfg, k, args.steps, args.warmup, b)
+            for b in shard_sizes
+        },  # fmt: skip
+        "bp_seconds_by_batch": {
+            str(b): bp_time(cfg, args.steps, args.warmup, b) for b in shard_sizes
+        },
+        "comm": comm,
+        "sizes": network_sizes(cfg, k),
+    }
 
     samples = args.steps * args.batch_size
     rate = {n: samples / min(s) for n, s in seconds.items()}
@@ -264,7 +440,22 @@ def main() -> None:
     ideal = k * statistics.mean(blocks) / max(blocks)
     pipe = rate[f"{k}_ranks_pipelined"]
     best = {n: rank_stats[n][seconds[n].index(min(seconds[n]))] for n in rank_stats}
+    predicted = cost_model(measured, k, args.batch_size)
     result = {
+        "model_inputs": measured,
+        "predicted_samples_per_second": predicted,
+        "predicted_over_measured": {n: predicted[n] / rate[n] for n in predicted},
+        "model_extrapolation": {
+            str(p_): cost_model(measured, k, args.batch_size, workers=p_) for p_ in (8, 32)
+        },
+        "best_bll_over_bp_ddp": max(
+            r
+            for n, r in rate.items()
+            if n.startswith(("bll_", f"{k}_ranks_pipelined"))
+            and n != "bll_1_thread"
+            and not n.startswith(f"bll_{k}_threads")
+        )
+        / rate[f"bp_ddp_{k}"],
         "samples_per_second": rate,
         "speedup_over_bll_1_thread": {n: r / base for n, r in rate.items()},
         "block_seconds_per_step": blocks,
@@ -298,6 +489,24 @@ def markdown(r: dict, k: int) -> str:
     ]
     for name, rate in r["samples_per_second"].items():
         lines.append(f"| {name} | {rate:.0f} | {r['speedup_over_bll_1_thread'][name]:.2f} |")
+    lines += [
+        "",
+        "Cost model (predicted samples / s, and predicted / measured):",
+        "",
+        "| variant | measured | predicted | predicted / measured |",
+        "|---|---|---|---|",
+    ]
+    for name, pred in r["predicted_samples_per_second"].items():
+        lines.append(f"| {name} | {r['samples_per_second'][name]:.0f} | {pred:.0f} | "
+                     f"{r['predicted_over_measured'][name]:.2f} |")  # fmt: skip
+    lines += ["", "Model for P workers like these, a network of P such blocks (not measured):",
+              "", "| P | " + " | ".join(["best BLL S x R", "samples / s", "BP data parallel",
+              "BLL / BP"]) + " |", "|---|---|---|---|---|"]  # fmt: skip
+    for p_, preds in r["model_extrapolation"].items():
+        bp = preds[f"bp_ddp_{p_}"]
+        name, best = max(((n, v) for n, v in preds.items() if not n.startswith("bp_")),
+                         key=lambda t: t[1])  # fmt: skip
+        lines.append(f"| {p_} | {name} | {best:.0f} | {bp:.0f} | {best / bp:.2f} |")
     blocks = ", ".join(f"{1e3 * t:.1f}" for t in r["block_seconds_per_step"])
     lines += [
         "",

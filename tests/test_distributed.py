@@ -254,6 +254,29 @@ def test_torchrun_launch_and_assembled_checkpoint(tmp_path):
     assert trainer.steps_done > 0 and len(trainer.history) == 1
 
 
+def test_two_torchrun_agents_on_loopback_match_one_process(tmp_path):
+    """Multi-node rendezvous: two torchrun agents (--nnodes=2, c10d on 127.0.0.1), one rank
+    each, finish and end with the single-process parameters."""
+    from dist_harness import free_port
+
+    single = tmp_path / "single"
+    assert run.cli([*TINY, "--epochs", "1", "--out", str(single)]) == 0
+    out = tmp_path / "run"
+    port = free_port()
+    cmd = ["torchrun", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=pyro-bll-test",
+           str(ROOT / "experiments" / "run.py"), *TINY, "--epochs", "1", "--out", str(out),
+           "--distributed"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env) for _ in range(2)]  # fmt: skip
+    logs = [a.communicate(timeout=240) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], [err[-2000:] for _, err in logs]
+    assert any("final test_accuracy" in o for o, _ in logs)
+    end = Path("checkpoints") / "epoch_000.pt"
+    _same_checkpoints(single / end, out / end)
+
+
 def test_assemble_cli_bad_input(tmp_path, capsys):
     assert assemble_checkpoint.cli([str(tmp_path)]) == 2
     assert "holds no rank_*/ directories" in capsys.readouterr().err
@@ -271,8 +294,14 @@ def test_bench_pipeline_reports_every_variant(tmp_path, monkeypatch):
     result = json.loads(out.with_suffix(".json").read_text())
     assert set(result["samples_per_second"]) == {
         "bll_1_thread", "bll_2_threads", "bp_1_thread", "bp_2_threads",
-        "2_ranks_pipelined", "2_ranks_sync",
+        "2_ranks_pipelined", "2_ranks_sync", "bll_1x2", "bp_ddp_2",
     }  # fmt: skip
     assert all(v > 0 for v in result["samples_per_second"].values())
     assert len(result["block_seconds_per_step"]) == 2 and 1 <= result["ideal_speedup"] <= 2
-    assert "measured / ideal" in out.with_suffix(".md").read_text()
+    assert set(result["predicted_samples_per_second"]) == {
+        "2_ranks_pipelined", "2_ranks_sync", "bll_1x2", "bp_ddp_2"}  # fmt: skip
+    assert all(v > 0 for v in result["predicted_over_measured"].values())
+    assert set(result["model_extrapolation"]) == {"8", "32"}
+    assert "bll_8x4" in result["model_extrapolation"]["32"]
+    text = out.with_suffix(".md").read_text()
+    assert "measured / ideal" in text and "Cost model" in text

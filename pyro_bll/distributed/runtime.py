@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from ..interrupt import StopSignals, TrainingInterrupted
 from ..progress import Progress
 from . import checkpoint as ckpt
 from .group import Layout
-from .schedule import SCHEDULES, StageStats, device_batches
+from .schedule import SCHEDULES, Batch, StageStats, device_batches
 from .stage import RankStage
 from .stop import StopCoordinator
 from .transport import Channel, PeerFailure
@@ -62,6 +62,30 @@ def _batch_hash(batch: tuple | None) -> str:
         if t is not None:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def shard_batches(batches: Iterable[Batch], stage: RankStage) -> Iterator[Batch]:
+    """The stage replica's shard of every batch (``torch.tensor_split``: sizes differ by
+    at most one); its share n_r / n is queued for the stage's gradient average."""
+    r, n_rep = stage.replica, stage.layout.replicas
+    for x, y, mask in batches:
+        n = y.shape[0]
+        index = torch.tensor_split(torch.arange(n), n_rep)[r]
+        stage.shard_weights.append(len(index) / n)
+        yield x[index], y[index], None if mask is None else mask[index]
+
+
+def replica_groups(layout: Layout, stage: RankStage) -> None:
+    """Create every stage's replica group (collective: all ranks, same order) and give
+    this rank's to its stage."""
+    if layout.replicas == 1:
+        return
+    for s in range(layout.stages):
+        group = _collective(
+            "creating the replica groups", lambda s=s: dist.new_group(layout.stage_ranks(s))
+        )
+        if s == stage.stage:
+            stage.replica_group = group
 
 
 class RankTrainer:
@@ -172,14 +196,7 @@ class RankTrainer:
         """
         out = Path(out)
         self.coordinator.store = store
-        if self.layout.replicas > 1:  # every rank creates every stage's group, in order
-            for s in range(self.layout.stages):
-                group = _collective(
-                    "creating the replica groups",
-                    lambda s=s: dist.new_group(self.layout.stage_ranks(s)),
-                )
-                if s == self.stage.stage:
-                    self.stage.replica_group = group
+        replica_groups(self.layout, self.stage)
         with StopSignals(handle_signals) as local:
             self.coordinator.local = local
             return self._fit(out, progress, auto_resume)
@@ -226,16 +243,6 @@ class RankTrainer:
             )
         return not views[0][1]
 
-    def _shards(self, batches):
-        """This replica's shard of every batch (``torch.tensor_split``: sizes differ by at
-        most one), its share n_r / n queued for the stage's gradient average."""
-        r, n_rep = self.stage.replica, self.layout.replicas
-        for x, y, mask in batches:
-            n = y.shape[0]
-            index = torch.tensor_split(torch.arange(n), n_rep)[r]
-            self.stage.shard_weights.append(len(index) / n)
-            yield x[index], y[index], None if mask is None else mask[index]
-
     def _stop_requested(self) -> bool:
         """Whether any rank was asked to stop (all ranks learn it together)."""
         views: list[Any] = [None] * self.world_size
@@ -269,7 +276,7 @@ class RankTrainer:
         stream = itertools.islice(stream, partial["step"], None)  # the steps already done
         stream = self.coordinator.stream(stream, epoch, partial["step"])
         if self.layout.replicas > 1:
-            stream = self._shards(stream)
+            stream = shard_batches(stream, stage)
         stream = device_batches(stream, stage.device, needs_x=stage.first)
         stream = Progress(
             stream,
