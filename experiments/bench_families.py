@@ -77,7 +77,8 @@ def main() -> None:
         results[task] = {}
         for fam in args.families:
             opts = {"group_size": 4} if fam == "categorical" else {}
-            cfg = replace(base, family=fam, family_args=opts)
+            # propagate=None: the family's own default (the base was filled for the Gaussian)
+            cfg = replace(base, family=fam, family_args=opts, propagate=None)
             results[task][fam] = run_seeds(cfg, args.seeds, f"{args.runs_dir}/{task}_{fam}")
         if args.no_references:
             continue

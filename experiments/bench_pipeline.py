@@ -65,6 +65,18 @@ from pyro_bll.training import Trainer
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
+    if args.task == "fashion_mnist":  # the ResNet-18 in 4 blocks; stages group them evenly
+        return config_for_task(
+            "fashion_mnist",
+            width=args.width,
+            blocks=args.blocks,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            train_size=args.steps * args.batch_size,
+            test_size=100,
+            device=args.device,
+            seed=0,
+        )
     return config_for_task(
         "s2s_reverse",
         layers=args.layers,
@@ -85,7 +97,7 @@ def _batches(task, steps: int, device: torch.device) -> list:
     for epoch in range(100):
         for x, y, mask in task.train_batches(epoch):
             if y.shape[0] == task.cfg.batch_size and len(out) < steps:
-                out.append((x.to(device), y.to(device), mask.to(device)))
+                out.append((x.to(device), y.to(device), None if mask is None else mask.to(device)))
         if len(out) == steps:
             return out
     raise SystemExit("error: too few training sequences; use a longer --seq-len")
@@ -108,23 +120,29 @@ def _time_steps(step, batches, device) -> float:
 def single_process(cfg: RunConfig, method: str, threads: int, steps: int, warmup: int) -> float:
     """Seconds for ``steps`` training steps of one process with ``threads`` threads."""
     torch.set_num_threads(threads)
-    trainer = Trainer(replace(cfg, method=method))
+    trainer = Trainer(replace(cfg, method=method, backward=None))
     batches = _batches(trainer.task, steps, trainer.device)
     _time_steps(trainer.step, batches[:warmup], trainer.device)
     return _time_steps(trainer.step, batches, trainer.device)
 
 
 def block_times(
-    cfg: RunConfig, ranks: int, steps: int, warmup: int, batch: int | None = None
+    cfg: RunConfig,
+    ranks: int,
+    steps: int,
+    warmup: int,
+    batch: int | None = None,
+    forward: list[float] | None = None,
 ) -> list[float]:
     """Seconds per step of each block's work alone (1 thread), from precomputed inputs,
-    on the first ``batch`` examples of every batch (default: all)."""
+    on the first ``batch`` examples of every batch (default: all); ``forward`` receives
+    the seconds of each block's forward part alone (no gradient, no update)."""
     torch.set_num_threads(1)
     layout = Layout(BlockGroups.make(cfg.num_blocks, ranks), 1)
     stages = [RankStage(cfg, r, layout, cfg.device) for r in range(ranks)]
     batches = _batches(stages[0].task, steps, stages[0].device)
     if batch is not None:
-        batches = [(x[:batch], y[:batch], m[:batch]) for x, y, m in batches]
+        batches = [_head(b, batch) for b in batches]
     inputs = []
     for x, y, mask in batches:  # the message every stage receives, computed once
         row, inp = [], x
@@ -149,26 +167,46 @@ def block_times(
             step(i)
         _sync(st.device)
         times.append((time.perf_counter() - t0) / steps)
+    if forward is not None:  # the forward part alone (local losses and message, no update)
+        for r, st in enumerate(stages):
+            t0 = time.perf_counter()
+            for i in range(steps):
+                with torch.no_grad():
+                    st.compute(inputs[i][r], batches[i][1], batches[i][2])
+            forward.append((time.perf_counter() - t0) / steps)
     return times
 
 
 def bp_time(cfg: RunConfig, steps: int, warmup: int, batch: int) -> float:
     """Seconds per one-process BP step (1 thread) on the first ``batch`` examples."""
     torch.set_num_threads(1)
-    trainer = Trainer(replace(cfg, method="bp"))
-    batches = _batches(trainer.task, steps, trainer.device)
-    batches = [(x[:batch], y[:batch], m[:batch]) for x, y, m in batches]
+    trainer = Trainer(replace(cfg, method="bp", backward=None))
+    batches = [_head(b, batch) for b in _batches(trainer.task, steps, trainer.device)]
     _time_steps(trainer.step, batches[:warmup], trainer.device)
     return _time_steps(trainer.step, batches, trainer.device) / steps
 
 
+def _head(batch: tuple, n: int) -> tuple:
+    return tuple(None if t is None else t[:n] for t in batch)
+
+
 def network_sizes(cfg: RunConfig, ranks: int) -> dict[str, list[int] | int]:
-    """Gradient bytes of every block and of the whole chain, and message bytes per example."""
-    stage = RankStage(cfg, 0, Layout(BlockGroups.make(cfg.num_blocks, ranks), 1), "cpu")
+    """Gradient bytes of every rank's blocks (one rank per stage) and of the whole chain,
+    and the bytes of one example's message from the first rank."""
+    layout = Layout(BlockGroups.make(cfg.num_blocks, ranks), 1)
+    stage = RankStage(cfg, 0, layout, "cpu")
     chain = stage.chain
-    per_block = [4 * sum(p.numel() for p in chain.block_parameters(k)) for k in range(ranks)]
-    message = 4 * 2 * cfg.seq_len * cfg.d_model  # m(alpha) [T, d_model] float32 per example
-    return {"block_grad_bytes": per_block, "all_grad_bytes": 4 * sum(
+    per_rank = [
+        4
+        * sum(
+            p.numel() for k in range(*layout.groups.segment(r)) for p in chain.block_parameters(k)
+        )
+        for r in range(ranks)
+    ]
+    x, y, mask = _head(_batches(stage.task, 1, torch.device("cpu"))[0], 1)
+    _, _, out = stage.compute(x, y, mask)
+    message = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
+    return {"block_grad_bytes": per_rank, "all_grad_bytes": 4 * sum(
         p.numel() for p in chain.parameters()), "message_bytes_per_example": message}  # fmt: skip
 
 
@@ -190,7 +228,9 @@ def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[
 
         BLL S x R, pipelined:  max over stages of [blocks(s) c(B / R) + a_R(grads(s))]
                                + p(message(B / R))            (S > 1)
-        BLL K x 1, sync:       sum over stages of the same + (K - 1) p(message(B))
+        BLL K x 1, sync:       sum over stages but the last of f(B) + c(B) + (K - 1)
+                               p(message(B)): a stage sends before its backward, so the
+                               next one starts after its forward f (measured) only
         BP data parallel:      N c_bp(B / P) + a_P(all grads), c_bp per block
     """
     p_ = workers or k
@@ -223,7 +263,8 @@ def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[
             per_stage = p_ / stages * block(b) + allreduce(p_ / stages * grads, replicas)
             send = (p2p0 + p2p1 * msg * b) if stages > 1 else 0.0
             if schedule == "sync":
-                step = stages * per_stage + (stages - 1) * send
+                fwd = statistics.mean(m["forward_seconds"]) * batch / max(sizes)
+                step = (stages - 1) * (fwd + send) + per_stage
             else:
                 step = per_stage + send
         out[name] = batch / step
@@ -250,7 +291,7 @@ def _variant_config(cfg: RunConfig, method: str, stages: int, replicas: int) -> 
     """The network of ``cfg`` (K blocks) as ``stages`` stages of even block counts."""
     blocks = cfg.num_blocks
     sizes = [blocks // stages + (i < blocks % stages) for i in range(stages)]
-    return replace(cfg, method=method, replicas=replicas,
+    return replace(cfg, method=method, replicas=replicas, backward=None,
                    rank_blocks=None if method == "bp" else sizes)  # fmt: skip
 
 
@@ -347,7 +388,13 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--ranks", type=int, default=2, help="K: processes = blocks")
+    p.add_argument("--ranks", type=int, default=2, help="K: processes (s2s: = blocks)")
+    p.add_argument("--task", choices=["s2s_reverse", "fashion_mnist"], default="s2s_reverse",
+                   help="the transformer, or ResNet-18 on Fashion-MNIST")  # fmt: skip
+    p.add_argument("--width", type=float, default=0.125, help="fashion_mnist: ResNet width")
+    p.add_argument("--blocks", type=int, default=4, help="fashion_mnist: ResNet blocks")
+    p.add_argument("--data-dir", default=None, help="fashion_mnist: idx files (default: "
+                   "the Debian package's directory)")  # fmt: skip
     p.add_argument("--layers", type=int, default=4, help="transformer layers (K blocks)")
     p.add_argument("--d-model", type=int, default=128, help="width of the residual stream")
     p.add_argument("--seq-len", type=int, default=10, help="permutation length n (T = 2n)")
@@ -360,8 +407,10 @@ def main() -> None:
                    help="auto: gloo on CPU, NCCL on CUDA")  # fmt: skip
     p.add_argument("--out", default="results/bench_pipeline", help="writes OUT.json, OUT.md")
     args = p.parse_args()
-    if args.layers % args.ranks:
+    if args.task == "s2s_reverse" and args.layers % args.ranks:
         p.error(f"--ranks {args.ranks} must divide --layers {args.layers}")
+    if args.task == "fashion_mnist" and args.blocks % args.ranks:
+        p.error(f"--ranks {args.ranks} must divide --blocks {args.blocks}")
     cuda = args.device.startswith("cuda")
     backend = ("nccl" if cuda else "gloo") if args.dist_backend == "auto" else args.dist_backend
     if cuda and backend == "nccl" and torch.cuda.device_count() < args.ranks:
@@ -416,7 +465,8 @@ def main() -> None:
         q.put("stop")
     for w in workers:
         w.join(timeout=60)
-    blocks = block_times(cfg, k, args.steps, args.warmup)
+    forward: list[float] = []
+    blocks = block_times(cfg, k, args.steps, args.warmup, forward=forward)
     shard_sizes = sorted({args.batch_size // r for _, r in factorisations(k)} | {args.batch_size})
     if len(shard_sizes) == 1:  # one rank: a second size for the per-example fit
         shard_sizes = [max(1, args.batch_size // 2), args.batch_size]
@@ -430,6 +480,7 @@ def main() -> None:
         "bp_seconds_by_batch": {
             str(b): bp_time(cfg, args.steps, args.warmup, b) for b in shard_sizes
         },
+        "forward_seconds": forward,
         "comm": comm,
         "sizes": network_sizes(cfg, k),
     }
@@ -479,10 +530,16 @@ def main() -> None:
 
 def markdown(r: dict, k: int) -> str:
     c = r["config"]
+    network = (
+        f"ResNet-18 at width {c['width']} in {c['blocks']} blocks on Fashion-MNIST, batch "
+        f"{c['batch_size']} images"
+        if c.get("task") == "fashion_mnist"
+        else f"s2s_reverse transformer, {c['layers']} layers in {k} blocks, d_model "
+        f"{c['d_model']}, batch {c['batch_size']} x {2 * c['seq_len']} tokens"
+    )
     lines = [
-        f"s2s_reverse transformer, {c['layers']} layers in {k} blocks, d_model {c['d_model']}, "
-        f"batch {c['batch_size']} x {2 * c['seq_len']} tokens, {c['steps']} timed steps, "
-        f"best of {c['rounds']} rounds; {r['machine']}",
+        f"{network}, {k} processes, {c['steps']} timed steps, best of {c['rounds']} rounds; "
+        f"{r['machine']}",
         "",
         "| variant | samples / s | x single-process BLL, 1 thread |",
         "|---|---|---|",

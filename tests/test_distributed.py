@@ -282,6 +282,25 @@ def test_assemble_cli_bad_input(tmp_path, capsys):
     assert "holds no rank_*/ directories" in capsys.readouterr().err
 
 
+def test_bench_pipeline_runs_the_resnet(tmp_path, monkeypatch):
+    from vision_files import tiny_fashion_mnist
+
+    data = tiny_fashion_mnist(tmp_path / "data", n_train=32)
+    out = tmp_path / "bench"
+    argv = ["bench_pipeline.py", "--task", "fashion_mnist", "--width", "0.05", "--data-dir",
+            str(data), "--batch-size", "8", "--steps", "2", "--warmup", "1", "--rounds", "1",
+            "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    try:
+        bench_pipeline.main()
+    finally:
+        torch.set_num_threads(1)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert {"bll_1x2", "bp_ddp_2", "2_ranks_pipelined"} <= set(result["samples_per_second"])
+    assert result["best_bll_over_bp_ddp"] > 0
+    assert "ResNet-18 at width 0.05 in 4 blocks" in out.with_suffix(".md").read_text()
+
+
 def test_bench_pipeline_reports_every_variant(tmp_path, monkeypatch):
     out = tmp_path / "bench"
     monkeypatch.setattr("sys.argv", ["bench_pipeline.py", "--layers", "2", "--d-model", "8",
