@@ -208,3 +208,27 @@ def test_unreachable_rendezvous_is_a_clear_error_within_the_timeout(
     assert f"rank 1 cannot reach the rendezvous at {addr}:{port} within 1.5 s" in err
     assert "MASTER_ADDR" in err and "\n" not in err
     assert time.monotonic() - t0 < 10
+
+
+def test_bench_pipeline_cost_model_matches_a_hand_computation():
+    """Two workers, blocks of 0.1 s at batch 50 and 0.06 s at 25, BP 0.2 s / 0.12 s (two
+    blocks), all-reduce 1 ms + 1 ms per MB, messages 0.5 ms + 2 ms per MB."""
+    import bench_pipeline
+
+    m = {
+        "block_seconds_by_batch": {"25": [0.06, 0.06], "50": [0.1, 0.1]},
+        "bp_seconds_by_batch": {"25": 0.12, "50": 0.2},
+        "forward_seconds": [0.03, 0.03],
+        "comm": {"bytes": [1e6, 2e6], "allreduce": [0.002, 0.003], "p2p": [0.0025, 0.0045]},
+        "sizes": {"block_grad_bytes": [4e6, 4e6], "all_grad_bytes": 8e6,
+                  "message_bytes_per_example": 1e4},  # fmt: skip
+    }
+    pred = bench_pipeline.cost_model(m, 2, 50)
+    # ring all-reduce over 2 ranks: 2 (R - 1) lat + 2 (R - 1) / R n / bw, with the fit
+    # T(n) = 0.001 + 1e-9 n giving lat = 0.0005, 1 / bw = 1e-9
+    allreduce_8mb = 0.001 + 8e6 * 1e-9  # the whole network: 2 blocks of 4 MB
+    message = 0.0005 + 2e-9 * 1e4 * 50  # p2p fit: 0.0005 + 2e-9 n
+    assert pred["2_ranks_pipelined"] == pytest.approx(50 / (0.1 + message))
+    assert pred["2_ranks_sync"] == pytest.approx(50 / (0.03 + message + 0.1))
+    assert pred["bll_1x2"] == pytest.approx(50 / (2 * 0.06 + allreduce_8mb))
+    assert pred["bp_ddp_2"] == pytest.approx(50 / (2 * 0.06 + allreduce_8mb))
