@@ -97,7 +97,7 @@ def test_sync_two_ranks_with_resume_equal_the_single_process_run(tmp_path, singl
     hidden.rename(hidden.with_suffix(".bak"))
     results = launch([*args, "--epochs", "2", "--resume"], 2, tmp_path)
     assert [r.exitcode for r in results] == [2, 2]
-    assert "no epoch has a checkpoint from all 2 ranks" in results[0].log
+    assert "no epoch has a checkpoint from all 2 stages" in results[0].log
     hidden.with_suffix(".bak").rename(hidden)
     # a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes without --resume
     restart = {"TORCHELASTIC_RESTART_COUNT": "1"}
