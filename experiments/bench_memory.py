@@ -43,9 +43,9 @@ from pyro_bll.build import config_for_task, validate
 from pyro_bll.memory import SavedTensorMeter, state_bytes
 from pyro_bll.methods import build_method
 from pyro_bll.noise import NoiseKey
+from pyro_bll.step import backward_pass
 from pyro_bll.tasks import S2SReverseTask
 from pyro_bll.tasks.vision import build_resnet_chain
-from pyro_bll.training import backward_pass
 
 # name -> (task, arch, image channels, image side); arch None: the transformer
 CONFIGS: dict[str, tuple[str, str | None, int, int]] = {

@@ -57,7 +57,7 @@ import torch.multiprocessing as mp
 from pyro_bll.build import config_for_task
 from pyro_bll.config import RunConfig
 from pyro_bll.distributed.group import BlockGroups, Layout
-from pyro_bll.distributed.runtime import replica_groups, shard_batches
+from pyro_bll.distributed.replicas import replica_groups, shard_batches
 from pyro_bll.distributed.schedule import SCHEDULES, StageStats
 from pyro_bll.distributed.stage import RankStage
 from pyro_bll.distributed.transport import Channel

@@ -12,14 +12,11 @@ an uninterrupted one. Files: ``pyro_bll.checkpoints`` (weights-only loads).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +39,11 @@ from .checkpoints import (
 )
 from .config import ConfigError, RunConfig
 from .interrupt import StopSignals, TrainingInterrupted
-from .methods import Method, build_method
+from .methods import build_method
 from .noise import NoiseKey
 from .progress import Progress
 from .seed import seed_everything
+from .step import EpochState, backward_pass
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,82 +62,10 @@ def make_lr_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[kind])
 
 
-def backward_pass(
-    method: Method,
-    chain: BLLChain,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    mask: torch.Tensor | None,
-    noise: NoiseKey | None,
-    *,
-    per_block: bool,
-    autocast: Callable[[], Any] = contextlib.nullcontext,
-    on_block: Callable[[int], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Forward and backward of one batch (gradients accumulate; no optimiser step).
-
-    ``per_block``: block k's local loss is backpropagated, and its graph freed, before
-    block k + 1 runs (``Method.local_losses``); otherwise one backward over the summed
-    loss. ``on_block(k)`` is called after block k's forward, before its backward (memory
-    measurements). ``autocast()`` wraps the forward passes only. Returns the logs ``[N]``.
-    """
-    if not per_block:
-        with autocast():
-            loss, logs = method.loss(chain, x, y, mask, noise=noise)
-        if on_block is not None:
-            on_block(chain.num_blocks - 1)
-        loss.backward()
-        return logs
-    blocks = method.local_losses(chain, x, y, mask, noise=noise)
-    total: dict[str, torch.Tensor] = {}
-    for k in itertools.count():
-        with autocast():  # the forward of one block
-            item = next(blocks, None)
-        if item is None:
-            return total
-        loss, logs = item
-        if on_block is not None:
-            on_block(k)
-        loss.backward()
-        del loss, item  # nothing of block k's graph outlives this iteration
-        total = logs if not total else {name: total[name] + v for name, v in logs.items()}
-    raise AssertionError("unreachable")
-
-
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest checkpoint file in ``out/checkpoints`` by (epoch, step), readable or not."""
     ckpts = list_checkpoints(Path(out) / "checkpoints")
     return ckpts[-1] if ckpts else None
-
-
-@dataclass
-class EpochState:
-    """Where an epoch stands; a mid-epoch checkpoint stores it for an exact resume.
-
-    ``step`` batches of the epoch's (seeded) order are done; ``totals`` are the sums of
-    their per-block logs ``[N]``, ``seconds`` their training time.
-    """
-
-    epoch: int
-    step: int = 0
-    totals: dict[str, torch.Tensor] | None = None
-    seconds: float = 0.0
-
-    def add(self, logs: dict[str, torch.Tensor]) -> None:
-        logs = {k: v.detach() for k, v in logs.items()}
-        self.totals = (
-            logs if self.totals is None else {k: self.totals[k] + v for k, v in logs.items()}
-        )
-        self.step += 1
-
-    def to_dict(self) -> dict[str, Any]:
-        totals = {k: v.cpu() for k, v in (self.totals or {}).items()}
-        return {"step": self.step, "totals": totals, "seconds": self.seconds}
-
-    @classmethod
-    def from_dict(cls, epoch: int, d: dict[str, Any], device: torch.device) -> EpochState:
-        totals = {k: v.to(device) for k, v in d["totals"].items()} or None
-        return cls(epoch, int(d["step"]), totals, float(d["seconds"]))
 
 
 def prepare_out_dir(cfg: RunConfig) -> Path:

@@ -220,8 +220,11 @@ def test_bench_pipeline_cost_model_matches_a_hand_computation():
         "bp_seconds_by_batch": {"25": 0.12, "50": 0.2},
         "forward_seconds": [0.03, 0.03],
         "comm": {"bytes": [1e6, 2e6], "allreduce": [0.002, 0.003], "p2p": [0.0025, 0.0045]},
-        "sizes": {"block_grad_bytes": [4e6, 4e6], "all_grad_bytes": 8e6,
-                  "message_bytes_per_example": 1e4},  # fmt: skip
+        "sizes": {
+            "block_grad_bytes": [4e6, 4e6],
+            "all_grad_bytes": 8e6,
+            "message_bytes_per_example": 1e4,
+        },  # fmt: skip
     }
     pred = bench_pipeline.cost_model(m, 2, 50)
     # ring all-reduce over 2 ranks: 2 (R - 1) lat + 2 (R - 1) / R n / bw, with the fit

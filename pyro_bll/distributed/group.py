@@ -181,7 +181,7 @@ class BlockGroups:
         return self.describe("rank")
 
     def describe(self, unit: str) -> str:
-        """"rank 0: blocks 0-1; rank 1: block 2" (``unit``: rank or stage)."""
+        """ "rank 0: blocks 0-1; rank 1: block 2" (``unit``: rank or stage)."""
         parts = []
         for r in range(self.world_size):
             a, b = self.segment(r)

@@ -18,12 +18,11 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyro
-import torch
 import torch.distributed as dist
 
 from ..checkpoints import END_OF_EPOCH, CheckpointError, list_checkpoints, load_checkpoint
@@ -32,7 +31,8 @@ from ..interrupt import StopSignals, TrainingInterrupted
 from ..progress import Progress
 from . import checkpoint as ckpt
 from .group import Layout
-from .schedule import SCHEDULES, Batch, StageStats, device_batches
+from .replicas import replica_groups, shard_batches
+from .schedule import SCHEDULES, StageStats, device_batches
 from .stage import RankStage
 from .stop import StopCoordinator
 from .transport import Channel, PeerFailure
@@ -62,30 +62,6 @@ def _batch_hash(batch: tuple | None) -> str:
         if t is not None:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def shard_batches(batches: Iterable[Batch], stage: RankStage) -> Iterator[Batch]:
-    """The stage replica's shard of every batch (``torch.tensor_split``: sizes differ by
-    at most one); its share n_r / n is queued for the stage's gradient average."""
-    r, n_rep = stage.replica, stage.layout.replicas
-    for x, y, mask in batches:
-        n = y.shape[0]
-        index = torch.tensor_split(torch.arange(n), n_rep)[r]
-        stage.shard_weights.append(len(index) / n)
-        yield x[index], y[index], None if mask is None else mask[index]
-
-
-def replica_groups(layout: Layout, stage: RankStage) -> None:
-    """Create every stage's replica group (collective: all ranks, same order) and give
-    this rank's to its stage."""
-    if layout.replicas == 1:
-        return
-    for s in range(layout.stages):
-        group = _collective(
-            "creating the replica groups", lambda s=s: dist.new_group(layout.stage_ranks(s))
-        )
-        if s == stage.stage:
-            stage.replica_group = group
 
 
 class RankTrainer:
