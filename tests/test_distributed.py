@@ -219,6 +219,23 @@ def test_stages_times_replicas_equal_one_process(tmp_path, float64, layout, fami
     _same_checkpoints(single / END, out / END, atol=1e-10, rtol=1e-9)
 
 
+def test_checkpoint_every_lets_a_crashed_job_resume_mid_epoch(tmp_path):
+    """--checkpoint-every 2 on 2 ranks; rank 1 raises at its step 4 of an 11-step epoch;
+    the relaunch resumes from the newest step every rank saved and ends as one process."""
+    args = [*TINY, "--train-size", "96", "--epochs", "1", "--checkpoint-every", "2"]
+    straight = tmp_path / "single"
+    assert run.cli([*args, "--out", str(straight)]) == 0
+    out = tmp_path / "run"
+    args += ["--out", out, "--schedule", "sync"]
+    crashed = launch(args, 2, tmp_path, fault=Fault(1, 4, "raise"), timeout=60)
+    assert [r.exitcode for r in crashed] == [1, 1]
+    keys = [sorted(p.name for p in (out / f"rank_{r}").glob("*_step_*.pt")) for r in (0, 1)]
+    assert keys[0] and keys[1] and set(keys[0]) & set(keys[1]), keys
+    _ok(launch([*args, "--resume"], 2, tmp_path))
+    end = Path("checkpoints") / "epoch_000.pt"
+    _same_checkpoints(straight / end, out / end)
+
+
 def test_ranks_that_read_different_data_refuse_to_train(tmp_path):
     results = launch([*TINY, "--epochs", "1", "--out", tmp_path / "run"], 2, tmp_path,
                      rank_argv={1: ["--seed", "1"]})  # fmt: skip
