@@ -57,7 +57,9 @@ class LocalLikelihood(Protocol):
     ) -> Distribution: ...
 
 
-def _detach(inp: Any) -> Any:
+def detach_message(inp: Any) -> Any:
+    """A block input or forward message (a tensor or a tuple of parameters) without its
+    graph."""
     if isinstance(inp, tuple):
         return tuple(t.detach() for t in inp)
     return inp.detach()
@@ -163,7 +165,7 @@ class BLLChain(nn.Module):
         if cache is not None and k in cache.alpha:
             return cache.alpha[k]
         if self.detach and k > 0:
-            inp = _detach(inp)
+            inp = detach_message(inp)
         alpha = self.families[k].params(self.blocks[k](inp))
         if cache is not None:
             cache.alpha[k] = alpha

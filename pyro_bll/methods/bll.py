@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..agreement import StepAgreement
-from ..chain import BLLChain
+from ..chain import BLLChain, detach_message
 from ..config import BLL_TERMS, ConfigError, RunConfig
 from ..elbo import BlockLocalELBO, BlockLosses
 from ..feedback_solve import check_solvable, solve_feedback
@@ -103,7 +103,7 @@ class BLL(Method):
             )
             yield loss, logs
             if k + 1 < chain.num_blocks:  # block k's graph is not kept alive by it
-                inp = _detached(cache.outgoing)
+                inp = detach_message(cache.outgoing)
 
     def state_dict(self) -> dict:
         """The agreement statistics held between steps (``StepAgreement``), per segment."""
@@ -139,10 +139,3 @@ class BLL(Method):
             if name in self.terms:
                 out = out + t[name]
         return out
-
-
-def _detached(message):
-    """A forward message (a tensor or a tuple of parameters) without its graph."""
-    if isinstance(message, tuple):
-        return tuple(t.detach() for t in message)
-    return message.detach()
