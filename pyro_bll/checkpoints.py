@@ -41,10 +41,14 @@ class CheckpointError(ConfigError):
     """A checkpoint file that cannot be used: damaged, foreign, or not weights-only."""
 
 
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    """``epoch_NNN.pt``, or ``epoch_NNN_step_SSSSSS.pt`` inside an epoch."""
+    return f"epoch_{epoch:03d}" + ("" if step is None else f"_step_{step:06d}") + ".pt"
+
+
 def checkpoint_path(out: Path, epoch: int, step: int | None = None) -> Path:
-    """``out/checkpoints/epoch_NNN.pt``, or ``..._step_SSSSSS.pt`` inside an epoch."""
-    name = f"epoch_{epoch:03d}" + ("" if step is None else f"_step_{step:06d}")
-    return Path(out) / "checkpoints" / f"{name}.pt"
+    """``out/checkpoints/`` + ``checkpoint_name``."""
+    return Path(out) / "checkpoints" / checkpoint_name(epoch, step)
 
 
 def checkpoint_key(path: Path) -> tuple[int, int] | None:
@@ -62,6 +66,19 @@ def list_checkpoints(directory: Path) -> list[Path]:
         return []
     keyed = ((checkpoint_key(p), p) for p in directory.glob("epoch_*.pt"))
     return [p for key, p in sorted((k, p) for k, p in keyed if k is not None)]
+
+
+def prune_mid_epoch(newest: Path, keep: int = 0) -> None:
+    """Delete the mid-epoch checkpoints beside ``newest`` that it supersedes (those named
+    before it), except the ``keep`` most recent of them."""
+    key = checkpoint_key(newest)
+    older = [
+        p
+        for p in list_checkpoints(Path(newest).parent)
+        if checkpoint_key(p)[1] != END_OF_EPOCH and checkpoint_key(p) < key
+    ]
+    for p in older[: max(len(older) - keep, 0)]:
+        p.unlink(missing_ok=True)
 
 
 # ---- RNG states as tensors and plain values ----------------------------------------------

@@ -27,12 +27,11 @@ import torch
 from .build import build_from_config, validate
 from .chain import BLLChain
 from .checkpoints import (
-    END_OF_EPOCH,
-    checkpoint_key,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     newest_readable,
+    prune_mid_epoch,
     rng_state,
     save_atomic,
     set_rng_state,
@@ -165,10 +164,7 @@ class Trainer:
             state["method_state"] = self.method.state_dict()
         step = None if partial is None else partial.step
         path = save_atomic(state, checkpoint_path(out, epoch, step))
-        for older in list_checkpoints(path.parent):  # mid-epoch ones this one supersedes
-            key = checkpoint_key(older)
-            if key[1] != END_OF_EPOCH and key < checkpoint_key(path):
-                older.unlink(missing_ok=True)
+        prune_mid_epoch(path)  # the mid-epoch ones this one supersedes
         return path
 
     def load(self, path: Path, state: dict[str, Any] | None = None) -> None:

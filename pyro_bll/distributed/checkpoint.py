@@ -22,11 +22,17 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import checkpoint_key, list_checkpoints, load_checkpoint, save_atomic
+from ..checkpoints import (
+    END_OF_EPOCH,
+    checkpoint_key,
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    save_atomic,
+)
 from ..config import ConfigError
 
 FORMAT = "pyro_bll.rank_checkpoint/1"
-_EPOCH = re.compile(r"epoch_(\d+)\.pt$")
 
 
 def rank_dir(out: Path, rank: int) -> Path:
@@ -34,16 +40,13 @@ def rank_dir(out: Path, rank: int) -> Path:
 
 
 def rank_checkpoint(out: Path, rank: int, epoch: int, step: int | None = None) -> Path:
-    """``rank_<R>/epoch_NNN.pt``, or ``..._step_SSSSSS.pt`` inside an epoch."""
-    name = f"epoch_{epoch:03d}" + ("" if step is None else f"_step_{step:06d}")
-    return rank_dir(out, rank) / f"{name}.pt"
+    """``rank_<R>/`` + ``pyro_bll.checkpoints.checkpoint_name``."""
+    return rank_dir(out, rank) / checkpoint_name(epoch, step)
 
 
 def rank_epochs(out: Path, rank: int) -> list[int]:
-    """Epochs (0-based) for which rank ``rank`` has a checkpoint in ``out``."""
-    d = rank_dir(out, rank)
-    found = (_EPOCH.search(p.name) for p in d.glob("epoch_*.pt")) if d.is_dir() else ()
-    return sorted(int(m.group(1)) for m in found if m)
+    """Epochs (0-based) for which rank ``rank`` has an end-of-epoch checkpoint in ``out``."""
+    return [epoch for epoch, step in rank_keys(out, rank) if step == END_OF_EPOCH]
 
 
 def rank_keys(out: Path, rank: int) -> list[tuple[int, int]]:

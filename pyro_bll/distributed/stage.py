@@ -21,14 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..checkpoints import (
-    END_OF_EPOCH,
-    checkpoint_key,
-    list_checkpoints,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
+from ..checkpoints import load_checkpoint, prune_mid_epoch, rng_state, set_rng_state
 from ..config import ConfigError, RunConfig
 from ..noise import NoiseKey
 from ..step_cache import StepCache
@@ -181,12 +174,9 @@ class RankStage:
             },
             ckpt.rank_checkpoint(out, self.stage, epoch, step),
         )
-        # mid-epoch checkpoints this one supersedes; the newest two are kept, since another
-        # rank may not have written the newest yet when a crash ends the job
-        mids = [p for p in list_checkpoints(path.parent) if checkpoint_key(p)[1] != END_OF_EPOCH]
-        mids = [p for p in mids if checkpoint_key(p) <= checkpoint_key(path)]
-        for older in mids[:-2] if partial is not None else mids:
-            older.unlink(missing_ok=True)
+        # the mid-epoch checkpoints this one supersedes; inside an epoch the one before it is
+        # kept, since another rank may not have written this one yet when a crash ends the job
+        prune_mid_epoch(path, keep=0 if partial is None else 1)
         return path
 
     def load(self, path: Path) -> dict[str, Any]:
