@@ -1,4 +1,4 @@
-"""One training step's forward and backward, and an epoch's running state.
+"""One training step's forward and backward, an epoch's running state and its record.
 
 ``backward_pass`` computes the gradients of one batch, with one backward over the summed
 loss or one backward per block (``--backward per-block``, docs/memory.md); the training
@@ -91,3 +91,33 @@ class EpochState:
     def from_dict(cls, epoch: int, d: dict[str, Any], device: torch.device) -> EpochState:
         totals = {k: v.to(device) for k, v in d["totals"].items()} or None
         return cls(epoch, int(d["step"]), totals, float(d["seconds"]))
+
+
+def epoch_record(
+    epoch: int,
+    totals: dict[str, torch.Tensor] | None,
+    count: int,
+    metrics: dict[str, float],
+    **timing: Any,
+) -> dict[str, Any]:
+    """One epoch's entry of the run history (``metrics.json``).
+
+    ``totals`` are the per-block logs ``[N]`` summed over the epoch's ``count`` steps; the
+    entry holds their means: ``block_losses`` (l_k), ``block_terms`` (BLL's kl,
+    likelihood and pred), ``block_agreement`` (BLL's forward/feedback agreement,
+    ``pyro_bll.agreement``), then ``timing`` (seconds) and the task's ``metrics``.
+    """
+    n = max(count, 1)
+    means = {k: (v / n).tolist() for k, v in (totals or {}).items()}
+    block_losses = means.pop("loss", [])
+    agreement = {
+        k.removeprefix("agreement_"): means.pop(k) for k in list(means) if "agreement_" in k
+    }
+    return {
+        "epoch": epoch + 1,
+        "block_losses": block_losses,
+        "block_terms": means,
+        **({"block_agreement": agreement} if agreement else {}),
+        **timing,
+        **metrics,
+    }

@@ -42,7 +42,7 @@ from .methods import build_method
 from .noise import NoiseKey
 from .progress import Progress
 from .seed import seed_everything
-from .step import EpochState, backward_pass
+from .step import EpochState, backward_pass, epoch_record
 
 
 class TrainingDiverged(RuntimeError):
@@ -274,26 +274,14 @@ class Trainer:
         with self.autocast():
             metrics = self.task.evaluate(self.chain, self.device)
         eval_time = time.perf_counter() - t1
-        count = max(state.step, 1)
-        means = {k: (v / count).tolist() for k, v in (state.totals or {}).items()}
-        block_losses = means.pop("loss", [])
-        agreement = {  # BLL: forward/feedback agreement per block (pyro_bll.agreement)
-            k.removeprefix("agreement_"): means.pop(k) for k in list(means) if "agreement_" in k
-        }
-        self.history.append(
-            {
-                "epoch": epoch + 1,
-                "block_losses": block_losses,
-                "block_terms": means,  # BLL: mean kl, likelihood and pred term of every block
-                **({"block_agreement": agreement} if agreement else {}),
-                "train_seconds": train_time,
-                "eval_seconds": eval_time,
-                **metrics,
-            }
-        )
+        record = epoch_record(
+            epoch, state.totals, state.step, metrics,
+            train_seconds=train_time, eval_seconds=eval_time,
+        )  # fmt: skip
+        self.history.append(record)
         path = self.save(out, epoch)
         self.write_results(out)
-        losses = " ".join(f"{v:.3f}" for v in block_losses)
+        losses = " ".join(f"{v:.3f}" for v in record["block_losses"])
         shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
         print(
             f"epoch {epoch + 1}/{cfg.epochs}  {train_time:.1f}s  block losses [{losses}]  {shown}",

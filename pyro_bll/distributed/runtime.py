@@ -29,6 +29,7 @@ from ..checkpoints import END_OF_EPOCH, CheckpointError, list_checkpoints, load_
 from ..config import ConfigError, RunConfig
 from ..interrupt import StopSignals, TrainingInterrupted
 from ..progress import Progress
+from ..step import epoch_record
 from . import checkpoint as ckpt
 from .group import Layout
 from .replicas import replica_groups, shard_batches
@@ -316,29 +317,17 @@ class RankTrainer:
         with stage.trainer.autocast():
             metrics = stage.task.evaluate(stage.chain, stage.device)
         eval_seconds = time.perf_counter() - t0
-        count = max(parts[0]["count"], 1)
         sums = {k: sum(p["sums"][k] for p in parts) for k in parts[0]["sums"]}
-        means = {k: (v / count).tolist() for k, v in sums.items()}
-        block_losses = means.pop("loss", [])
-        agreement = {
-            k.removeprefix("agreement_"): means.pop(k) for k in list(means) if "agreement_" in k
-        }
         train_seconds = max(p["seconds"] for p in parts)
-        self.history.append(
-            {
-                "epoch": epoch + 1,
-                "block_losses": block_losses,
-                "block_terms": means,
-                **({"block_agreement": agreement} if agreement else {}),
-                "train_seconds": train_seconds,
-                "eval_seconds": eval_seconds,
-                "rank_busy_seconds": [p["busy"] for p in parts],
-                "rank_wait_seconds": [p["wait"] for p in parts],
-                **metrics,
-            }
-        )
+        record = epoch_record(
+            epoch, sums, parts[0]["count"], metrics,
+            train_seconds=train_seconds, eval_seconds=eval_seconds,
+            rank_busy_seconds=[p["busy"] for p in parts],
+            rank_wait_seconds=[p["wait"] for p in parts],
+        )  # fmt: skip
+        self.history.append(record)
         stage.trainer.write_results(out)
-        losses = " ".join(f"{v:.3f}" for v in block_losses)
+        losses = " ".join(f"{v:.3f}" for v in record["block_losses"])
         shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
         busy = " ".join(f"{p['busy'] / max(train_seconds, 1e-9):.0%}" for p in parts)
         print(
