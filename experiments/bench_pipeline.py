@@ -65,30 +65,17 @@ from pyro_bll.training import Trainer
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
+    # test_size: unused; small, so that short permutations still leave training data
+    common = dict(batch_size=args.batch_size, test_size=100, device=args.device, seed=0)
     if args.task == "fashion_mnist":  # the ResNet-18 in 4 blocks; stages group them evenly
         return config_for_task(
-            "fashion_mnist",
-            width=args.width,
-            blocks=args.blocks,
-            data_dir=args.data_dir,
-            batch_size=args.batch_size,
-            train_size=args.steps * args.batch_size,
-            test_size=100,
-            device=args.device,
-            seed=0,
-        )
+            "fashion_mnist", width=args.width, blocks=args.blocks, data_dir=args.data_dir,
+            train_size=args.steps * args.batch_size, **common,
+        )  # fmt: skip
     return config_for_task(
-        "s2s_reverse",
-        layers=args.layers,
-        blocks=args.ranks,
-        d_model=args.d_model,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        train_size=args.steps * args.batch_size * 2,
-        test_size=100,  # unused; small, so that short permutations still leave training data
-        device=args.device,
-        seed=0,
-    )
+        "s2s_reverse", layers=args.layers, blocks=args.ranks, d_model=args.d_model,
+        seq_len=args.seq_len, train_size=args.steps * args.batch_size * 2, **common,
+    )  # fmt: skip
 
 
 def _batches(task, steps: int, device: torch.device) -> list:

@@ -55,9 +55,6 @@ class SavedTensorMeter:
     def for_module(cls, module: nn.Module) -> SavedTensorMeter:
         return cls([*module.parameters(), *module.buffers()])
 
-    def reset_peak(self) -> None:
-        self.peak = self.current
-
     def _pack(self, tensor: Tensor) -> Any:
         storage = tensor.untyped_storage()
         key = storage.data_ptr()

@@ -14,8 +14,7 @@ i + 1 only after it has received the message of micro-batch i - 1 (both schedule
 at most one micro-batch ahead of the one they process), and rank 0 sent that message
 after it had taken micro-batch i, so after it wrote S = i + 1. If S is the epoch's length
 the epoch simply completes; a request that comes too late for any stop key is honoured
-at the next epoch's start, where all ranks compare notes anyway
-(``RankTrainer._check_same_data``).
+after the epoch, where all ranks gather their requests (``RankTrainer._stop_requested``).
 
 One store lookup per micro-batch and rank: about 0.1 ms on a loopback TCP store.
 """
@@ -42,10 +41,14 @@ class StopCoordinator:
         self.signum: int | None = None  # the job's stop signal, once known
         self.cut = False  # whether the last ``stream`` ended at the agreed stop step
 
-    def requested(self) -> int | None:
-        """The job's stop signal: this rank's own (announced to the others) or another's."""
+    def _announce_local(self) -> None:
+        """Tell the other ranks of a signal this rank received (once)."""
         if self.signum is None and self.local.requested is not None:
             self.signum = self.announce(self.local.requested)
+
+    def requested(self) -> int | None:
+        """The job's stop signal: this rank's own (announced to the others) or another's."""
+        self._announce_local()
         if self.signum is None and self.store is not None:
             if self._store(lambda st: st.check([STOP])):
                 self.signum = int(self._store(lambda st: st.get(STOP)))
@@ -66,8 +69,7 @@ class StopCoordinator:
             if self.store is not None:
                 self._store(lambda st: st.compare_set(key, "", str(step + 1)))
             return step + 1
-        if self.signum is None and self.local.requested is not None:  # tell rank 0
-            self.signum = self.announce(self.local.requested)
+        self._announce_local()  # tell rank 0
         if self.store is None or not self._store(lambda st: st.check([key])):
             return None
         self.requested()
