@@ -204,7 +204,6 @@ def check_split(arch: str, num_blocks: int, units_per_block: Sequence[int]) -> N
         )
 
 
-@torch.no_grad()
 def _unit_saved_bytes(stem: nn.Module, units: list[_Unit], in_channels: int, side: int):
     """Bytes autograd saves in each unit (the stem counted with unit 1) for one image."""
     from ..memory import SavedTensorMeter
@@ -213,11 +212,11 @@ def _unit_saved_bytes(stem: nn.Module, units: list[_Unit], in_channels: int, sid
     modules = [nn.Sequential(stem, units[0]), *units[1:]]
     for i, module in enumerate(modules):
         module.train()
-        x = (torch.relu(h) if i else h).detach().requires_grad_(i > 0)
+        x = (torch.relu(h) if i else h).requires_grad_(i > 0)
         meter = SavedTensorMeter.for_module(module)
-        with torch.enable_grad(), meter:
+        with meter:
             h = module(x)
-            costs.append(meter.peak)
+        costs.append(meter.peak)
         h = h.detach()
     return costs
 
