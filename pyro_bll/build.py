@@ -102,6 +102,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"--backward per-block needs block-local losses (--method bll or predsim); "
             f"--method {cfg.method} has one loss over the whole network: use --backward joint"
         )
+    if cfg.clip_grad < 0:
+        raise ConfigError(f"--clip-grad must be >= 0 (0: no clipping), got {cfg.clip_grad}")
     if cfg.pred_weight < 0:
         raise ConfigError(f"--pred-weight must be >= 0, got {cfg.pred_weight}")
     if cfg.device not in ("cpu",) and not cfg.device.startswith("cuda"):

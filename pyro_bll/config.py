@@ -33,6 +33,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "lr": 2e-3,
     "lr_schedule": "constant",
     "pred_weight": 1.0,
+    # per-block gradient-norm clipping: off (0) except where a task turns it on
+    "clip_grad": 0.0,
     "message": "pool",
     "propagate": "mean",
     # for bll / predsim (bp and fa: joint): one backward over the summed local losses; on
@@ -157,6 +159,14 @@ class RunConfig:
     pred_weight: float | None = _opt(
         None,
         "weight lambda of the per-block predictive loss (0 switches it off)",
+    )
+    clip_grad: float | None = _opt(
+        None,
+        "largest L2 norm of each block's gradient before the Adam step, clipped block "
+        "by block over the parameters the block owns (its layers, feedback part and "
+        "heads), so it stays block-local; 0 switches it off (default: 1.0 on "
+        "s2s_reverse, where a 20-block stack otherwise can blow up late in training; "
+        "off elsewhere)",
     )
     pred_head: str = _opt(
         "linear",

@@ -54,7 +54,7 @@ from .seed import seed_everything
 # network, the task or the diagnostic batch)
 FREE_KEYS = frozenset(
     "seed out threads device resume overwrite epochs lr batch_size train_size test_size "
-    "data_dir augment channels_last checkpoint_every max_minutes backward".split()
+    "data_dir augment channels_last checkpoint_every max_minutes backward clip_grad".split()
 )
 
 

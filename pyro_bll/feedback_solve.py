@@ -48,7 +48,7 @@ def class_mean_prototypes(
 
 def check_solvable(chain: BLLChain) -> None:
     """Raise ValueError unless every block has a fixed-variance Gaussian and linear feedback."""
-    if not all(isinstance(f, FixedVarianceGaussian) for f in chain.families):
+    if not all(type(f) is FixedVarianceGaussian for f in chain.families):
         raise ValueError("--feedback-update solve needs --family gaussian (fixed variance)")
     if not hasattr(chain.feedback, "set_block_weights"):
         raise ValueError("--feedback-update solve needs --feedback linear")

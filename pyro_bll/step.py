@@ -2,7 +2,8 @@
 
 ``backward_pass`` computes the gradients of one batch, with one backward over the summed
 loss or one backward per block (``--backward per-block``, docs/memory.md); the training
-step (``Trainer.step``) adds the optimiser step. ``EpochState`` is what an epoch has done
+step (``Trainer.step``) adds the optimiser step, after ``clip_block_gradients``
+(``--clip-grad``). ``EpochState`` is what an epoch has done
 so far, which a mid-epoch checkpoint stores for an exact resume (docs/runs.md).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,24 @@ def backward_pass(
         del loss, item  # nothing of block k's graph outlives this iteration
         total = logs if not total else {name: total[name] + v for name, v in logs.items()}
     raise AssertionError("unreachable")
+
+
+def clip_block_gradients(chain: BLLChain, max_norm: float, blocks: Iterable[int]) -> None:
+    """Scale each listed block's gradient to an L2 norm of at most ``max_norm``.
+
+    Block k's norm is taken over ``chain.block_parameters(k)`` alone (its layers, its part
+    of the feedback network, its heads), so a block's update never depends on another
+    block's gradient: clipping stays block-local and every rank of a block-parallel run
+    can do it for its own blocks. ``max_norm = 0`` leaves the gradients as they are.
+    Parameters a method adds outside the chain's blocks (FA's backward weights) are not
+    clipped.
+    """
+    if max_norm <= 0:
+        return
+    for k in blocks:
+        params = [p for p in chain.block_parameters(k) if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 @dataclass

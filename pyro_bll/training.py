@@ -42,7 +42,7 @@ from .methods import build_method
 from .noise import NoiseKey
 from .progress import Progress
 from .seed import seed_everything
-from .step import EpochState, backward_pass, epoch_record
+from .step import EpochState, backward_pass, clip_block_gradients, epoch_record
 
 
 class TrainingDiverged(RuntimeError):
@@ -140,6 +140,7 @@ class Trainer:
             self.method, self.chain, x, y, mask, noise,
             per_block=self.cfg.backward == "per-block", autocast=self.autocast,
         )  # fmt: skip
+        clip_block_gradients(self.chain, self.cfg.clip_grad, range(self.chain.num_blocks))
         self.optimizer.step()
         self.scheduler.step()
         self.steps_done += 1

@@ -92,6 +92,11 @@ def test_options_run_end_to_end(tmp_path, extra):
             ["--family", "gaussian_learned", "--feedback-update", "solve"],
             "solve needs --family gaussian",
         ),
+        (
+            ["--family", "gaussian_gated", "--feedback-update", "solve"],
+            "solve needs --family gaussian",
+        ),
+        (["--clip-grad", "-1"], "--clip-grad must be >= 0"),
         (["--method", "bp", "--feedback-update", "solve"], "applies to --method bll only"),
         (
             ["--family", "categorical", "--family-arg", "group_size=5"],

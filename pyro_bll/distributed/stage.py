@@ -24,6 +24,7 @@ from torch import Tensor
 from ..checkpoints import load_checkpoint, prune_mid_epoch, rng_state, set_rng_state
 from ..config import ConfigError, RunConfig
 from ..noise import NoiseKey
+from ..step import clip_block_gradients
 from ..step_cache import StepCache
 from ..training import Trainer, TrainingDiverged, make_lr_schedule
 from . import checkpoint as ckpt
@@ -109,6 +110,7 @@ class RankStage:
         loss.backward()
         if self.replica_group is not None:
             self.average_gradients()
+        clip_block_gradients(self.chain, self.cfg.clip_grad, range(*self.segment))
         self.optimizer.step()
         self.scheduler.step()
         self.steps_done += 1

@@ -8,12 +8,13 @@ from typing import Any
 from .base import Family, FamilyError, Natural, Params
 from .dirichlet import Dirichlet
 from .discrete import Bernoulli, GroupedCategorical, Poisson
-from .gaussian import FixedVarianceGaussian, LearnedVarianceGaussian
+from .gaussian import FixedVarianceGaussian, GatedGaussian, LearnedVarianceGaussian
 from .positive import Beta, Gamma
 
 FAMILIES: dict[str, type[Family]] = {
     "gaussian": FixedVarianceGaussian,
     "gaussian_learned": LearnedVarianceGaussian,
+    "gaussian_gated": GatedGaussian,
     "bernoulli": Bernoulli,
     "categorical": GroupedCategorical,
     "poisson": Poisson,
@@ -48,6 +49,7 @@ __all__ = [
     "Family",
     "FamilyError",
     "FixedVarianceGaussian",
+    "GatedGaussian",
     "LearnedVarianceGaussian",
     "Natural",
     "Params",

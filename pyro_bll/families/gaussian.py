@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Family, FamilyError, Natural, Params
+from .base import Family, FamilyError, Natural, Params, bounded_below
 
 
 class _DiagonalGaussian(Family):
@@ -206,3 +206,40 @@ class LearnedVarianceGaussian(_DiagonalGaussian):
         """N(mean_hw mu, mean_hw s^2): the map's mean with the map's own average variance."""
         loc, scale = params
         return loc.mean(axes), scale.pow(2).mean(axes).sqrt()
+
+
+@dataclass(repr=True)
+class GatedGaussian(FixedVarianceGaussian):
+    """The paper's forward message N(raw, sigma^2), with a feedback potential whose
+    precision the feedback network sets per channel (and may set to zero).
+
+    Feedback raw (r1, r2) ``[..., 2C]`` -> the potential
+
+        beta = (r1 / sigma^2, -g / (2 sigma^2)),   g = bounded_below(r2, 1/3) > -1/3,
+
+    so rho = N((mu + r1) / (1 + g), sigma^2 / (1 + g)) per channel. g = 1 with r1 = b is the
+    paper's potential N(b, sigma^2); a zero raw output is the zero potential (rho = alpha).
+    The paper's potential has precision 1 / sigma^2 on every channel, so its KL pulls every
+    channel of z_k towards a function of the label; here a channel the feedback leaves
+    silent keeps rho = alpha there, and the block is free to carry other information in it
+    (docs/families.md). With g > -1/3 for each potential, eta(alpha) + beta_y + beta_c has
+    precision (1 + g_y + g_c) / sigma^2 > 1 / (3 sigma^2): the bound stays defined. The
+    prototype likelihood reads beta_c against the reference N(0, sigma^2).
+    """
+
+    name = "gaussian_gated"
+    n_feedback = 2
+    zero_raw_is_uninformative = True
+    feedback_init_std = 0.1  # start near the zero potential: rho close to alpha
+
+    def feedback_potential(self, raw: Tensor) -> Natural:
+        r1, r2 = self.split_raw(raw, 2, "feedback output")
+        prec = 1.0 / self.sigma**2
+        return (r1 * prec, -0.5 * prec * bounded_below(r2, 1.0 / 3.0))
+
+    def class_natural(self, beta: Natural) -> Natural:
+        return (beta[0], beta[1] - 0.5 / self.sigma**2)  # reference N(0, sigma^2)
+
+    # the class potentials' precisions differ, so the paper Gaussian's two matrix
+    # products do not apply: the general [..., V, C] form
+    class_log_mgf = Family.class_log_mgf
