@@ -44,6 +44,7 @@ import platform
 import queue
 import socket
 import statistics
+import sys
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -205,26 +206,37 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[str, float]:
     """Predicted samples per second of every variant (``variant_specs``) for ``workers``
-    processes (default k, the measured setting) on a network of ``workers`` blocks whose
-    blocks cost what the measured ones cost on average.
+    processes (default k, the measured setting).
 
-    Step time per variant, with c(b) a block's step at batch b (fitted linear in b from
-    the measured batch sizes), a_R(n) the ring all-reduce of n bytes over R ranks
-    (2 (R - 1) latency + 2 (R - 1) / R n / bandwidth, fitted on the measured k-rank
-    all-reduce) and p(n) one message of n bytes:
+    The network is cut into P = ``workers`` groups of blocks. At P = k these are the k
+    measured groups, each with its own cost; for other P (extrapolation) every group
+    costs what the measured ones cost on average. With c_j(b) group j's step at batch b
+    (fitted linear in b from the measured batch sizes), f_j its forward part alone,
+    a_R(n) the ring all-reduce of n bytes over R ranks (2 (R - 1) latency + 2 (R - 1) / R
+    n / bandwidth, fitted on the measured k-rank all-reduce), p(n) one message of n bytes,
+    and stage s of an S x R layout holding P / S consecutive groups G_s:
 
-        BLL S x R, pipelined:  max over stages of [blocks(s) c(B / R) + a_R(grads(s))]
-                               + p(message(B / R))            (S > 1)
-        BLL K x 1, sync:       sum over stages but the last of f(B) + c(B) + (K - 1)
-                               p(message(B)): a stage sends before its backward, so the
-                               next one starts after its forward f (measured) only
-        BP data parallel:      N c_bp(B / P) + a_P(all grads), c_bp per block
+        BLL S x R, pipelined:  max over stages s of [sum_{j in G_s} c_j(B / R)
+                               + a_R(grads(G_s))] + p(message(B / R))   (p = 0 if S = 1)
+        BLL K x 1, sync:       max over stages s of [sum_{j < s} (f_j(B) + p(message(B)))
+                               + c_s(B)]: a stage sends before its backward, so stage s
+                               starts once the forwards before it are done, and the
+                               step ends when the slowest of these chains does
+        BP data parallel:      P c_bp(B / P) + a_P(all grads), c_bp per group
     """
     p_ = workers or k
     blk = m["block_seconds_by_batch"]
     sizes = sorted(int(b) for b in blk)
-    mean_at = [statistics.mean(blk[str(b)]) for b in sizes]
-    c0, c1 = _fit(sizes, mean_at)
+    fits = [_fit(sizes, [blk[str(b)][j] for b in sizes]) for j in range(k)]
+    mean_fit = _fit(sizes, [statistics.mean(blk[str(b)]) for b in sizes])
+    grad_bytes = m["sizes"]["block_grad_bytes"]
+    fwd_scale = batch / max(sizes)  # forwards were measured at the largest batch
+    if p_ == k:  # the measured groups, each with its own cost
+        costs, grads = fits, list(grad_bytes)
+        fwds = [f * fwd_scale for f in m["forward_seconds"]]
+    else:
+        costs, grads = [mean_fit] * p_, [statistics.mean(grad_bytes)] * p_
+        fwds = [statistics.mean(m["forward_seconds"]) * fwd_scale] * p_
     bp_sizes = sorted(int(b) for b in m["bp_seconds_by_batch"])
     bp0, bp1 = _fit(bp_sizes, [m["bp_seconds_by_batch"][str(b)] / k for b in bp_sizes])
     comm = m["comm"]
@@ -232,28 +244,29 @@ def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[
     lat = ar0 / (2 * (k - 1)) if k > 1 else 0.0
     inv_bw = ar1 * k / (2 * (k - 1)) if k > 1 else 0.0
     p2p0, p2p1 = _fit(comm["bytes"], comm["p2p"])
-    grads = statistics.mean(m["sizes"]["block_grad_bytes"])
     msg = m["sizes"]["message_bytes_per_example"]
 
     def allreduce(n_bytes: float, r: int) -> float:
         return 0.0 if r == 1 else 2 * (r - 1) * lat + 2 * (r - 1) / r * n_bytes * inv_bw
 
-    def block(b: float) -> float:
-        return c0 + c1 * b
+    def group(j: int, b: float) -> float:
+        return costs[j][0] + costs[j][1] * b
 
     out = {}
     for name, (method, stages, replicas, schedule) in variant_specs(p_).items():
         b = batch / replicas
         if method == "bp":
-            step = p_ * (bp0 + bp1 * b) + allreduce(p_ * grads, replicas)
+            out[name] = batch / (p_ * (bp0 + bp1 * b) + allreduce(sum(grads), replicas))
+            continue
+        per = p_ // stages
+        owned = [range(s * per, (s + 1) * per) for s in range(stages)]
+        stage = [sum(group(j, b) for j in g) + allreduce(sum(grads[j] for j in g), replicas)
+                 for g in owned]  # fmt: skip
+        send = (p2p0 + p2p1 * msg * b) if stages > 1 else 0.0
+        if schedule == "sync":
+            step = max(sum(fwds[:s]) + s * send + stage[s] for s in range(stages))
         else:
-            per_stage = p_ / stages * block(b) + allreduce(p_ / stages * grads, replicas)
-            send = (p2p0 + p2p1 * msg * b) if stages > 1 else 0.0
-            if schedule == "sync":
-                fwd = statistics.mean(m["forward_seconds"]) * batch / max(sizes)
-                step = (stages - 1) * (fwd + send) + per_stage
-            else:
-                step = per_stage + send
+            step = max(stage) + send
         out[name] = batch / step
     return out
 
@@ -393,7 +406,14 @@ def main() -> None:
     p.add_argument("--dist-backend", default="auto", choices=["auto", "gloo", "nccl"],
                    help="auto: gloo on CPU, NCCL on CUDA")  # fmt: skip
     p.add_argument("--out", default="results/bench_pipeline", help="writes OUT.json, OUT.md")
+    p.add_argument("--refit", metavar="JSON", default=None,
+                   help="measure nothing: recompute the cost model's predictions from the "
+                   "inputs and rates stored in JSON (an earlier OUT.json) and rewrite it "
+                   "and its .md")  # fmt: skip
     args = p.parse_args()
+    if args.refit is not None:
+        refit(Path(args.refit))
+        return
     if args.task == "s2s_reverse" and args.layers % args.ranks:
         p.error(f"--ranks {args.ranks} must divide --layers {args.layers}")
     if args.task == "fashion_mnist" and args.blocks % args.ranks:
@@ -513,6 +533,29 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result, k))
     print(markdown(result, k))
+
+
+def refit(path: Path) -> None:
+    """Recompute the model's predictions in an earlier result file (same measurements)."""
+    problem = None
+    if not path.is_file():
+        problem = "does not exist; pass an OUT.json of this script"
+    elif "model_inputs" not in (r := json.loads(path.read_text())):
+        problem = "holds no model_inputs (written before the cost model); rerun the benchmark"
+    if problem is not None:
+        print(f"--refit: {path} {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    k, batch = r["config"]["ranks"], r["config"]["batch_size"]
+    predicted = cost_model(r["model_inputs"], k, batch)
+    rate = r["samples_per_second"]
+    r["predicted_samples_per_second"] = predicted
+    r["predicted_over_measured"] = {n: predicted[n] / rate[n] for n in predicted}
+    r["model_extrapolation"] = {
+        str(p_): cost_model(r["model_inputs"], k, batch, workers=p_) for p_ in (8, 32)
+    }
+    path.write_text(json.dumps(r, indent=2))
+    path.with_suffix(".md").write_text(markdown(r, k))
+    print(markdown(r, k))
 
 
 def markdown(r: dict, k: int) -> str:

@@ -1,6 +1,7 @@
 """Block-parallel runtime, in one process: grouping, message headers, noise streams,
 chain segments, and the bad input that must fail before any training."""
 
+import json
 import socket
 import sys
 import time
@@ -235,3 +236,58 @@ def test_bench_pipeline_cost_model_matches_a_hand_computation():
     assert pred["2_ranks_sync"] == pytest.approx(50 / (0.03 + message + 0.1))
     assert pred["bll_1x2"] == pytest.approx(50 / (2 * 0.06 + allreduce_8mb))
     assert pred["bp_ddp_2"] == pytest.approx(50 / (2 * 0.06 + allreduce_8mb))
+
+
+def test_bench_pipeline_cost_model_sees_unbalanced_stages():
+    """Group 1 costs 0.15 s at batch 50 (0.08 s at 25), group 2 0.05 s (0.03 s): the
+    pipeline runs at the slower stage, and the sync step waits for the longest chain of
+    forwards and a step; the extrapolation to 4 workers uses the mean group."""
+    import bench_pipeline
+
+    m = {
+        "block_seconds_by_batch": {"25": [0.08, 0.03], "50": [0.15, 0.05]},
+        "bp_seconds_by_batch": {"25": 0.12, "50": 0.2},
+        "forward_seconds": [0.06, 0.02],
+        "comm": {"bytes": [1e6, 2e6], "allreduce": [0.002, 0.003], "p2p": [0.0025, 0.0045]},
+        "sizes": {
+            "block_grad_bytes": [1e6, 3e6],
+            "all_grad_bytes": 4e6,
+            "message_bytes_per_example": 1e4,
+        },  # fmt: skip
+    }
+    pred = bench_pipeline.cost_model(m, 2, 50)
+    message = 0.0005 + 2e-9 * 1e4 * 50
+    assert pred["2_ranks_pipelined"] == pytest.approx(50 / (0.15 + message))
+    # stage 1 alone (0.15) against stage 1's forward, the message and stage 2 (0.11 + m)
+    assert pred["2_ranks_sync"] == pytest.approx(50 / max(0.15, 0.06 + message + 0.05))
+    assert pred["bll_1x2"] == pytest.approx(50 / (0.08 + 0.03 + 0.001 + 4e6 * 1e-9))
+    four = bench_pipeline.cost_model(m, 2, 50, workers=4)
+    # 4 groups of the mean cost 0.1 s at batch 50, one per stage, 0.5 ms + 1e-5 s / example
+    mean_group = (0.08 + 0.03) / 2 * 2 - (0.15 + 0.05) / 2  # intercept of the mean line
+    slope = ((0.15 + 0.05) / 2 - (0.08 + 0.03) / 2) / 25
+    assert four["4_ranks_pipelined"] == pytest.approx(50 / (mean_group + slope * 50 + message))
+
+
+def test_bench_pipeline_refit_rewrites_predictions_from_stored_inputs(tmp_path, monkeypatch):
+    """--refit measures nothing: it recomputes the predictions of a stored result file."""
+    import bench_pipeline
+
+    stored = json.loads(
+        (Path(__file__).resolve().parents[1] / "results/bench_pipeline_resnet18.json").read_text()
+    )
+    stored["predicted_samples_per_second"] = {n: 1.0 for n in stored["samples_per_second"]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(stored))
+    monkeypatch.setattr(sys, "argv", ["bench_pipeline.py", "--refit", str(path)])
+    bench_pipeline.main()
+    new = json.loads(path.read_text())
+    rate, k = new["samples_per_second"], new["config"]["ranks"]
+    expected = bench_pipeline.cost_model(stored["model_inputs"], k, new["config"]["batch_size"])
+    assert new["predicted_samples_per_second"] == pytest.approx(expected)
+    for n, p in expected.items():
+        assert new["predicted_over_measured"][n] == pytest.approx(p / rate[n])
+    assert "predicted / measured" in path.with_suffix(".md").read_text()
+    monkeypatch.setattr(sys, "argv", ["bench_pipeline.py", "--refit", str(tmp_path / "no.json")])
+    with pytest.raises(SystemExit) as e:
+        bench_pipeline.main()
+    assert e.value.code == 2
