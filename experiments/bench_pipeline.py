@@ -214,7 +214,9 @@ def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[
     (fitted linear in b from the measured batch sizes), f_j its forward part alone,
     a_R(n) the ring all-reduce of n bytes over R ranks (2 (R - 1) latency + 2 (R - 1) / R
     n / bandwidth, fitted on the measured k-rank all-reduce), p(n) one message of n bytes,
-    and stage s of an S x R layout holding P / S consecutive groups G_s:
+    and stage s of an S x R layout holding P / S consecutive groups G_s (every compute
+    time is multiplied by the measured ``contention``: the slow-down of a one-process BP
+    step when all k processes run one at once, as they do in every variant):
 
         BLL S x R, pipelined:  max over stages s of [sum_{j in G_s} c_j(B / R)
                                + a_R(grads(G_s))] + p(message(B / R))   (p = 0 if S = 1)
@@ -225,6 +227,7 @@ def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[
         BP data parallel:      P c_bp(B / P) + a_P(all grads), c_bp per group
     """
     p_ = workers or k
+    slow = m.get("contention", 1.0)  # compute on busy processes / alone (1: not measured)
     blk = m["block_seconds_by_batch"]
     sizes = sorted(int(b) for b in blk)
     fits = [_fit(sizes, [blk[str(b)][j] for b in sizes]) for j in range(k)]
@@ -250,13 +253,13 @@ def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[
         return 0.0 if r == 1 else 2 * (r - 1) * lat + 2 * (r - 1) / r * n_bytes * inv_bw
 
     def group(j: int, b: float) -> float:
-        return costs[j][0] + costs[j][1] * b
+        return slow * (costs[j][0] + costs[j][1] * b)
 
     out = {}
     for name, (method, stages, replicas, schedule) in variant_specs(p_).items():
         b = batch / replicas
         if method == "bp":
-            out[name] = batch / (p_ * (bp0 + bp1 * b) + allreduce(sum(grads), replicas))
+            out[name] = batch / (slow * p_ * (bp0 + bp1 * b) + allreduce(sum(grads), replicas))
             continue
         per = p_ // stages
         owned = [range(s * per, (s + 1) * per) for s in range(stages)]
@@ -264,7 +267,7 @@ def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[
                  for g in owned]  # fmt: skip
         send = (p2p0 + p2p1 * msg * b) if stages > 1 else 0.0
         if schedule == "sync":
-            step = max(sum(fwds[:s]) + s * send + stage[s] for s in range(stages))
+            step = max(slow * sum(fwds[:s]) + s * send + stage[s] for s in range(stages))
         else:
             step = max(stage) + send
         out[name] = batch / step
@@ -319,6 +322,10 @@ def _comm_times(rank: int, k: int, device: torch.device) -> dict[str, list[float
     return out
 
 
+# the worker command that measures how much k busy processes slow each other down
+CONTENTION = "contention"
+
+
 def _worker(rank, ranks, port, cfg, steps, warmup, backend, commands, results):
     """One rank: build every variant's stage once, then run a timed epoch per command."""
     torch.set_num_threads(1)
@@ -350,6 +357,12 @@ def _worker(rank, ranks, port, cfg, steps, warmup, backend, commands, results):
     comm = _comm_times(rank, ranks, torch.device(device))
     results.put(("ready", rank, comm))
     while (cmd := commands[rank].get()) != "stop":
+        if cmd == CONTENTION:  # one-process BP steps on every rank at once, no messages
+            dist.barrier()
+            seconds = bp_time(replace(cfg, device=device), steps, warmup, cfg.batch_size)
+            dist.barrier()
+            results.put((rank, cmd, seconds, 0.0, 0.0))
+            continue
         dist.barrier()
         _sync(torch.device(device))
         t0 = time.perf_counter()
@@ -468,6 +481,9 @@ def main() -> None:
         print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
             f"{n} {args.steps * args.batch_size / s[-1]:.0f}/s" for n, s in seconds.items()
         ), flush=True)  # fmt: skip
+    for q in commands:  # the same BP step on every rank at once (cores shared)
+        q.put(CONTENTION)
+    contended = statistics.mean(g[2] for g in _collect(results, workers, k))
     for q in commands:
         q.put("stop")
     for w in workers:
@@ -491,6 +507,12 @@ def main() -> None:
         "comm": comm,
         "sizes": network_sizes(cfg, k),
     }
+    # compute on k busy processes against one process alone (shared caches and memory
+    # bandwidth); 1 on devices that do not share (one GPU per rank)
+    alone = measured["bp_seconds_by_batch"].get(str(args.batch_size)) or bp_time(
+        cfg, args.steps, args.warmup, args.batch_size
+    )
+    measured["contention"] = contended / alone
 
     samples = args.steps * args.batch_size
     rate = {n: samples / min(s) for n, s in seconds.items()}
@@ -603,6 +625,12 @@ def markdown(r: dict, k: int) -> str:
         f"{r['pipelined_over_bll_k_threads']:.2f}.",
         "",
     ]
+    if "contention" in r["model_inputs"]:
+        lines[-1:-1] = [
+            "",
+            f"Contention: a one-process BP step takes {r['model_inputs']['contention']:.2f}x "
+            f"as long while all {k} processes run one as alone (the model scales compute by it).",
+        ]
     return "\n".join(lines)
 
 

@@ -339,5 +339,6 @@ def test_bench_pipeline_reports_every_variant(tmp_path, monkeypatch):
     assert all(v > 0 for v in result["predicted_over_measured"].values())
     assert set(result["model_extrapolation"]) == {"8", "32"}
     assert "bll_8x4" in result["model_extrapolation"]["32"]
+    assert result["model_inputs"]["contention"] > 0  # measured with both ranks busy
     text = out.with_suffix(".md").read_text()
-    assert "measured / ideal" in text and "Cost model" in text
+    assert "measured / ideal" in text and "Cost model" in text and "Contention" in text

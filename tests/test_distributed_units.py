@@ -261,6 +261,9 @@ def test_bench_pipeline_cost_model_sees_unbalanced_stages():
     # stage 1 alone (0.15) against stage 1's forward, the message and stage 2 (0.11 + m)
     assert pred["2_ranks_sync"] == pytest.approx(50 / max(0.15, 0.06 + message + 0.05))
     assert pred["bll_1x2"] == pytest.approx(50 / (0.08 + 0.03 + 0.001 + 4e6 * 1e-9))
+    slow = bench_pipeline.cost_model({**m, "contention": 1.25}, 2, 50)
+    assert slow["2_ranks_pipelined"] == pytest.approx(50 / (1.25 * 0.15 + message))
+    assert slow["bp_ddp_2"] == pytest.approx(50 / (1.25 * 2 * 0.06 + 0.001 + 4e6 * 1e-9))
     four = bench_pipeline.cost_model(m, 2, 50, workers=4)
     # 4 groups of the mean cost 0.1 s at batch 50, one per stage, 0.5 ms + 1e-5 s / example
     mean_group = (0.08 + 0.03) / 2 * 2 - (0.15 + 0.05) / 2  # intercept of the mean line
