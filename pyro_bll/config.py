@@ -33,7 +33,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "lr": 2e-3,
     "lr_schedule": "constant",
     "pred_weight": 1.0,
-    # per-block gradient-norm clipping: off (0) except where a task turns it on
+    # per-block gradient-norm clipping: off (measured in docs/results.md)
     "clip_grad": 0.0,
     "message": "pool",
     "propagate": "mean",
@@ -164,9 +164,8 @@ class RunConfig:
         None,
         "largest L2 norm of each block's gradient before the Adam step, clipped block "
         "by block over the parameters the block owns (its layers, feedback part and "
-        "heads), so it stays block-local; 0 switches it off (default: 1.0 on "
-        "s2s_reverse, where a 20-block stack otherwise can blow up late in training; "
-        "off elsewhere)",
+        "heads), so it stays block-local; 0 (the default) switches it off. E.g. 1.0 "
+        "stops the late blow-up of one 20-block Gamma run (docs/results.md)",
     )
     pred_head: str = _opt(
         "linear",

@@ -44,10 +44,7 @@ def make_sequences(perms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class S2SReverseTask:
     """Data, network and evaluation for ``--task s2s_reverse``."""
 
-    # otherwise COMMON_DEFAULTS are this task's (the paper's 20 layers, 5 epochs). Block 1
-    # (embeddings and the first layer) carries gradients 10-100x those of the blocks above
-    # it; unclipped, a spike late in training can derail a 20-block stack (docs/results.md)
-    DEFAULTS: dict = {"clip_grad": 1.0}
+    DEFAULTS: dict = {}  # COMMON_DEFAULTS are this task's (the paper's 20 layers, 5 epochs)
     event_dim = 2  # latents are [B, T, D]
     params_propagation = True  # blocks can read alpha's unconstrained parameters
 
