@@ -20,8 +20,10 @@ variant; samples per second = steps x batch size / wall time of the timed steps:
 
 A cost model (``cost_model``) predicts every distributed variant's samples per second
 from quantities measured here: each block's step time alone at the batch sizes the
-variants use, one-process BP at the shard size, and gloo's all-reduce and
-point-to-point time (latency + bytes / bandwidth, fitted on two sizes). It is compared
+variants use, one-process BP at the shard size, gloo's all-reduce and
+point-to-point time (latency + bytes / bandwidth, fitted on two sizes), and the
+contention between busy processes (a one-process BP step on all ranks at once against
+the same step alone). ``--refit OUT.json`` recomputes a stored file's predictions. It is compared
 with the measurements and evaluated for 8 and 32 workers of the same kind (a model, not
 a measurement).
 
@@ -508,7 +510,7 @@ def main() -> None:
         "sizes": network_sizes(cfg, k),
     }
     # compute on k busy processes against one process alone (shared caches and memory
-    # bandwidth); 1 on devices that do not share (one GPU per rank)
+    # bandwidth of the cores; with one GPU per rank it should come out near 1)
     alone = measured["bp_seconds_by_batch"].get(str(args.batch_size)) or bp_time(
         cfg, args.steps, args.warmup, args.batch_size
     )
@@ -562,8 +564,13 @@ def refit(path: Path) -> None:
     problem = None
     if not path.is_file():
         problem = "does not exist; pass an OUT.json of this script"
-    elif "model_inputs" not in (r := json.loads(path.read_text())):
-        problem = "holds no model_inputs (written before the cost model); rerun the benchmark"
+    else:
+        try:
+            r = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            r, problem = {}, f"is not JSON ({e}); pass an OUT.json of this script"
+        if problem is None and "model_inputs" not in r:
+            problem = "holds no model_inputs (written before the cost model); rerun the benchmark"
     if problem is not None:
         print(f"--refit: {path} {problem}", file=sys.stderr)
         raise SystemExit(2)
