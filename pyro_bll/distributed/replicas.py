@@ -16,7 +16,7 @@ import torch.distributed as dist
 from .group import Layout
 from .schedule import Batch
 from .stage import RankStage
-from .transport import PeerFailure
+from .transport import collective
 
 
 def shard_batches(batches: Iterable[Batch], stage: RankStage) -> Iterator[Batch]:
@@ -36,9 +36,7 @@ def replica_groups(layout: Layout, stage: RankStage) -> None:
     if layout.replicas == 1:
         return
     for s in range(layout.stages):
-        try:
-            group = dist.new_group(layout.stage_ranks(s))
-        except (RuntimeError, OSError) as e:
-            raise PeerFailure(None, "creating the replica groups", e) from e
+        ranks = layout.stage_ranks(s)
+        group = collective("creating the replica groups", lambda r=ranks: dist.new_group(r))
         if s == stage.stage:
             stage.replica_group = group

@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +35,16 @@ from .replicas import replica_groups, shard_batches
 from .schedule import SCHEDULES, StageStats, device_batches
 from .stage import RankStage
 from .stop import StopCoordinator
-from .transport import Channel, PeerFailure
+from .transport import Channel, collective
 
 
 def _agree(local_error: str | None) -> None:
     """All-gather each rank's verdict; raise the same ConfigError on every rank if any."""
     errors: list[str | None] = [None] * dist.get_world_size()
-    _collective("checking the checkpoints", lambda: dist.all_gather_object(errors, local_error))
+    collective("checking the checkpoints", lambda: dist.all_gather_object(errors, local_error))
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise ConfigError(first)
-
-
-def _collective(what: str, fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except (RuntimeError, OSError) as e:
-        raise PeerFailure(None, what, e) from e
 
 
 def _batch_hash(batch: tuple | None) -> str:
@@ -111,7 +103,7 @@ class RankTrainer:
         # every decision below is taken from the same gathered views on every rank
         views: list[Any] = [None] * self.world_size
         mine = (error, keys, other)
-        _collective("listing the checkpoints", lambda: dist.all_gather_object(views, mine))
+        collective("listing the checkpoints", lambda: dist.all_gather_object(views, mine))
         first_error = next((v[0] for v in views if v[0] is not None), None)
         if first_error is not None:
             raise ConfigError(first_error)
@@ -211,7 +203,7 @@ class RankTrainer:
         views: list[Any] = [None] * self.world_size
         mine = (_batch_hash(None if first is None else first[1:]),
                 self.rank == 0 and self.stage.trainer.budget_exhausted())  # fmt: skip
-        _collective("checking the data with", lambda: dist.all_gather_object(views, mine))
+        collective("checking the data with", lambda: dist.all_gather_object(views, mine))
         hashes = [v[0] for v in views]
         if len(set(hashes)) > 1:  # the same gathered list on every rank: all raise
             raise ConfigError(
@@ -224,7 +216,7 @@ class RankTrainer:
         """Whether any rank was asked to stop (all ranks learn it together)."""
         views: list[Any] = [None] * self.world_size
         mine = self.coordinator.requested()
-        _collective("sharing stop requests", lambda: dist.all_gather_object(views, mine))
+        collective("sharing stop requests", lambda: dist.all_gather_object(views, mine))
         signum = next((v for v in views if v is not None), None)
         self.coordinator.signum = signum
         return signum is not None
@@ -299,7 +291,7 @@ class RankTrainer:
             "wait": stats.wait,
         }
         gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-        _collective(
+        collective(
             "gathering the blocks on rank 0", lambda: dist.gather_object(payload, gathered, dst=0)
         )
         if self.rank == 0:

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .transport import Channel, Message, PeerFailure
+from .transport import Channel, Message, collective
 
 Batch = tuple[Tensor, Tensor, Tensor | None]
 
@@ -70,10 +70,7 @@ class StageStats:
 
 
 def _barrier() -> None:
-    try:
-        dist.barrier()
-    except (RuntimeError, OSError) as e:
-        raise PeerFailure(None, "the step barrier", e) from e
+    collective("the step barrier", dist.barrier)
 
 
 OnStep = Callable[[StageStats], None]

@@ -29,7 +29,7 @@ from ..step_cache import StepCache
 from ..training import Trainer, TrainingDiverged, make_lr_schedule
 from . import checkpoint as ckpt
 from .group import Layout, owned_parameter_index, owned_state_keys
-from .transport import Message, PeerFailure
+from .transport import Message, collective
 
 
 class RankStage:
@@ -127,10 +127,10 @@ class RankStage:
             return
         wire = "cpu" if dist.get_backend(self.replica_group) == "gloo" else grads[0].device
         flat = torch.cat([g.reshape(-1) for g in grads]).to(wire) * self._weight
-        try:
-            dist.all_reduce(flat, group=self.replica_group)
-        except (RuntimeError, OSError) as e:
-            raise PeerFailure(None, "averaging gradients with the stage's replicas", e) from e
+        collective(
+            "averaging gradients with the stage's replicas",
+            lambda: dist.all_reduce(flat, group=self.replica_group),
+        )
         flat = flat.to(grads[0].device)
         offset = 0
         for g in grads:

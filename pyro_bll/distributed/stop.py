@@ -27,7 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..interrupt import StopSignals
-from .transport import PeerFailure
+from .transport import collective
 
 STOP = "stop"
 
@@ -78,10 +78,9 @@ class StopCoordinator:
     def _store(self, fn):
         """A store call; a store that is gone is a peer failure (its host died), which the
         launcher attributes through the fault monitor's verdict."""
-        try:
-            return fn(self.store)
-        except (RuntimeError, OSError) as e:
-            raise PeerFailure(None, "checking for a stop request in the rendezvous store", e) from e
+        return collective(
+            "checking for a stop request in the rendezvous store", lambda: fn(self.store)
+        )
 
     def stream(self, batches: Iterable[Any], epoch: int, first_step: int) -> Iterator[Any]:
         """``batches`` (whose first is step ``first_step``) until the agreed stop step."""

@@ -47,6 +47,16 @@ class PeerFailure(RuntimeError):
         self.peer = peer
 
 
+def collective(what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, a call that needs the other ranks or the rendezvous store; a
+    ``RuntimeError`` or ``OSError`` from it (a peer died, hung or closed) becomes a
+    ``PeerFailure`` naming ``what``."""
+    try:
+        return fn()
+    except (RuntimeError, OSError) as e:
+        raise PeerFailure(None, what, e) from e
+
+
 def brief(e: BaseException) -> str:
     """The first line of an error, without gloo's boilerplate, at most 200 characters."""
     lines = str(e).strip().splitlines()
