@@ -211,22 +211,29 @@ def test_unreachable_rendezvous_is_a_clear_error_within_the_timeout(
     assert time.monotonic() - t0 < 10
 
 
+def _model_inputs(blocks: tuple[list, list], forward: list, grad_bytes: list) -> dict:
+    """Cost-model inputs of two block groups: their step seconds at batch 25 and 50,
+    forward seconds and gradient bytes; BP 0.12 s / 0.2 s (batch 25 / 50), all-reduce
+    1 ms + 1 ms per MB, messages 0.5 ms + 2 ms per MB, 10 kB of message per example."""
+    return {
+        "block_seconds_by_batch": {"25": blocks[0], "50": blocks[1]},
+        "bp_seconds_by_batch": {"25": 0.12, "50": 0.2},
+        "forward_seconds": forward,
+        "comm": {"bytes": [1e6, 2e6], "allreduce": [0.002, 0.003], "p2p": [0.0025, 0.0045]},
+        "sizes": {
+            "block_grad_bytes": grad_bytes,
+            "all_grad_bytes": sum(grad_bytes),
+            "message_bytes_per_example": 1e4,
+        },
+    }
+
+
 def test_bench_pipeline_cost_model_matches_a_hand_computation():
     """Two workers, blocks of 0.1 s at batch 50 and 0.06 s at 25, BP 0.2 s / 0.12 s (two
     blocks), all-reduce 1 ms + 1 ms per MB, messages 0.5 ms + 2 ms per MB."""
     import bench_pipeline
 
-    m = {
-        "block_seconds_by_batch": {"25": [0.06, 0.06], "50": [0.1, 0.1]},
-        "bp_seconds_by_batch": {"25": 0.12, "50": 0.2},
-        "forward_seconds": [0.03, 0.03],
-        "comm": {"bytes": [1e6, 2e6], "allreduce": [0.002, 0.003], "p2p": [0.0025, 0.0045]},
-        "sizes": {
-            "block_grad_bytes": [4e6, 4e6],
-            "all_grad_bytes": 8e6,
-            "message_bytes_per_example": 1e4,
-        },  # fmt: skip
-    }
+    m = _model_inputs(([0.06, 0.06], [0.1, 0.1]), [0.03, 0.03], [4e6, 4e6])
     pred = bench_pipeline.cost_model(m, 2, 50)
     # ring all-reduce over 2 ranks: 2 (R - 1) lat + 2 (R - 1) / R n / bw, with the fit
     # T(n) = 0.001 + 1e-9 n giving lat = 0.0005, 1 / bw = 1e-9
@@ -244,17 +251,7 @@ def test_bench_pipeline_cost_model_sees_unbalanced_stages():
     forwards and a step; the extrapolation to 4 workers uses the mean group."""
     import bench_pipeline
 
-    m = {
-        "block_seconds_by_batch": {"25": [0.08, 0.03], "50": [0.15, 0.05]},
-        "bp_seconds_by_batch": {"25": 0.12, "50": 0.2},
-        "forward_seconds": [0.06, 0.02],
-        "comm": {"bytes": [1e6, 2e6], "allreduce": [0.002, 0.003], "p2p": [0.0025, 0.0045]},
-        "sizes": {
-            "block_grad_bytes": [1e6, 3e6],
-            "all_grad_bytes": 4e6,
-            "message_bytes_per_example": 1e4,
-        },  # fmt: skip
-    }
+    m = _model_inputs(([0.08, 0.03], [0.15, 0.05]), [0.06, 0.02], [1e6, 3e6])
     pred = bench_pipeline.cost_model(m, 2, 50)
     message = 0.0005 + 2e-9 * 1e4 * 50
     assert pred["2_ranks_pipelined"] == pytest.approx(50 / (0.15 + message))
