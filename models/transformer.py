@@ -84,6 +84,15 @@ class TransformerBlock(nn.Module):
         width = family.raw_size(d_model)
         project = params_input and width != d_model and not vocab
         self.inproj = nn.Linear(width, d_model) if project else None
+        if self.inproj is not None:
+            # start as [I, 0]: the unconstrained coordinates begin with the previous block's
+            # stream (the first D raw features, ``ParamReadout``), so an untrained stack is
+            # one residual stream, as it is for the one-parameter families; a random
+            # projection at all 19 boundaries of a 20-block stack scrambles it instead
+            with torch.no_grad():
+                self.inproj.weight.zero_()
+                self.inproj.weight[:, :d_model].copy_(torch.eye(d_model))
+                self.inproj.bias.zero_()
 
     def forward(self, inp: Tensor | tuple[Tensor, ...]) -> Tensor:
         if isinstance(inp, tuple):  # alpha of the previous block (--propagate params)

@@ -63,6 +63,20 @@ def bounded_below(raw: Tensor, floor: float) -> Tensor:
     return scale * (torch.nn.functional.softplus(2.0 * raw / scale) - math.log(2.0))
 
 
+def inverse_softplus(y: Tensor, offset: float = 0.0) -> Tensor:
+    """r with softplus(r) + offset = y: the unconstrained coordinate of a positive parameter
+    that a block wrote as softplus(raw) + offset.
+
+        r = log(expm1(x)) = x + log(-expm1(-x)),   x = y - offset,
+
+    the second form stable for large x. x is clamped at eps(dtype) * max(offset, 1), the
+    resolution of y - offset in floating point: r is exact wherever softplus(r) is resolved
+    next to the offset, and about log(eps * offset) (-17 for float32, offset 0.5) below.
+    """
+    x = (y - offset).clamp_min(torch.finfo(y.dtype).eps * max(offset, 1.0))
+    return x + torch.log(-torch.expm1(-x))
+
+
 class FamilyError(ValueError):
     """A block output or parameter that does not fit a family."""
 
@@ -211,8 +225,12 @@ class Family(ABC):
         return beta
 
     def unconstrained(self, params: Params) -> Tensor:
-        """alpha in unconstrained coordinates ``[..., n_raw * C]`` (``--propagate params``):
-        means and logits as they are, positive parameters through log."""
+        """alpha in the coordinates the block wrote it in, ``[..., n_raw * C]``
+        (``--propagate params``): the inverse of ``params``, so that
+        ``unconstrained(params(raw)) == raw`` (means and logits as they are, positive
+        parameters through ``inverse_softplus``). On the transformer the next block reads
+        these, and its stream continues the previous block's stream unchanged
+        (docs/families.md, "What the next block reads")."""
         raise FamilyError(f"{self.name}: no unconstrained parametrisation; use --propagate mean")
 
     def features(self, z: Tensor) -> Tensor:

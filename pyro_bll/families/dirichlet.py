@@ -33,6 +33,7 @@ from .base import (
     bounded_below,
     check_group_size,
     group_channels,
+    inverse_softplus,
 )
 
 
@@ -102,7 +103,7 @@ class Dirichlet(Family):
         return ((a / total).mean(axes) * total.mean(axes),)
 
     def unconstrained(self, params: Params) -> Tensor:
-        return params[0].log().flatten(-2)
+        return inverse_softplus(params[0], self.min_param).flatten(-2)  # raw [..., C]
 
     def feedback_potential(self, raw: Tensor) -> Natural:
         return (bounded_below(self._groups(raw, "feedback output"), self.min_param / 3),)

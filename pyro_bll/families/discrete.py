@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import register_kl
 
-from .base import Family, FamilyError, Natural, Params, check_group_size, group_channels
+from .base import (
+    Family,
+    FamilyError,
+    Natural,
+    Params,
+    check_group_size,
+    group_channels,
+    inverse_softplus,
+)
 
 
 class StableBernoulli(dist.Bernoulli):
@@ -189,7 +197,7 @@ class Poisson(Family):
         return (params[0].log(),)
 
     def unconstrained(self, params: Params) -> Tensor:
-        return params[0].log()
+        return inverse_softplus(params[0], self.min_rate)  # the raw output [..., C]
 
     def from_natural(self, eta: Natural) -> Params:
         return (eta[0].exp(),)

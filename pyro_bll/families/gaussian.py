@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Family, FamilyError, Natural, Params, bounded_below
+from .base import Family, FamilyError, Natural, Params, bounded_below, inverse_softplus
 
 
 class _DiagonalGaussian(Family):
@@ -200,7 +200,7 @@ class LearnedVarianceGaussian(_DiagonalGaussian):
         return (beta[0], beta[1] - 0.5)  # reference N(0, 1)
 
     def unconstrained(self, params: Params) -> Tensor:
-        return torch.cat([params[0], params[1].log()], dim=-1)
+        return torch.cat([params[0], inverse_softplus(params[1], self.min_scale)], dim=-1)
 
     def channel_law(self, params: Params, axes: tuple[int, ...]) -> Params:
         """N(mean_hw mu, mean_hw s^2): the map's mean with the map's own average variance."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Family, FamilyError, Natural, Params, bounded_below
+from .base import Family, FamilyError, Natural, Params, bounded_below, inverse_softplus
 
 
 @dataclass(repr=True)
@@ -55,7 +55,8 @@ class _TwoPositive(Family):
         return torch.zeros_like(z)
 
     def unconstrained(self, params: Params) -> Tensor:
-        return torch.cat([params[0].log(), params[1].log()], dim=-1)
+        """The raw output ``[..., 2C]``: softplus^-1(a - min_param), softplus^-1(b - min_param)."""
+        return torch.cat([inverse_softplus(p, self.min_param) for p in params], dim=-1)
 
 
 @dataclass(repr=True)
