@@ -194,6 +194,25 @@ def test_unconstrained_parameters_have_the_raw_width(family):
     assert u.shape == (2, 5, family.raw_size(C)) and torch.isfinite(u).all()
 
 
+def test_unconstrained_coordinates_are_the_raw_output(family):
+    """``--propagate params`` hands on what the block wrote: unconstrained(params(raw))
+    is raw itself (compared with the input, not with a second computation), over raw
+    values from -8 to 8, where every positive parameter is resolved beside its offset."""
+    raw = _raw(family.raw_size(C), 4, 5, scale=3.0).clamp(-8.0, 8.0)
+    assert_close(family.unconstrained(family.params(raw)), raw, atol=1e-9, rtol=1e-9)
+
+
+def test_unconstrained_coordinates_stay_finite_where_softplus_underflows():
+    """A raw output far below zero gives a shape equal to its offset in float32: the
+    coordinate is then clamped (finite, about log(eps * offset)), not -inf."""
+    fam = make_family("gamma")
+    raw = torch.tensor([[-200.0, -20.0, 0.0, 30.0]], dtype=torch.float32).repeat(1, 2)
+    u = fam.unconstrained(fam.params(raw))
+    assert torch.isfinite(u).all()
+    assert (u[:, [0, 1, 4, 5]] < -15).all() and (u[:, [0, 1, 4, 5]] > -19).all()
+    assert_close(u[:, [2, 3, 6, 7]], raw[:, [2, 3, 6, 7]], atol=1e-5, rtol=1e-6)
+
+
 @pytest.mark.parametrize("estimator", ["bound", "sample"])
 def test_chain_uses_the_bound_only_when_asked(estimator):
     """The ELBO's likelihood term is the bound (deterministic) or a draw (varies)."""
