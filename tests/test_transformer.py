@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyro_bll.models.transformer import TransformerBlock
 from pyro_bll.families import make_family
+from pyro_bll.models.transformer import TransformerBlock
+
 from utils import assert_close
 
 D = 8
