@@ -71,6 +71,29 @@ class Gamma(_TwoPositive):
 
     name = "gamma"
 
+    def params(self, raw: Tensor) -> Params:
+        """raw (r1, r2) ``[..., 2C]`` -> shape a = softplus(r2) + min_param and rate
+        b = a / softplus(r1) + min_param: r1 sets the mean (a / b, about softplus(r1)), r2
+        the concentration (a coefficient of variation 1 / sqrt(a)).
+
+        On the transformer r1 is the block's residual stream (``ParamReadout``). Written
+        as the shape, the stream had to grow for the latent to concentrate (a of several
+        hundred in the top blocks of a 20-block stack); here the readout r2 carries the
+        concentration and the stream only the mean. The rate's floor keeps it at least
+        ``min_param``, as the shape.
+        """
+        r1, r2 = self.split_raw(raw, 2, "block output")
+        a = F.softplus(r2) + self.min_param
+        mean = F.softplus(r1).clamp_min(torch.finfo(r1.dtype).eps)  # no rate of inf
+        return (a, a / mean + self.min_param)
+
+    def unconstrained(self, params: Params) -> Tensor:
+        """The raw output ``[..., 2C]``:
+        (softplus^-1(a / (b - min_param)), softplus^-1(a - min_param))."""
+        a, b = params
+        rest = (b - self.min_param).clamp_min(torch.finfo(b.dtype).eps * b)
+        return torch.cat([inverse_softplus(a / rest), inverse_softplus(a, self.min_param)], -1)
+
     def natural(self, params: Params) -> Natural:
         a, b = params
         return (a - 1, -b)
