@@ -132,7 +132,8 @@ class RunConfig:
     )
     val_size: int | None = _opt(
         None,
-        "vision tasks: hold out the last N training images and report their accuracy "
+        "image tasks (fashion_mnist_mlp and the vision tasks): hold out the last N "
+        "training images and report their accuracy "
         "(val_accuracy) instead of the test set's, to choose settings without the "
         "test set; --train-size then counts from the remaining images",
         metavar="N",

@@ -57,6 +57,22 @@ def test_one_epoch_of_every_method_and_arch_on_fashion_mnist(data, tmp_path, met
     assert (out / "checkpoints" / "epoch_000.pt").exists()
 
 
+def test_the_mlp_takes_a_validation_split(data, tmp_path):
+    """fashion_mnist_mlp --val-size N: the same hold-out as the vision tasks (the last N
+    training images in the test set's place), reported as val_accuracy."""
+    out = tmp_path / "mlp"
+    argv = ["--task", "fashion_mnist_mlp", "--data-dir", str(data["fashion_mnist"]),
+            "--d-model", "16", "--epochs", "1", "--batch-size", "4", "--out", str(out)]  # fmt: skip
+    assert run.cli([*argv, "--val-size", "6"]) == 0
+    m = _metrics(out)
+    assert "val_accuracy" in m["history"][0] and "test_accuracy" not in m["history"][0]
+    task = TASKS["fashion_mnist_mlp"](RunConfig.from_dict(m["config"]))
+    x_all, y_all = load_fashion_mnist(str(data["fashion_mnist"]), "train")  # 16 images
+    assert task.x_train.shape[0] == 10 and torch.equal(task.y_test, y_all[10:])
+    assert torch.equal(task.x_test, task._prep(x_all[10:]))
+    assert run.cli([*argv, "--val-size", "16", "--overwrite"]) == 2  # nothing left to train
+
+
 @pytest.mark.parametrize("method", ["predsim", "bll"])
 def test_conv_predictive_heads_from_the_cli(data, tmp_path, method):
     out = tmp_path / "run"
@@ -143,7 +159,7 @@ def test_task_defaults_and_explicit_options():
         (["--max-minutes", "0"], "--max-minutes must be positive"),
         (["--val-size", "16"], "--val-size 16 leaves no training images of the 16"),
         (["--val-size", "10"], "--train-size 8 overlaps the --val-size 10 held-out images"),
-        (["--task", "s2s_reverse", "--val-size", "5"], "--val-size applies to the vision tasks"),
+        (["--task", "s2s_reverse", "--val-size", "5"], "--val-size applies to the image tasks"),
         (["--task", "cifar10", "--data-dir", "MISSING"], "the download failed (<urlopen error"),
     ],
 )

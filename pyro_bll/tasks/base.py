@@ -54,16 +54,33 @@ def check_blocks_divide_layers(cfg: RunConfig) -> None:
         )
 
 
-def refuse_vision_options(cfg: RunConfig) -> None:
-    """Tasks without ResNets: ``--pred-head`` and ``--val-size`` belong to the vision tasks."""
+def hold_out(x: Tensor, y: Tensor, cfg: RunConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``--val-size N`` (image tasks): training examples ``[:-N]`` (the first
+    ``--train-size`` of them are trained on) and the validation split ``[-N:]``, which
+    takes the test split's place, so that settings can be chosen without ever reading the
+    test set. The task then reports ``val_accuracy`` instead of ``test_accuracy``."""
+    n, keep = cfg.val_size, len(y) - cfg.val_size
+    if keep <= 0:
+        raise ConfigError(f"--val-size {n} leaves no training images of the {len(y)}; use fewer")
+    if cfg.train_size is not None and cfg.train_size > keep:
+        raise ConfigError(
+            f"--train-size {cfg.train_size} overlaps the --val-size {n} held-out images "
+            f"of the {len(y)} training images; use --train-size <= {keep}"
+        )
+    return x[:keep], y[:keep], x[keep:], y[keep:]
+
+
+def refuse_vision_options(cfg: RunConfig, images: bool = False) -> None:
+    """Tasks without ResNets: ``--pred-head`` and ``--split`` belong to the vision tasks,
+    and ``--val-size`` to the tasks on images (``images``: the MLP takes it)."""
     vision_only = (
-        ("--pred-head", cfg.pred_head != "linear"),
-        ("--val-size", cfg.val_size),
-        ("--split", cfg.split != "even"),
+        ("--pred-head", cfg.pred_head != "linear", "the vision tasks"),
+        ("--val-size", cfg.val_size and not images, "the image tasks"),
+        ("--split", cfg.split != "even", "the vision tasks"),
     )
-    for flag, given in vision_only:
+    for flag, given, where in vision_only:
         if given:
-            raise ConfigError(f"{flag} applies to the vision tasks; drop it for --task {cfg.task}")
+            raise ConfigError(f"{flag} applies to {where}; drop it for --task {cfg.task}")
 
 
 def check_diagnostic_size(n: int, available: int) -> int:

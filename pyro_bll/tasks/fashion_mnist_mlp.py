@@ -18,7 +18,7 @@ from ..config import ConfigError, RunConfig
 from ..data import DEFAULT_FASHION_MNIST, DataError, load_fashion_mnist
 from ..families import Family
 from ..likelihoods import CategoricalHead
-from .base import check_blocks_divide_layers, check_diagnostic_size, refuse_vision_options
+from .base import check_blocks_divide_layers, check_diagnostic_size, hold_out, refuse_vision_options
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
 
@@ -42,7 +42,7 @@ class FashionMNISTMLPTask:
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         check_blocks_divide_layers(cfg)
-        refuse_vision_options(cfg)
+        refuse_vision_options(cfg, images=True)
         if cfg.propagate == "params":
             raise ConfigError(
                 "--propagate params: MLP blocks take mean or sample; drop it or use "
@@ -57,6 +57,10 @@ class FashionMNISTMLPTask:
             x_test, y_test = load_fashion_mnist(directory, "test")
         except (DataError, OSError) as e:
             raise ConfigError(str(e)) from None
+        self.split = "test"
+        if cfg.val_size:  # the last val_size training images replace the test set
+            x_train, y_train, x_test, y_test = hold_out(x_train, y_train, cfg)
+            self.split = "val"
         n_train = cfg.train_size or len(x_train)
         n_test = cfg.test_size or len(x_test)
         self.x_train, self.y_train = self._prep(x_train[:n_train]), y_train[:n_train]
@@ -107,4 +111,4 @@ class FashionMNISTMLPTask:
             logits = chain.predict_logits(self.x_test[i : i + 2000].to(device))
             correct += (logits.argmax(-1).cpu() == self.y_test[i : i + 2000]).sum().item()
         chain.train(was_training)
-        return {"test_accuracy": correct / len(self.x_test)}
+        return {f"{self.split}_accuracy": correct / len(self.x_test)}

@@ -47,7 +47,7 @@ from ..guides import MESSAGES
 from ..likelihoods import PRED_HEADS, PooledHead
 from ..models.errors import ModelError
 from ..models.resnet import block_map_sizes, memory_split, resnet_blocks
-from .base import check_diagnostic_size
+from .base import check_diagnostic_size, hold_out
 
 _VISION_DEFAULTS: dict[str, Any] = {
     "blocks": 4,
@@ -80,7 +80,7 @@ class VisionTask(ABC):
             raise ConfigError(str(e)) from None
         self.split = "test"
         if cfg.val_size:  # hold out the last val_size training images; the test set is unused
-            x_train, y_train, x_test, y_test = self.hold_out(x_train, y_train, cfg)
+            x_train, y_train, x_test, y_test = hold_out(x_train, y_train, cfg)
             self.split = "val"
         n_train = cfg.train_size or len(x_train)
         n_test = cfg.test_size or len(x_test)
@@ -92,23 +92,6 @@ class VisionTask(ABC):
             self.augmentation,
             memory_format=fmt,
         )
-
-    @staticmethod
-    def hold_out(x: Tensor, y: Tensor, cfg: RunConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``--val-size N``: training images ``[:-N]`` (the first ``--train-size`` of them
-        are trained on) and the validation split ``[-N:]``, which takes the test split's
-        place, so that settings can be chosen without ever reading the test set."""
-        n, keep = cfg.val_size, len(y) - cfg.val_size
-        if keep <= 0:
-            raise ConfigError(
-                f"--val-size {n} leaves no training images of the {len(y)}; use fewer"
-            )
-        if cfg.train_size is not None and cfg.train_size > keep:
-            raise ConfigError(
-                f"--train-size {cfg.train_size} overlaps the --val-size {n} held-out images "
-                f"of the {len(y)} training images; use --train-size <= {keep}"
-            )
-        return x[:keep], y[:keep], x[keep:], y[keep:]
 
     # ---- per data set ------------------------------------------------------------------
     @classmethod
