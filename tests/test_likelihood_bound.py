@@ -203,8 +203,9 @@ def test_unconstrained_coordinates_are_the_raw_output(family):
 
 
 def test_unconstrained_coordinates_stay_finite_where_softplus_underflows():
-    """A raw output far below zero gives a shape equal to its offset in float32: the
-    coordinate is then clamped (finite, about log(eps * offset)), not -inf."""
+    """A raw output far below zero puts Gamma's mean at its floor (eps) or its shape at
+    its offset in float32: the coordinate is then clamped (finite, about log(eps) or
+    log(eps * offset)), not -inf; raw values that float32 resolves come back as they were."""
     fam = make_family("gamma")
     raw = torch.tensor([[-200.0, -20.0, 0.0, 30.0]], dtype=torch.float32).repeat(1, 2)
     u = fam.unconstrained(fam.params(raw))
