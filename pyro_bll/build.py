@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .chain import LIKELIHOOD_ESTIMATORS, BLLChain
-from .config import BLL_TERMS, LR_SCHEDULES, ConfigError, RunConfig
+from .config import BLL_TERMS, COMMON_DEFAULTS, LR_SCHEDULES, ConfigError, RunConfig
 from .families import FAMILIES, Family, FamilyError, make_family
 from .guides import FEEDBACKS, MESSAGES
 from .methods import METHODS, check_method_options
@@ -31,12 +31,23 @@ def fill_defaults(cfg: RunConfig) -> RunConfig:
     user set are kept. Idempotent; returns ``cfg``. The command line and
     ``config_for_task`` both come here."""
     task = TASKS.get(cfg.task)
+    fill_family(cfg)
     if cfg.propagate is None and getattr(task, "params_propagation", False):
         if cfg.family in FAMILIES:
             cfg.propagate = FAMILIES[cfg.family].default_propagate
     if cfg.backward is None and cfg.method in METHODS and not METHODS[cfg.method].local:
         cfg.backward = "joint"  # one loss over the whole network; local methods: per task
     return cfg.fill_defaults(getattr(task, "DEFAULTS", {}))
+
+
+def fill_family(cfg: RunConfig) -> RunConfig:
+    """``--family`` left unset: the task's choice (``DEFAULTS["family"]``), else the
+    paper's Gaussian (``COMMON_DEFAULTS``). Other defaults depend on the family, so it is
+    filled first."""
+    if cfg.family is None:
+        task_defaults = getattr(TASKS.get(cfg.task), "DEFAULTS", {})
+        cfg.family = task_defaults.get("family", COMMON_DEFAULTS["family"])
+    return cfg
 
 
 def config_for_task(task: str, **options: Any) -> RunConfig:
@@ -47,6 +58,7 @@ def config_for_task(task: str, **options: Any) -> RunConfig:
 def validate(cfg: RunConfig) -> RunConfig:
     """Check ``cfg`` before any work starts (ConfigError: one line naming the fix) and fill
     its defaults. Returns ``cfg``."""
+    fill_family(cfg)
     for name, choices, what in [
         (cfg.task, TASKS, "task"),
         (cfg.method, METHODS, "method"),

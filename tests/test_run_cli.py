@@ -236,3 +236,23 @@ def test_propagate_defaults_to_the_family_choice_where_the_task_allows_it(task, 
     assert validate(cfg).propagate == expected
     cfg, _ = run.parse_config(["--task", task, "--family", family, "--propagate", "sample"])
     assert validate(cfg).propagate == "sample"  # an explicit choice is kept
+
+
+@pytest.mark.parametrize(
+    "task, expected",
+    [
+        ("s2s_reverse", "gaussian"),
+        ("fashion_mnist", "gaussian"),
+        ("fashion_mnist_mlp", "gaussian_gated"),
+    ],  # fmt: skip
+)
+def test_family_defaults_to_the_task_choice(task, expected):
+    """--family unset: the paper's Gaussian, except where a task chose another on its
+    validation split (the MLP); the family's own defaults (e.g. --propagate) follow it."""
+    from pyro_bll.build import config_for_task, validate
+
+    cfg, _ = run.parse_config(["--task", task])
+    assert validate(cfg).family == expected
+    assert config_for_task(task).family == expected
+    cfg, _ = run.parse_config(["--task", task, "--family", "bernoulli"])
+    assert validate(cfg).family == "bernoulli"  # an explicit choice is kept

@@ -29,6 +29,9 @@ class FashionMNISTMLPTask:
     # 3 blocks of width 256, 3 epochs at batch 100 and Adam 1e-3: the network and budget of
     # the families benchmark (docs/results.md)
     DEFAULTS = {
+        # on the validation split (seed 0, last 10,000 training images): gated 85.95 %,
+        # the paper's Gaussian 82.23 %, BP 87.00 % (docs/results.md)
+        "family": "gaussian_gated",
         "data_dir": DEFAULT_FASHION_MNIST,
         "layers": 3,
         "d_model": 256,
