@@ -3,7 +3,8 @@
 Both are reparameterisable (pathwise gradients). Natural-parameter conventions:
 
 * Gamma(a, b) (shape a, rate b) on z > 0:  T(z) = (log z, z),  eta = (a - 1, -b),
-  A = lgamma(a) - a log b,  h = 1.
+  A = lgamma(a) - a log b,  h = 1.  Block output (r1, r2): a = softplus(r2) + min_param,
+  b = a / softplus(r1) + min_param (r1 the mean, r2 the concentration; ``Gamma.params``).
 * Beta(a, b) on 0 < z < 1:  T(z) = (log z, log(1 - z)),  eta = (a - 1, b - 1),
   A = lgamma(a) + lgamma(b) - lgamma(a + b),  h = 1.
 
@@ -28,7 +29,8 @@ from .base import Family, FamilyError, Natural, Params, bounded_below, inverse_s
 
 @dataclass(repr=True)
 class _TwoPositive(Family):
-    """Two positive parameters per channel: raw ``[..., 2C]`` -> softplus + ``min_param``."""
+    """Two positive parameters per channel, each at least ``min_param``: raw ``[..., 2C]``
+    -> softplus + ``min_param`` (Beta; the Gamma links its own way)."""
 
     min_param: float = 0.5
     n_raw = 2
@@ -61,7 +63,7 @@ class _TwoPositive(Family):
 
 @dataclass(repr=True)
 class Gamma(_TwoPositive):
-    """raw ``[..., 2C]`` -> (a, b) = softplus + min_param; m(alpha) = a / b.
+    """raw ``[..., 2C]`` -> (a, b), see ``params``; m(alpha) = a / b.
 
     Feedback raw (r1, r2) ``[..., 2C]`` -> beta = (f(r1), -f(r2)) with f = ``bounded_below``
     (zero at zero); the prototype likelihood reads beta_c as Gamma(1 + beta_1, 1 - beta_2),
