@@ -45,7 +45,9 @@ def _support_points(family, alpha, rho):
         return z, None
     t = torch.linspace(0, 1, 40001, dtype=torch.float64).reshape(-1, *[1] * len(shape))
     if support is constraints.unit_interval:
-        u = -30 + 60 * t.expand(-1, *shape)  # sigmoid(30) < 1 in float64
+        # sigmoid(36) < 1 in float64; on the left z stays positive much further, and a
+        # shape near its floor leaves a tail of about exp(shape * u) beyond the grid
+        u = -80 + 116 * t.expand(-1, *shape)
         z = torch.sigmoid(u)
         return z, (u, z * (1 - z))
     if support in (constraints.positive, constraints.nonnegative):

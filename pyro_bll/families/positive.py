@@ -6,7 +6,9 @@ Both are reparameterisable (pathwise gradients). Natural-parameter conventions:
   A = lgamma(a) - a log b,  h = 1.  Block output (r1, r2): a = softplus(r2) + min_param,
   b = a / softplus(r1) + min_param (r1 the mean, r2 the concentration; ``Gamma.params``).
 * Beta(a, b) on 0 < z < 1:  T(z) = (log z, log(1 - z)),  eta = (a - 1, b - 1),
-  A = lgamma(a) + lgamma(b) - lgamma(a + b),  h = 1.
+  A = lgamma(a) + lgamma(b) - lgamma(a + b),  h = 1.  Block output (r1, r2): mean
+  sigmoid(r1), concentration softplus(r2), each shape that share of it plus min_param
+  (``Beta.params``).
 
 (torch's private Beta convention is unshifted, (a, b); ours is shifted so that h = 1.)
 Feedback potentials are zero for a zero raw output and may lower a shape by at most
@@ -29,8 +31,8 @@ from .base import Family, FamilyError, Natural, Params, bounded_below, inverse_s
 
 @dataclass(repr=True)
 class _TwoPositive(Family):
-    """Two positive parameters per channel, each at least ``min_param``: raw ``[..., 2C]``
-    -> softplus + ``min_param`` (Beta; the Gamma links its own way)."""
+    """Two positive parameters per channel, each at least ``min_param``; each family
+    links raw ``[..., 2C]`` to them its own way (location, then concentration)."""
 
     min_param: float = 0.5
     n_raw = 2
@@ -44,10 +46,6 @@ class _TwoPositive(Family):
         """A potential component that lowers a shape by less than ``min_param / 3``."""
         return bounded_below(raw, self.min_param / 3)
 
-    def params(self, raw: Tensor) -> Params:
-        r1, r2 = self.split_raw(raw, 2, "block output")
-        return (F.softplus(r1) + self.min_param, F.softplus(r2) + self.min_param)
-
     def check_params(self, params: Params) -> None:
         for p in params:
             if not (torch.isfinite(p).all() and (p > 0).all()):
@@ -55,10 +53,6 @@ class _TwoPositive(Family):
 
     def log_base_measure(self, z: Tensor) -> Tensor:
         return torch.zeros_like(z)
-
-    def unconstrained(self, params: Params) -> Tensor:
-        """The raw output ``[..., 2C]``: softplus^-1(a - min_param), softplus^-1(b - min_param)."""
-        return torch.cat([inverse_softplus(p, self.min_param) for p in params], dim=-1)
 
 
 @dataclass(repr=True)
@@ -136,13 +130,35 @@ class Gamma(_TwoPositive):
 
 @dataclass(repr=True)
 class Beta(_TwoPositive):
-    """raw ``[..., 2C]`` -> (a, b) = softplus + min_param; m(alpha) = a / (a + b).
+    """raw ``[..., 2C]`` -> (a, b), see ``params``; m(alpha) = a / (a + b).
 
     Feedback raw (r1, r2) ``[..., 2C]`` -> beta = (f(r1), f(r2)) with f = ``bounded_below``
     (zero at zero); the prototype likelihood reads beta_c as Beta(1 + beta_1, 1 + beta_2).
     """
 
     name = "beta"
+
+    def params(self, raw: Tensor) -> Params:
+        """raw (r1, r2) ``[..., 2C]`` -> mean m = sigmoid(r1), concentration
+        k = softplus(r2), and a = m k + min_param, b = (1 - m) k + min_param.
+
+        r1 is the logit of the mean (about a / (a + b)) and r2 the concentration, so on the
+        transformer the residual stream (r1) carries the location and the readout (r2)
+        the concentration, as for the Gamma (``Gamma.params``); both shapes stay at least
+        ``min_param``.
+        """
+        r1, r2 = self.split_raw(raw, 2, "block output")
+        m, k = torch.sigmoid(r1), F.softplus(r2)
+        return (m * k + self.min_param, (1 - m) * k + self.min_param)
+
+    def unconstrained(self, params: Params) -> Tensor:
+        """The raw output ``[..., 2C]``: (logit(m), softplus^-1(k)) with
+        k = a + b - 2 min_param and m = (a - min_param) / k."""
+        a, b = params
+        pa, pb = a - self.min_param, b - self.min_param
+        tiny = torch.finfo(a.dtype).eps * self.min_param
+        logit = torch.log(pa.clamp_min(tiny)) - torch.log(pb.clamp_min(tiny))
+        return torch.cat([logit, inverse_softplus(pa + pb)], dim=-1)
 
     def natural(self, params: Params) -> Natural:
         a, b = params
