@@ -84,7 +84,7 @@ class TransformerBlock(nn.Module):
         width = family.raw_size(d_model)
         project = params_input and width != d_model and not vocab
         self.inproj = nn.Linear(width, d_model) if project else None
-        if self.inproj is not None:
+        if self.inproj is not None and family.unconstrained_is_raw:
             # start as [I, 0]: the unconstrained coordinates begin with the previous block's
             # stream (the first D raw features, ``ParamReadout``), so an untrained stack is
             # one residual stream, as it is for the one-parameter families; a random

@@ -130,6 +130,9 @@ class Family(ABC):
     # coordinates) keeps a deep stack of bounded or positive means from squashing the
     # residual stream at every block (docs/results.md); the Gaussians use their mean
     default_propagate: ClassVar[str] = "params"
+    # True where ``unconstrained(params(raw)) == raw`` (the coordinates the block wrote);
+    # the transformer then starts its input projection as [I, 0], continuing the stream
+    unconstrained_is_raw: ClassVar[bool] = True
     # options that fit the family to a latent of 6 channels: the generic tests build every
     # family with them (e.g. a categorical's group size must divide the channel count)
     example_options: ClassVar[dict[str, Any]] = {}
