@@ -31,7 +31,7 @@ from .base import Family, FamilyError, Natural, Params, bounded_below, inverse_s
 @dataclass(repr=True)
 class _TwoPositive(Family):
     """Two positive parameters per channel, each at least ``min_param``; each family
-    links raw ``[..., 2C]`` to them its own way (location, then concentration)."""
+    links raw ``[..., 2C]`` to them its own way (``params``)."""
 
     min_param: float = 0.5
     n_raw = 2
@@ -72,8 +72,8 @@ class Gamma(_TwoPositive):
         the concentration (a coefficient of variation 1 / sqrt(a)).
 
         On the transformer r1 is the block's residual stream (``ParamReadout``). Written
-        as the shape, the stream had to grow for the latent to concentrate (a of several
-        hundred in the top blocks of a 20-block stack); here the readout r2 carries the
+        as the shape, the stream had to grow for the latent to concentrate (shapes up to
+        about 1500 in the top blocks of a 20-block stack); here the readout r2 carries the
         concentration and the stream only the mean. The rate's floor keeps it at least
         ``min_param``, as the shape.
         """
