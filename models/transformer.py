@@ -87,8 +87,8 @@ class TransformerBlock(nn.Module):
         if self.inproj is not None and family.unconstrained_is_raw:
             # start as [I, 0]: the unconstrained coordinates begin with the previous block's
             # stream (the first D raw features, ``ParamReadout``), so an untrained stack is
-            # one residual stream, as it is for the one-parameter families; a random
-            # projection at all 19 boundaries of a 20-block stack scrambles it instead
+            # one residual stream, as it is for the one-parameter families, where a random
+            # projection would mix it anew at every block boundary
             with torch.no_grad():
                 self.inproj.weight.zero_()
                 self.inproj.weight[:, :d_model].copy_(torch.eye(d_model))
