@@ -25,29 +25,21 @@ _POSITIVE = ("layers", "d_model", "seq_len", "epochs", "train_size", "test_size"
 
 
 def fill_defaults(cfg: RunConfig) -> RunConfig:
-    """Set every option left unset (``None``) from the defaults that depend on the family
-    and the method (``--propagate`` on tasks that take the family's choice,
-    ``--backward``), then the task's ``DEFAULTS``, then ``COMMON_DEFAULTS``; options the
+    """Set every option left unset (``None``): first ``--family`` (the task's choice, else
+    the paper's Gaussian), then the defaults that depend on the family and the method
+    (``--propagate`` on tasks that take the family's choice, ``--backward``), then the
+    task's ``DEFAULTS``, then ``COMMON_DEFAULTS``; options the
     user set are kept. Idempotent; returns ``cfg``. The command line and
     ``config_for_task`` both come here."""
     task = TASKS.get(cfg.task)
-    fill_family(cfg)
+    if cfg.family is None:  # first: the defaults below depend on it
+        cfg.family = getattr(task, "DEFAULTS", {}).get("family", COMMON_DEFAULTS["family"])
     if cfg.propagate is None and getattr(task, "params_propagation", False):
         if cfg.family in FAMILIES:
             cfg.propagate = FAMILIES[cfg.family].default_propagate
     if cfg.backward is None and cfg.method in METHODS and not METHODS[cfg.method].local:
         cfg.backward = "joint"  # one loss over the whole network; local methods: per task
     return cfg.fill_defaults(getattr(task, "DEFAULTS", {}))
-
-
-def fill_family(cfg: RunConfig) -> RunConfig:
-    """``--family`` left unset: the task's choice (``DEFAULTS["family"]``), else the
-    paper's Gaussian (``COMMON_DEFAULTS``). Other defaults depend on the family, so it is
-    filled first."""
-    if cfg.family is None:
-        task_defaults = getattr(TASKS.get(cfg.task), "DEFAULTS", {})
-        cfg.family = task_defaults.get("family", COMMON_DEFAULTS["family"])
-    return cfg
 
 
 def config_for_task(task: str, **options: Any) -> RunConfig:
@@ -58,7 +50,7 @@ def config_for_task(task: str, **options: Any) -> RunConfig:
 def validate(cfg: RunConfig) -> RunConfig:
     """Check ``cfg`` before any work starts (ConfigError: one line naming the fix) and fill
     its defaults. Returns ``cfg``."""
-    fill_family(cfg)
+    fill_defaults(cfg)  # unset options never fail a check below; set ones are unchanged
     for name, choices, what in [
         (cfg.task, TASKS, "task"),
         (cfg.method, METHODS, "method"),
@@ -78,7 +70,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"unknown likelihood {cfg.likelihood!r}; valid: {', '.join(LIKELIHOOD_ESTIMATORS)}"
         )
-    fill_defaults(cfg)
     for name, choices, what in [
         (cfg.propagate, ("mean", "params", "sample"), "propagate"),
         (cfg.lr_schedule, LR_SCHEDULES, "lr schedule"),
