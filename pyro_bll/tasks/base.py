@@ -54,20 +54,30 @@ def check_blocks_divide_layers(cfg: RunConfig) -> None:
         )
 
 
-def hold_out(x: Tensor, y: Tensor, cfg: RunConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``--val-size N`` (image tasks): training examples ``[:-N]`` (the first
-    ``--train-size`` of them are trained on) and the validation split ``[-N:]``, which
-    takes the test split's place, so that settings can be chosen without ever reading the
-    test set. The task then reports ``val_accuracy`` instead of ``test_accuracy``."""
-    n, keep = cfg.val_size, len(y) - cfg.val_size
+def evaluation_split(
+    cfg: RunConfig, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
+    """The examples to train on and to evaluate on, and the evaluation split's name.
+
+    Without ``--val-size``: the training and test sets, ``"test"``. With ``--val-size N``
+    (image tasks): training examples ``[:-N]`` (the first ``--train-size`` of them are
+    trained on) and the validation split ``[-N:]``, which takes the test split's place, so
+    that settings can be chosen without ever reading the test set; ``"val"`` (the task then
+    reports ``val_accuracy`` instead of ``test_accuracy``).
+    """
+    if not cfg.val_size:
+        return x_train, y_train, x_test, y_test, "test"
+    n, keep = cfg.val_size, len(y_train) - cfg.val_size
     if keep <= 0:
-        raise ConfigError(f"--val-size {n} leaves no training images of the {len(y)}; use fewer")
+        raise ConfigError(
+            f"--val-size {n} leaves no training images of the {len(y_train)}; use fewer"
+        )
     if cfg.train_size is not None and cfg.train_size > keep:
         raise ConfigError(
             f"--train-size {cfg.train_size} overlaps the --val-size {n} held-out images "
-            f"of the {len(y)} training images; use --train-size <= {keep}"
+            f"of the {len(y_train)} training images; use --train-size <= {keep}"
         )
-    return x[:keep], y[:keep], x[keep:], y[keep:]
+    return x_train[:keep], y_train[:keep], x_train[keep:], y_train[keep:], "val"
 
 
 def refuse_vision_options(cfg: RunConfig, images: bool = False) -> None:

@@ -18,7 +18,12 @@ from ..config import ConfigError, RunConfig
 from ..data import DEFAULT_FASHION_MNIST, DataError, load_fashion_mnist
 from ..families import Family
 from ..likelihoods import CategoricalHead
-from .base import check_blocks_divide_layers, check_diagnostic_size, hold_out, refuse_vision_options
+from .base import (
+    check_blocks_divide_layers,
+    check_diagnostic_size,
+    evaluation_split,
+    refuse_vision_options,
+)
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
 
@@ -60,10 +65,10 @@ class FashionMNISTMLPTask:
             x_test, y_test = load_fashion_mnist(directory, "test")
         except (DataError, OSError) as e:
             raise ConfigError(str(e)) from None
-        self.split = "test"
-        if cfg.val_size:  # the last val_size training images replace the test set
-            x_train, y_train, x_test, y_test = hold_out(x_train, y_train, cfg)
-            self.split = "val"
+        # with --val-size the last training images replace the test set
+        x_train, y_train, x_test, y_test, self.split = evaluation_split(
+            cfg, x_train, y_train, x_test, y_test
+        )
         n_train = cfg.train_size or len(x_train)
         n_test = cfg.test_size or len(x_test)
         self.x_train, self.y_train = self._prep(x_train[:n_train]), y_train[:n_train]

@@ -47,7 +47,7 @@ from ..guides import MESSAGES
 from ..likelihoods import PRED_HEADS, PooledHead
 from ..models.errors import ModelError
 from ..models.resnet import block_map_sizes, memory_split, resnet_blocks
-from .base import check_diagnostic_size, hold_out
+from .base import check_diagnostic_size, evaluation_split
 
 _VISION_DEFAULTS: dict[str, Any] = {
     "blocks": 4,
@@ -78,10 +78,10 @@ class VisionTask(ABC):
             x_test, y_test = self.load(cfg, "test")
         except DataError as e:
             raise ConfigError(str(e)) from None
-        self.split = "test"
-        if cfg.val_size:  # hold out the last val_size training images; the test set is unused
-            x_train, y_train, x_test, y_test = hold_out(x_train, y_train, cfg)
-            self.split = "val"
+        # with --val-size the last training images replace the test set
+        x_train, y_train, x_test, y_test, self.split = evaluation_split(
+            cfg, x_train, y_train, x_test, y_test
+        )
         n_train = cfg.train_size or len(x_train)
         n_test = cfg.test_size or len(x_test)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
