@@ -23,7 +23,9 @@ from __future__ import annotations
 import pickle
 import random
 import re
+import sys
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ---- family links --------------------------------------------------------------------------
+def family_links(families: Sequence[Any]) -> dict[str, int]:
+    """``{family name: link_version}`` of a chain's families, as a checkpoint records it."""
+    return {f.name: int(f.link_version) for f in families}
+
+
+def check_links(state: dict[str, Any], families: Sequence[Any], path: Path) -> None:
+    """Refuse a checkpoint whose families read raw block outputs another way than this code.
+
+    A checkpoint records ``family_links`` under ``"family_links"``. One written before that
+    record existed is accepted, with a warning on stderr for a family whose reading has
+    changed since (``link_version > 1``), since its version cannot be told.
+    """
+    saved = state.get("family_links")
+    for name, version in family_links(families).items():
+        if saved is None:
+            if version > 1:
+                print(
+                    f"warning: {path} does not record which {name} link it was trained "
+                    f"with (written before checkpoints recorded it); if it predates link "
+                    f"version {version} its block outputs mean another {name} here: "
+                    "retrain it (docs/families.md)",
+                    file=sys.stderr,
+                )
+        elif name in saved and int(saved[name]) != version:
+            raise CheckpointError(
+                f"{path} was trained with {name} link version {saved[name]}, this code reads "
+                f"block outputs with version {version}, so its weights would mean another "
+                f"{name}: retrain it (docs/families.md)"
+            )
 
 
 # ---- files -------------------------------------------------------------------------------

@@ -44,7 +44,13 @@ from torch import Tensor
 from .agreement import SCALARS, _expand_labels, block_sums, bootstrap_weights, summarise
 from .build import build_from_config, validate
 from .chain import BLLChain
-from .checkpoints import END_OF_EPOCH, checkpoint_key, list_checkpoints, load_checkpoint
+from .checkpoints import (
+    END_OF_EPOCH,
+    check_links,
+    checkpoint_key,
+    list_checkpoints,
+    load_checkpoint,
+)
 from .config import ConfigError, RunConfig
 from .families import Params
 from .methods import METHODS, build_method
@@ -78,6 +84,7 @@ class LoadedRun:
         """Load the weights of one checkpoint of this run; returns its 1-based epoch."""
         state = _read_checkpoint(checkpoint)
         _check_same_config(self.cfg, state.get("config", {}), checkpoint, self.path)
+        check_links(state, self.chain.families, checkpoint)
         try:
             self.chain.load_state_dict(state["model"])
         except (RuntimeError, KeyError) as e:

@@ -27,7 +27,9 @@ import torch
 from .build import build_from_config, validate
 from .chain import BLLChain
 from .checkpoints import (
+    check_links,
     checkpoint_path,
+    family_links,
     list_checkpoints,
     load_checkpoint,
     newest_readable,
@@ -154,6 +156,7 @@ class Trainer:
             "epoch": epoch,
             "config": self.cfg.to_dict(),
             "model": self.chain.state_dict(),
+            "family_links": family_links(self.chain.families),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
@@ -173,6 +176,7 @@ class Trainer:
         ``path``); a mid-epoch one resumes inside its epoch."""
         if state is None:
             state = load_checkpoint(path, self.device)
+        check_links(state, self.chain.families, path)
         self.chain.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:

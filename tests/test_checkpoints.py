@@ -4,6 +4,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from pyro_bll.checkpoints import (
     CheckpointError,
+    check_links,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
@@ -135,6 +137,57 @@ def test_resume_with_no_readable_checkpoint_exits_2_naming_the_file(trained, tmp
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "epoch_001.pt is corrupt or truncated" in err
     assert (out / "checkpoints" / "epoch_001.pt").exists()  # nothing moved or deleted
+
+
+def test_checkpoints_record_the_family_link_they_were_trained_with(trained):
+    for path in list_checkpoints(trained / "checkpoints"):
+        assert torch.load(path, weights_only=True)["family_links"] == {"gaussian": 1}
+
+
+def test_resume_refuses_a_checkpoint_of_another_link_version_and_keeps_it(
+    trained, tmp_path, capsys
+):
+    out = _copy(trained, tmp_path / "run")
+    path = out / "checkpoints" / "epoch_001.pt"
+    state = torch.load(path, weights_only=True)
+    state["family_links"] = {"gaussian": 7}
+    torch.save(state, path)
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert run.cli([*TINY, "--epochs", "3", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "gaussian link version 7" in err and "retrain" in err
+    assert path.read_bytes() == before  # refused, not moved aside or rewritten
+
+
+def test_a_checkpoint_without_a_link_record_is_accepted_with_a_warning_where_it_matters(
+    tmp_path, capsys
+):
+    """Version 1 families load old checkpoints silently; a family whose reading changed
+    (version 2) loads them with a one-line warning, since the version cannot be told."""
+    path = tmp_path / "epoch_000.pt"
+    check_links({}, [SimpleNamespace(name="bernoulli", link_version=1)], path)
+    assert capsys.readouterr().err == ""
+    check_links({}, [SimpleNamespace(name="gamma", link_version=2)], path)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "gamma" in err and "retrain" in err
+    check_links(
+        {"family_links": {"gamma": 2}}, [SimpleNamespace(name="gamma", link_version=2)], path
+    )
+    assert capsys.readouterr().err == ""
+    with pytest.raises(CheckpointError, match="gamma link version 1"):
+        check_links(
+            {"family_links": {"gamma": 1}}, [SimpleNamespace(name="gamma", link_version=2)], path
+        )
+
+
+def test_the_gamma_records_its_changed_link():
+    from pyro_bll.families import FAMILIES
+
+    assert FAMILIES["gamma"].link_version == 2
+    assert {n: c.link_version for n, c in FAMILIES.items() if n != "gamma"} == dict.fromkeys(
+        [n for n in FAMILIES if n != "gamma"], 1
+    )
 
 
 def test_names_sort_mid_epoch_checkpoints_between_epochs(tmp_path):

@@ -130,6 +130,8 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "steps_done": head["steps_done"],
         "assembled_from": {"world_size": len(parts), "rank_blocks": head["rank_blocks"]},
     }
+    if "family_links" in head:
+        merged["family_links"] = head["family_links"]
     if "scheduler" in head:  # one lr schedule, stepped identically on every rank
         merged["scheduler"] = head["scheduler"]
     return merged

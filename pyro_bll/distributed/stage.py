@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..checkpoints import load_checkpoint, prune_mid_epoch, rng_state, set_rng_state
+from ..checkpoints import (
+    check_links,
+    family_links,
+    load_checkpoint,
+    prune_mid_epoch,
+    rng_state,
+    set_rng_state,
+)
 from ..config import ConfigError, RunConfig
 from ..noise import NoiseKey
 from ..step import clip_block_gradients
@@ -165,6 +172,7 @@ class RankStage:
                 "segment": list(self.segment),
                 "config": self.cfg.to_dict(),
                 "model": self.own_state(),
+                "family_links": family_links(self.chain.families),
                 "param_index": self.param_index,
                 "num_params": len(list(self.chain.parameters())),
                 "optimizer": self.optimizer.state_dict(),
@@ -183,6 +191,7 @@ class RankStage:
 
     def load(self, path: Path) -> dict[str, Any]:
         state = load_checkpoint(path, self.device)
+        check_links(state, self.chain.families, path)
         missing, unexpected = self.chain.load_state_dict(state["model"], strict=False)
         if unexpected or set(self.state_keys) & set(missing):
             raise ConfigError(f"{path} does not hold the blocks of rank {self.rank}")

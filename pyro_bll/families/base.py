@@ -116,8 +116,9 @@ class Family(ABC):
     event_dims: ClassVar[int] = 0
     discrete: ClassVar[bool] = False
     # initial scale of the feedback weights: a potential of this size moves rho well away
-    # from alpha for the Gaussians, but makes KL(rho || alpha) swamp the other terms for
-    # families with bounded means, which start better with a weak potential
+    # from alpha for the paper's Gaussian (which uses 1.0), but makes KL(rho || alpha)
+    # swamp the other terms for families with bounded means, which start better with a
+    # weak potential
     feedback_init_std: ClassVar[float] = 0.1
     # False only where a zero raw feedback output is, by design, an informative potential
     # (the paper's fixed-variance Gaussian: the potential of N(0, sigma^2))
@@ -133,6 +134,10 @@ class Family(ABC):
     # True where ``unconstrained(params(raw)) == raw`` (the coordinates the block wrote);
     # the transformer then starts its input projection as [I, 0], continuing the stream
     unconstrained_is_raw: ClassVar[bool] = True
+    # the version of ``params``' reading of raw block outputs. Raise it when that reading
+    # changes: checkpoints record it, and a checkpoint written under another version is
+    # refused, since its weights would mean another distribution (checkpoints.check_links)
+    link_version: ClassVar[int] = 1
     # options that fit the family to a latent of 6 channels: the generic tests build every
     # family with them (e.g. a categorical's group size must divide the channel count)
     example_options: ClassVar[dict[str, Any]] = {}

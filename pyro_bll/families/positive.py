@@ -65,6 +65,7 @@ class Gamma(_TwoPositive):
     """
 
     name = "gamma"
+    link_version = 2  # 1: (shape, rate) = softplus + min_param, up to commit 3b35e2d
 
     def params(self, raw: Tensor) -> Params:
         """raw (r1, r2) ``[..., 2C]`` -> shape a = softplus(r2) + min_param and rate
