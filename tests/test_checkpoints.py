@@ -160,6 +160,18 @@ def test_resume_refuses_a_checkpoint_of_another_link_version_and_keeps_it(
     assert path.read_bytes() == before  # refused, not moved aside or rewritten
 
 
+def test_diagnostics_refuse_a_checkpoint_of_another_link_version(trained, tmp_path):
+    out = _copy(trained, tmp_path / "run")
+    path = out / "checkpoints" / "epoch_001.pt"
+    state = torch.load(path, weights_only=True)
+    state["family_links"] = {"gaussian": 7}
+    torch.save(state, path)
+    with pytest.raises(
+        CheckpointError, match="epoch_001.pt was trained with gaussian link version 7"
+    ):
+        load_run(out)
+
+
 def test_a_checkpoint_without_a_link_record_is_accepted_with_a_warning_where_it_matters(
     tmp_path, capsys
 ):
