@@ -32,14 +32,15 @@ def fill_defaults(cfg: RunConfig) -> RunConfig:
     user set are kept. Idempotent; returns ``cfg``. The command line and
     ``config_for_task`` both come here."""
     task = TASKS.get(cfg.task)
+    task_defaults = getattr(task, "DEFAULTS", {})
     if cfg.family is None:  # first: the defaults below depend on it
-        cfg.family = getattr(task, "DEFAULTS", {}).get("family", COMMON_DEFAULTS["family"])
+        cfg.family = task_defaults.get("family", COMMON_DEFAULTS["family"])
     if cfg.propagate is None and getattr(task, "params_propagation", False):
         if cfg.family in FAMILIES:
             cfg.propagate = FAMILIES[cfg.family].default_propagate
     if cfg.backward is None and cfg.method in METHODS and not METHODS[cfg.method].local:
         cfg.backward = "joint"  # one loss over the whole network; local methods: per task
-    return cfg.fill_defaults(getattr(task, "DEFAULTS", {}))
+    return cfg.fill_defaults(task_defaults)
 
 
 def config_for_task(task: str, **options: Any) -> RunConfig:
