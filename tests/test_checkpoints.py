@@ -144,14 +144,20 @@ def test_checkpoints_record_the_family_link_they_were_trained_with(trained):
         assert torch.load(path, weights_only=True)["family_links"] == {"gaussian": 1}
 
 
-def test_resume_refuses_a_checkpoint_of_another_link_version_and_keeps_it(
-    trained, tmp_path, capsys
-):
+def _with_gaussian_link_7(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the trained run whose last checkpoint records gaussian link version 7."""
     out = _copy(trained, tmp_path / "run")
     path = out / "checkpoints" / "epoch_001.pt"
     state = torch.load(path, weights_only=True)
     state["family_links"] = {"gaussian": 7}
     torch.save(state, path)
+    return out, path
+
+
+def test_resume_refuses_a_checkpoint_of_another_link_version_and_keeps_it(
+    trained, tmp_path, capsys
+):
+    out, path = _with_gaussian_link_7(trained, tmp_path)
     before = path.read_bytes()
     capsys.readouterr()
     assert run.cli([*TINY, "--epochs", "3", "--out", str(out), "--resume"]) == 2
@@ -161,11 +167,7 @@ def test_resume_refuses_a_checkpoint_of_another_link_version_and_keeps_it(
 
 
 def test_diagnostics_refuse_a_checkpoint_of_another_link_version(trained, tmp_path):
-    out = _copy(trained, tmp_path / "run")
-    path = out / "checkpoints" / "epoch_001.pt"
-    state = torch.load(path, weights_only=True)
-    state["family_links"] = {"gaussian": 7}
-    torch.save(state, path)
+    out, _ = _with_gaussian_link_7(trained, tmp_path)
     with pytest.raises(
         CheckpointError, match="epoch_001.pt was trained with gaussian link version 7"
     ):
@@ -196,10 +198,8 @@ def test_a_checkpoint_without_a_link_record_is_accepted_with_a_warning_where_it_
 def test_the_gamma_records_its_changed_link():
     from pyro_bll.families import FAMILIES
 
-    assert FAMILIES["gamma"].link_version == 2
-    assert {n: c.link_version for n, c in FAMILIES.items() if n != "gamma"} == dict.fromkeys(
-        [n for n in FAMILIES if n != "gamma"], 1
-    )
+    versions = {name: cls.link_version for name, cls in FAMILIES.items()}
+    assert versions == {**dict.fromkeys(FAMILIES, 1), "gamma": 2}
 
 
 def test_names_sort_mid_epoch_checkpoints_between_epochs(tmp_path):
