@@ -99,6 +99,17 @@ def test_sync_two_ranks_with_resume_equal_the_single_process_run(tmp_path, singl
     assert [r.exitcode for r in results] == [2, 2]
     assert "no epoch has a checkpoint from all 2 stages" in results[0].log
     hidden.with_suffix(".bak").rename(hidden)
+    # one rank's checkpoint of another family link version: every rank refuses, and the
+    # file stays as it was
+    original = hidden.read_bytes()
+    state = torch.load(hidden, weights_only=True)
+    torch.save({**state, "family_links": {"gaussian": 7}}, hidden)
+    relinked = hidden.read_bytes()
+    results = launch([*args, "--epochs", "2", "--resume"], 2, tmp_path)
+    assert [r.exitcode for r in results] == [2, 2]
+    assert "epoch_000.pt was trained with gaussian link version 7" in results[0].log
+    assert hidden.read_bytes() == relinked
+    hidden.write_bytes(original)
     # a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes without --resume
     restart = {"TORCHELASTIC_RESTART_COUNT": "1"}
     _ok(launch([*args, "--epochs", "2"], 2, tmp_path, env=restart))  # blocks 2 + 1

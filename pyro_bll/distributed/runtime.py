@@ -24,7 +24,12 @@ from typing import Any
 import pyro
 import torch.distributed as dist
 
-from ..checkpoints import END_OF_EPOCH, CheckpointError, list_checkpoints, load_checkpoint
+from ..checkpoints import (
+    END_OF_EPOCH,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+)
 from ..config import ConfigError, RunConfig
 from ..interrupt import StopSignals, TrainingInterrupted
 from ..progress import Progress
@@ -127,9 +132,9 @@ class RankTrainer:
             epoch, step = complete[-1]
             path = ckpt.rank_checkpoint(out, stage, epoch, None if step == END_OF_EPOCH else step)
             mismatch, state = None, {"rank_blocks": list(self.stage.groups.sizes)}
-            try:
-                state = load_checkpoint(path)
-            except CheckpointError as e:  # every rank raises it (gathered below)
+            try:  # read once: checked here, restored by the stage once every rank agrees
+                state = load_checkpoint(path, self.stage.device)
+            except CheckpointError as e:
                 mismatch = f"--resume: {e}"
             if mismatch is None and state["rank_blocks"] != list(self.stage.groups.sizes):
                 mismatch = (
@@ -139,8 +144,10 @@ class RankTrainer:
                     "grouping, or assemble them (experiments/assemble_checkpoint.py) and "
                     "resume in one process"
                 )
-            _agree(mismatch)
-            state = self.stage.load(path)
+            if mismatch is None:
+                mismatch = self.stage.check_state(state, path)
+            _agree(mismatch)  # one rank's refusal is every rank's (no rank left waiting)
+            self.stage.restore(state)
             self.history = state["history"]
             self.partial = state.get("epoch_state")
             self.start_epoch = epoch if self.partial is not None else epoch + 1

@@ -22,14 +22,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..checkpoints import (
+    CheckpointError,
     check_links,
     family_links,
-    load_checkpoint,
     prune_mid_epoch,
     rng_state,
     set_rng_state,
 )
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from ..noise import NoiseKey
 from ..step import clip_block_gradients
 from ..step_cache import StepCache
@@ -189,14 +189,22 @@ class RankStage:
         prune_mid_epoch(path, keep=0 if partial is None else 1)
         return path
 
-    def load(self, path: Path) -> dict[str, Any]:
-        state = load_checkpoint(path, self.device)
-        check_links(state, self.chain.families, path)
-        missing, unexpected = self.chain.load_state_dict(state["model"], strict=False)
-        if unexpected or set(self.state_keys) & set(missing):
-            raise ConfigError(f"{path} does not hold the blocks of rank {self.rank}")
+    def check_state(self, state: dict[str, Any], path: Path) -> str | None:
+        """Why this rank cannot continue from checkpoint ``state`` (read from ``path``), or
+        None. The runtime gathers every rank's answer before any rank restores."""
+        try:
+            check_links(state, self.chain.families, path)
+        except CheckpointError as e:
+            return str(e)
+        saved, own = set(state["model"]), set(self.chain.state_dict())
+        if saved - own or set(self.state_keys) - saved:
+            return f"{path} does not hold the blocks of rank {self.rank}"
+        return None
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from this rank's checkpoint ``state``, accepted by ``check_state``."""
+        self.chain.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps_done = state["steps_done"]
         set_rng_state(state["rng"])
-        return state
