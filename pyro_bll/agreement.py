@@ -42,6 +42,9 @@ Gaussian, m(pi_c) is the feedback output b_c.
   would leak in through beta_k), per valid label; the last block uses the output head
   (at m(alpha_N), or at the draw with ``head_input="sample"``) (``local_acc_class``: per
   true class).
+
+A block without a latent (the last one when the head reads m(alpha_N), ``has_latent``)
+has no rho_k: every statistic but ``local_acc`` is NaN there (``null`` in ``metrics.json``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ LOGGED = (
     "feedback_weight",
     "local_acc",
 )  # logged during training (StepAgreement)
+
+
+# statistics of the latent z_k and its posterior rho_k: NaN for a block without a latent
+# (the last one when the head reads m(alpha_N), docs/math.md §2)
+_LATENT_SUMS = ("kl", "mean_msd", "mean_cos", "proto_msd", "proto_cos", "feedback_weight",
+                "proto_msd_class")  # fmt: skip
 
 
 @dataclass
@@ -212,6 +221,11 @@ def block_sums(
         sums.proto_msd_class = _per_example(onehot * proto_sq.unsqueeze(-1), keep=1)
         sums.class_labels = _per_example(lab, keep=1)
         sums.correct_class = torch.cat(correct_class, dim=-1)
+    if not chain.has_latent(k):  # no z_k, no rho_k: only the head's accuracy is defined
+        for name in _LATENT_SUMS:
+            value = getattr(sums, name)
+            if value is not None:
+                setattr(sums, name, torch.full_like(value, float("nan")))
     return sums
 
 
@@ -276,14 +290,14 @@ def _quick(chain: BLLChain, k: int, alpha: Params, y: Tensor, mask: Tensor | Non
     protos = prototype_means(chain, k).to(m_a.dtype)[_expand_labels(y_safe, m_ap.shape[:-1])]
     z = fam.distribution(site).sample((1,))[0]
     hit = (local_logits(chain, k, alpha, z).argmax(-1) == y).to(m_a.dtype)
-    return torch.stack(
-        [
-            _masked_mean(F.cosine_similarity(m_r, m_a, dim=-1, eps=1e-12), w),
-            _masked_mean(F.cosine_similarity(m_ap, protos, dim=-1, eps=1e-12), w_p),
-            _masked_mean(_feedback_weight(m_ap, m_rp, protos), w_p),
-            _masked_mean(hit, None if mask is None else mask.to(m_a.dtype)),
-        ]
-    )
+    latent = [
+        _masked_mean(F.cosine_similarity(m_r, m_a, dim=-1, eps=1e-12), w),
+        _masked_mean(F.cosine_similarity(m_ap, protos, dim=-1, eps=1e-12), w_p),
+        _masked_mean(_feedback_weight(m_ap, m_rp, protos), w_p),
+    ]
+    if not chain.has_latent(k):  # no rho_k to compare: NaN (null in the logged history)
+        latent = [torch.full_like(v, float("nan")) for v in latent]
+    return torch.stack([*latent, _masked_mean(hit, None if mask is None else mask.to(m_a.dtype))])
 
 
 @torch.no_grad()

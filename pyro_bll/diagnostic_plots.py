@@ -182,7 +182,8 @@ def plot_training(histories: dict[str, list[dict[str, Any]]], path: Path) -> boo
     for row, (name, hist) in zip(axes, have.items(), strict=True):
         epochs = [h["epoch"] for h in hist]
         for ax, stat in zip(row, stats, strict=True):
-            v = np.array([h["block_agreement"][stat] for h in hist])  # [E, N]
+            # [E, N]; null (a block without a latent) becomes NaN, which is not drawn
+            v = np.array([h["block_agreement"][stat] for h in hist], dtype=float)
             for k in range(v.shape[1]):
                 ax.plot(
                     epochs, v[:, k], lw=1, color=plt.get_cmap("plasma")(k / max(1, v.shape[1] - 1))

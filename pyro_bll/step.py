@@ -127,7 +127,7 @@ def epoch_record(
     ``pyro_bll.agreement``), then ``timing`` (seconds) and the task's ``metrics``.
     """
     n = max(count, 1)
-    means = {k: (v / n).tolist() for k, v in (totals or {}).items()}
+    means = {k: _json_list(v / n) for k, v in (totals or {}).items()}
     block_losses = means.pop("loss", [])
     agreement = {
         k.removeprefix("agreement_"): means.pop(k) for k in list(means) if "agreement_" in k
@@ -140,3 +140,9 @@ def epoch_record(
         **timing,
         **metrics,
     }
+
+
+def _json_list(v: torch.Tensor) -> list[float | None]:
+    """``v.tolist()`` with NaN (an undefined statistic, e.g. of a block without a latent)
+    as None, so that the history is valid JSON and compares equal to itself."""
+    return [None if x != x else x for x in v.tolist()]

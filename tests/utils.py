@@ -11,11 +11,16 @@ from pyro_bll.guides import LinearFeedback
 from pyro_bll.models import mlp_blocks
 
 
-def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, msg: str = "") -> None:
-    """One closeness check for the whole suite; each test states its own tolerance."""
+def assert_close(
+    actual, expected, *, atol: float, rtol: float = 0.0, msg: str = "", equal_nan: bool = False
+) -> None:
+    """One closeness check for the whole suite; each test states its own tolerance
+    (``equal_nan``: NaN, an undefined value, must sit where the expected value has it)."""
     actual = torch.as_tensor(actual)
     expected = torch.as_tensor(expected, dtype=actual.dtype)
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=msg or None)
+    torch.testing.assert_close(
+        actual, expected, atol=atol, rtol=rtol, msg=msg or None, equal_nan=equal_nan
+    )
 
 
 def mlp_chain(family: Family, *, in_dim=6, widths=(6, 6, 6), classes=4, **kw) -> BLLChain:
