@@ -85,14 +85,18 @@ def _markdown(summary, names: list[str], n_blocks: int) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in range(n_blocks):
         rows = summary.loc[[f"{s}[{k}]" for s in SCALARS]]
-        cells = [f"{m:.3g} +- {s:.2g}" for m, s in zip(rows["mean"], rows["sd"], strict=True)]
+        cells = [
+            "n/a" if m != m else f"{m:.3g} +- {s:.2g}"  # NaN: the block has no latent
+            for m, s in zip(rows["mean"], rows["sd"], strict=True)
+        ]
         lines.append(
             f"| {k} | " + " | ".join(cells) + f" | {rows['r_hat'].max():.2f} | "
             f"{rows['ess_bulk'].min():.0f} |"
         )
     return (
         f"Runs (ArviZ chains): {', '.join(names)}. Statistics: pyro_bll/agreement.py; "
-        "mean +- sd over runs and bootstrap draws.\n\n" + "\n".join(lines) + "\n"
+        "mean +- sd over runs and bootstrap draws; n/a: a block without a latent (the "
+        "last, when the head reads m(alpha_N)).\n\n" + "\n".join(lines) + "\n"
     )
 
 

@@ -98,9 +98,11 @@ def plot_kl_forest(idata: az.InferenceData, path: Path, var: str = "kl") -> None
 
 
 def _by_epoch(curves: Curves, stat: str) -> tuple[list[int], np.ndarray]:
-    """``[R, E, N]`` values of ``stat`` for the epochs that every run has."""
+    """``[R, E, N]`` values of ``stat`` for the epochs that every run has (None, a block
+    without a latent, as NaN: not drawn)."""
     epochs = sorted(set.intersection(*(set(c) for c in curves.values())))
-    return epochs, np.array([[c[e][stat] for e in epochs] for c in curves.values()])
+    values = [[c[e][stat] for e in epochs] for c in curves.values()]
+    return epochs, np.array(values, dtype=float)
 
 
 def plot_by_block(curves: Curves, path: Path, stats: Sequence[str] = SHOWN) -> None:

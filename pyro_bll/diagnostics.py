@@ -287,13 +287,15 @@ def collect(
 def point_statistics(
     chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None, draws: int = 4, seed: int = 0
 ) -> dict[str, list[float]]:
-    """Whole-batch values of the per-block scalars ``SCALARS`` (no bootstrap), ``[N]`` each."""
+    """Whole-batch values of the per-block scalars ``SCALARS`` (no bootstrap), ``[N]`` each;
+    None where a statistic is undefined (a block without a latent), so the curves are JSON."""
     seed_everything(seed)
-    out: dict[str, list[float]] = {name: [] for name in SCALARS}
+    out: dict[str, list[float | None]] = {name: [] for name in SCALARS}
     for k, alpha in enumerate(forward_messages(chain, x)):
         stats = summarise(block_sums(chain, k, alpha, y, mask, draws))
         for name in SCALARS:
-            out[name].append(stats[name].item())
+            value = stats[name].item()
+            out[name].append(None if value != value else value)
     return out
 
 

@@ -75,6 +75,11 @@ def test_diagnose_two_seeds_writes_tables_plots_and_netcdf(two_seeds, tmp_path, 
     curves = json.loads((out / "curves.json").read_text())
     assert set(curves) == {"seed0", "seed1"} and set(curves["seed0"]) == {"1", "2"}
     assert set(curves["seed0"]["2"]) == set(SCALARS)
+    # block 1 of 2 has no latent (the head reads m(alpha_N)): only the head's accuracy
+    last = table[-1].split(" | ")
+    assert last[-3] != "n/a" and last[1:-3] == ["n/a"] * (len(SCALARS) - 1), table[-1]
+    assert curves["seed0"]["2"]["feedback_weight"][1] is None
+    assert 0 <= curves["seed0"]["2"]["local_acc"][1] <= 1
 
 
 def test_plots_render_for_a_discrete_family(tmp_path):
