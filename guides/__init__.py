@@ -4,7 +4,8 @@ Each takes ``(num_classes, sizes, init_std)`` (raw feedback width per block, ini
 output scale) and provides
 ``forward(y, k)``, ``class_outputs(k)`` (the output for every label, ``[V, size_k]``) and
 ``block_module(k)`` (the parameters owned by block k). ``MESSAGES`` (``spatial.py``) says
-how such a per-example message meets a feature map: pooled or broadcast over space.
+how such a per-example message meets a feature map: on a channel or grid summary, pooled
+or broadcast over space.
 """
 
 from .linear import LinearFeedback
@@ -13,9 +14,11 @@ from .spatial import (
     MESSAGES,
     BroadcastMessage,
     ChannelMessage,
+    GridMessage,
     MeanMessage,
     PoolMessage,
     SpatialMessage,
+    grid_side,
 )
 
 FEEDBACKS = {"linear": LinearFeedback, "mlp": MLPFeedback}
@@ -26,8 +29,10 @@ __all__ = [
     "BroadcastMessage",
     "LinearFeedback",
     "ChannelMessage",
+    "GridMessage",
     "MeanMessage",
     "MLPFeedback",
     "PoolMessage",
     "SpatialMessage",
+    "grid_side",
 ]

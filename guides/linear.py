@@ -14,21 +14,33 @@ import torch
 from torch import Tensor, nn
 
 
+def block_stds(init_std: float | Sequence[float], sizes: Sequence[int]) -> list[float]:
+    """One initial output scale per block: ``init_std`` for all, or one each."""
+    if isinstance(init_std, (int, float)):
+        return [float(init_std)] * len(sizes)
+    if len(init_std) != len(sizes):
+        raise ValueError(f"{len(init_std)} initial scales for {len(sizes)} feedback blocks")
+    return [float(s) for s in init_std]
+
+
 class LinearFeedback(nn.Module):
     """One bias-free linear layer per block from the one-hot label to the block's potential.
 
     Args:
         num_classes: V, the number of label values.
         sizes: raw feedback width per block (``family.feedback_size(C_k)``).
-        init_std: standard deviation of the initial weights.
+        init_std: standard deviation of the initial weights (one for all blocks, or one
+            per block).
     """
 
-    def __init__(self, num_classes: int, sizes: Sequence[int], init_std: float = 1.0) -> None:
+    def __init__(
+        self, num_classes: int, sizes: Sequence[int], init_std: float | Sequence[float] = 1.0
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.layers = nn.ModuleList(nn.Embedding(num_classes, s) for s in sizes)
-        for layer in self.layers:
-            nn.init.normal_(layer.weight, std=init_std)
+        for layer, std in zip(self.layers, block_stds(init_std, sizes), strict=True):
+            nn.init.normal_(layer.weight, std=std)
 
     def forward(self, y: Tensor, k: int) -> Tensor:
         return self.layers[k](y)  # [..., size_k]

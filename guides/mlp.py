@@ -13,12 +13,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .linear import block_stds
+
 
 class MLPFeedback(nn.Module):
     """Per-block two-layer MLPs from the one-hot label; ``[...]`` labels -> ``[..., size_k]``."""
 
     def __init__(
-        self, num_classes: int, sizes: Sequence[int], init_std: float = 1.0, hidden: int = 64
+        self,
+        num_classes: int,
+        sizes: Sequence[int],
+        init_std: float | Sequence[float] = 1.0,
+        hidden: int = 64,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -26,8 +32,9 @@ class MLPFeedback(nn.Module):
             nn.Sequential(nn.Embedding(num_classes, hidden), nn.GELU(), nn.Linear(hidden, s))
             for s in sizes
         )
-        for net in self.nets:  # output scale about init_std, as for the linear feedback
-            nn.init.normal_(net[2].weight, std=init_std / hidden**0.5)
+        # output scale about init_std (per block), as for the linear feedback
+        for net, std in zip(self.nets, block_stds(init_std, sizes), strict=True):
+            nn.init.normal_(net[2].weight, std=std / hidden**0.5)
             nn.init.zeros_(net[2].bias)
 
     def forward(self, y: Tensor, k: int) -> Tensor:

@@ -4,7 +4,7 @@ The feedback network (``--feedback linear``: the paper's one linear layer per bl
 the one-hot label to the block's channel count) gives every example one potential
 beta_k ``[B, C]`` per natural parameter. A vision block's latent is a feature map
 z_k ``[B, H, W, C]`` (channels last, as the families expect), so the message must be
-spread over the H * W locations. Three exact choices, all conjugate potentials:
+spread over the H * W locations. The choices, all conjugate potentials:
 
 * ``broadcast``: the potential exp(<beta, T(z_hw)>) at every location,
 
@@ -35,6 +35,15 @@ spread over the H * W locations. Three exact choices, all conjugate potentials:
   the latent's variance is sigma^2 / (H W), so a potential of precision 1 / sigma^2 moves
   rho's mean by only 1 / (H W + 1) of the way to the prototype (0.0013 for 28x28 maps):
   the feedback barely acts.
+
+* ``grid``: ``channel`` on every cell of an s x s grid that tiles the map (the grid of the
+  predictive heads: the largest divisor s of the side with C s^2 <= 2048, ``grid_side``).
+  The latent is one variable per (cell, channel), ``[B, s * s * C]`` flattened in (row,
+  column, channel) order, with the cell's mean of m(alpha) and the family's own
+  dispersion; the feedback sends one potential per (cell, channel), a class template of
+  the map, and acts with full weight (rho = (alpha + beta) / 2 per cell for the paper's
+  Gaussian). Where ``channel`` pulls only the C spatial means towards the label, ``grid``
+  also says where on the map a class puts its activity.
 
 * ``pool``: one potential on the spatially averaged sufficient statistics,
 
@@ -95,6 +104,15 @@ class SpatialMessage(ABC):
     def latent_event_dim(self, event_dim: int) -> int:
         """Event axes of the latent site for a map with ``event_dim`` event axes."""
         return event_dim
+
+    def latent_width(self, channels: int, side: int) -> int:
+        """Channels of the latent of a ``side x side`` map of ``channels`` channels: the
+        width the feedback network writes one potential for."""
+        return channels
+
+    def feedback_scale(self, channels: int, side: int) -> float:
+        """Factor on the family's initial feedback scale for such a map (1: as it is)."""
+        return 1.0
 
     @abstractmethod
     def weight(self, num_locations: int) -> float:
@@ -175,8 +193,43 @@ class ChannelMessage(MeanMessage):
         return family.channel_law(alpha, self._axes())  # [B, H, W, C] -> [B, C]
 
 
+def grid_side(channels: int, side: int, max_features: int = 2048) -> int:
+    """The largest divisor s of ``side`` with ``channels * s * s <= max_features`` (>= 1):
+    the tiling grid of ``GridPooledHead`` when the map's side has such a divisor."""
+    fits = [s for s in range(1, side + 1) if side % s == 0 and channels * s * s <= max_features]
+    return max(fits, default=1)
+
+
+class GridMessage(ChannelMessage):
+    """``channel`` per cell of an s x s grid: the latent ``[B, s * s * C]`` (``grid_side``)."""
+
+    name = "grid"
+
+    def latent_width(self, channels: int, side: int) -> int:
+        return channels * grid_side(channels, side) ** 2
+
+    def feedback_scale(self, channels: int, side: int) -> float:
+        """1 / s: a class template of s * s * C entries starts with the norm of a channel
+        prototype of C entries, so the first KLs and prototype logits are ``channel``'s."""
+        return 1.0 / grid_side(channels, side)
+
+    def latent_params(self, family: Family, alpha: Params) -> Params:
+        """``[B, H, W, *rest]`` per parameter -> the cells' channel laws, flattened to
+        ``[B, s * s * rest[0], *rest[1:]]`` in (row, column, channel) order."""
+        if self.spatial_dims != 2:
+            raise ValueError(f"--message grid needs 2 spatial axes, got {self.spatial_dims}")
+        b, h, w = alpha[0].shape[:3]
+        if h != w:
+            raise ValueError(f"--message grid needs square maps, got {h}x{w}")
+        s = grid_side(math.prod(alpha[0].shape[3:]), h)
+        cells = tuple(p.reshape(b, s, h // s, s, w // s, *p.shape[3:]) for p in alpha)
+        law = family.channel_law(cells, (2, 4))  # [B, s, s, *rest]
+        return tuple(p.reshape(b, -1, *p.shape[4:]) for p in law)
+
+
 MESSAGES: dict[str, type[SpatialMessage]] = {
     "channel": ChannelMessage,
+    "grid": GridMessage,
     "pool": PoolMessage,
     "broadcast": BroadcastMessage,
     "mean": MeanMessage,

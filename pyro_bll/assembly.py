@@ -27,6 +27,7 @@ def assemble_chain(
     num_classes: int,
     head: Callable[[], nn.Module],
     pred_head: Callable[[int], nn.Module] | None,
+    feedback_scales: Sequence[float] | None = None,
     **chain_options: Any,
 ) -> BLLChain:
     """The chain of ``blocks`` with the configured feedback network and heads.
@@ -37,10 +38,15 @@ def assemble_chain(
             predictive heads, so that every task initialises its modules in one order).
         pred_head: ``pred_head(k)`` builds block k's predictive head (blocks below the
             last, only when ``cfg.pred_weight > 0``); ``None``: no predictive heads.
+        feedback_scales: per block, a factor on the family's initial feedback scale
+            (``SpatialMessage.feedback_scale``); None: 1 for every block.
         chain_options: passed on to ``BLLChain`` (``event_dim``, ``message``, ...).
     """
+    scales = [1.0] * len(widths) if feedback_scales is None else feedback_scales
     feedback = FEEDBACKS[cfg.feedback](
-        num_classes, [family.feedback_size(w) for w in widths], family.feedback_init_std
+        num_classes,
+        [family.feedback_size(w) for w in widths],
+        [family.feedback_init_std * s for s in scales],
     )
     preds = None
     if pred_head is not None and cfg.pred_weight > 0:

@@ -1,18 +1,22 @@
-"""``--message channel`` (the paper's channel-wise latent) against ``mean``, on a ResNet.
+"""``--message channel`` (the paper's channel-wise latent) against ``mean``, and ``grid``
+(the channel law per cell), on a ResNet.
 
 The feedback's weight in rho's mean is computed by hand from the Gaussian product rule
 (precision-weighted means), not from the library's posterior: 1/2 under ``channel``,
 1 / (H W + 1) under ``mean``. The agreement statistic ``feedback_weight`` must report it.
 """
 
+import numpy as np
 import pytest
 import torch
 from test_resnet import tiny_chain
 
-from pyro_bll import BlockLocalELBO
+from pyro_bll import BlockLocalELBO, make_family
 from pyro_bll.agreement import block_sums, summarise
-from pyro_bll.config import ConfigError
+from pyro_bll.config import ConfigError, RunConfig
 from pyro_bll.diagnostics import forward_messages
+from pyro_bll.guides import GridMessage, grid_side
+from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close
 
@@ -56,3 +60,74 @@ def test_the_channel_chain_trains_locally():
 def test_channel_needs_propagate_mean():
     with pytest.raises(ConfigError, match="--message channel .*use --propagate mean"):
         tiny_chain("resnet18", "gaussian", message="channel", propagate="sample")
+
+
+# ---- --message grid: the channel law on every cell of the predictive heads' grid ----------
+
+
+@pytest.mark.parametrize(
+    ("channels", "side", "expected"),
+    # by hand: the largest divisor s of the side with C s^2 <= 2048
+    [(8, 28, 14), (16, 14, 7), (32, 7, 7), (64, 4, 4), (48, 8, 4), (4096, 6, 1)],
+)
+def test_grid_side(channels, side, expected):
+    assert grid_side(channels, side) == expected
+
+
+def test_grid_latent_is_the_cell_means_and_rho_halves_the_way_by_hand():
+    """A 28x28 map of 8 channels: 14x14 cells of 2x2 pixels, flattened (row, col, channel);
+    with the paper's potential N(b, sigma^2) on each, rho's mean is (cell mean + b) / 2."""
+    family, message = make_family("gaussian"), GridMessage()
+    g = torch.Generator().manual_seed(3)
+    loc = torch.randn(2, 28, 28, 8, generator=g, dtype=torch.float64)
+    alpha = (loc, torch.full_like(loc, SIGMA))
+    site = message.latent_params(family, alpha)
+    a = loc.numpy()
+    cells = np.array(
+        [[a[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean((1, 2)) for j in range(14)]
+         for i in range(14)]
+    ).transpose(2, 0, 1, 3)  # [row, col, B, C] -> [B, row, col, C]  # fmt: skip
+    assert site[0].shape == (2, 14 * 14 * 8)
+    assert_close(site[0], cells.reshape(2, -1), atol=1e-12)
+    assert_close(site[1], np.full((2, 14 * 14 * 8), SIGMA), atol=0)
+    b = torch.randn(2, 14 * 14 * 8, generator=g, dtype=torch.float64)
+    beta = message.place(family.feedback_potential(b), alpha)
+    rho = family.posterior(site, beta)
+    assert_close(rho[0], (cells.reshape(2, -1) + b.numpy()) / 2, atol=1e-12)
+    assert_close(rho[1], np.full((2, 14 * 14 * 8), SIGMA / 2**0.5), atol=1e-12)
+
+
+def test_grid_feedback_writes_one_template_per_class_at_a_channel_prototypes_size():
+    """Width-0.125 ResNet-18 on 28x28 images: latents of 8 x 14^2, 16 x 7^2 and 32 x 7^2
+    channels; each block's initial template has about a channel prototype's norm."""
+    cfg = RunConfig(width=0.125, message="grid")
+    torch.manual_seed(0)
+    chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg, image_size=28)
+    widths = [layer.weight.shape[1] for layer in chain.feedback.layers]
+    assert widths[:3] == [8 * 14**2, 16 * 7**2, 32 * 7**2]
+    for layer, s in zip(chain.feedback.layers, [14, 7, 7], strict=False):
+        # entries ~ N(0, (1 / s)^2): the sample std of 10 * C * s^2 >= 15,680 draws, within 5 %
+        assert_close(layer.weight.std(), 1.0 / s, atol=0.05 / s)
+    x, y = torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,))
+    alphas = forward_messages(chain, x)
+    for k in range(chain.num_blocks - 1):
+        site = chain.latent_params(k, alphas[k])
+        assert site[0].shape == (3, widths[k])
+        weight = summarise(block_sums(chain, k, alphas[k], y, None))["feedback_weight"]
+        assert_close(weight, [0.5], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gaussian", "categorical", "gamma"])
+def test_the_grid_chain_trains_locally(family):
+    cfg = RunConfig(width=0.125, message="grid")  # maps of 28, 14, 7: cells of 2, 2, 1 pixels
+    chain = build_resnet_chain("resnet18", 1, 10, make_family(family), cfg, image_size=28)
+    chain = chain.double()
+    x, y = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (4,))
+    losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
+    assert torch.isfinite(losses.per_block).all()
+    assert_block_local(chain, losses.per_block)
+
+
+def test_grid_needs_propagate_mean():
+    with pytest.raises(ConfigError, match="--message grid .*use --propagate mean"):
+        tiny_chain("resnet18", "gaussian", message="grid", propagate="sample")

@@ -210,7 +210,7 @@ def build_resnet_chain(
         raise ConfigError(f"unknown --message {cfg.message!r}; valid: {', '.join(MESSAGES)}")
     if cfg.propagate not in ("mean", "sample"):
         raise ConfigError(f"--propagate {cfg.propagate!r}: ResNet blocks take mean or sample")
-    if cfg.message in ("mean", "channel") and cfg.propagate != "mean":
+    if cfg.message in ("mean", "channel", "grid") and cfg.propagate != "mean":
         raise ConfigError(
             f"--message {cfg.message} puts the latent on a channel summary, so there is no map to "
             "sample for the next block; use --propagate mean or --message pool"
@@ -234,14 +234,18 @@ def build_resnet_chain(
     if cfg.pred_head not in PRED_HEADS:
         raise ConfigError(f"unknown --pred-head {cfg.pred_head!r}; valid: {', '.join(PRED_HEADS)}")
     head = PRED_HEADS[cfg.pred_head]
+    # the feedback writes one potential per latent channel: C, or s * s * C under grid
+    widths = [message.latent_width(c, side) for c, side in zip(channels, sides, strict=True)]
+    scales = [message.feedback_scale(c, side) for c, side in zip(channels, sides, strict=True)]
     return assemble_chain(
         cfg,
         family,
         blocks,
-        channels,
+        widths,
         num_classes,
         lambda: PooledHead(channels[-1], num_classes),
         lambda k: head(channels[k], num_classes, sides[k]),
+        feedback_scales=scales,
         event_dim=3,  # latents [B, H, W, C]
         label_event_dim=0,  # one label per image
         spatial_message=message,
