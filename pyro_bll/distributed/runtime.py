@@ -24,12 +24,7 @@ from typing import Any
 import pyro
 import torch.distributed as dist
 
-from ..checkpoints import (
-    END_OF_EPOCH,
-    CheckpointError,
-    list_checkpoints,
-    load_checkpoint,
-)
+from ..checkpoints import END_OF_EPOCH, CheckpointError, list_checkpoints, load_checkpoint
 from ..config import ConfigError, RunConfig
 from ..interrupt import StopSignals, TrainingInterrupted
 from ..progress import Progress
