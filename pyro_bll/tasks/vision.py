@@ -212,8 +212,8 @@ def build_resnet_chain(
         raise ConfigError(f"--propagate {cfg.propagate!r}: ResNet blocks take mean or sample")
     if cfg.message in ("mean", "channel", "grid") and cfg.propagate != "mean":
         raise ConfigError(
-            f"--message {cfg.message} puts the latent on a channel summary, so there is no map to "
-            "sample for the next block; use --propagate mean or --message pool"
+            f"--message {cfg.message} puts the latent on a summary of the map, so there is no "
+            "map to sample for the next block; use --propagate mean or --message pool"
         )
     num_blocks = 4 if cfg.blocks is None else cfg.blocks
     try:
