@@ -124,6 +124,18 @@ def test_one_step_of_every_method_on_every_arch(method, arch):
         assert not any(n.endswith("backward_weight") for n, _ in chain.named_parameters())
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_takes_a_step_under_the_grid_message(method):
+    """Under --message grid the feedback is wider than the block (s^2 C): the methods that
+    build heads of their own size them by the block's channels, not by the feedback."""
+    cfg = RunConfig(method=method, width=0.125, message="grid")
+    chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg, image_size=28)
+    x, y = torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,))
+    loss, logs, changed = _one_step(chain, method, cfg, x, y)
+    assert torch.isfinite(loss) and torch.isfinite(logs["loss"]).all()
+    assert all(any(n.startswith(f"blocks.{k}.") for n in changed) for k in range(4))
+
+
 def test_predsim_blocks_are_local():
     """Block k's parameters (with its Pred-Sim heads) get gradients from l_k only."""
     cfg = RunConfig(method="predsim", width=1 / 16, blocks=3)

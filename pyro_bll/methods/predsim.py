@@ -93,7 +93,11 @@ class PredSim(Method):
         ref = next(chain.parameters())
         heads = []
         for k in range(chain.num_blocks - 1):
-            c = chain.feedback.class_outputs(k).shape[-1] // chain.families[k].n_feedback
+            # a ResNet block knows its channels; the feedback's width is C only when the
+            # latent is per channel (not under --message grid)
+            c = getattr(chain.blocks[k], "channels", None) or (
+                chain.feedback.class_outputs(k).shape[-1] // chain.families[k].n_feedback
+            )
             if chain.pred_heads is not None:  # the chain's own predictive heads (BLL's)
                 pred = chain.pred_heads[k]
             elif spatial:
