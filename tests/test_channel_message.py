@@ -49,17 +49,25 @@ def test_rho_mean_and_the_reported_feedback_weight(message):
         assert_close(weight, torch.tensor([1 / (n_avg + 1)], dtype=torch.float64), atol=1e-9)
 
 
-def test_the_channel_chain_trains_locally():
-    chain = tiny_chain("resnet18", "gamma", message="channel").double()
-    x, y = torch.randn(4, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (4,))
+@pytest.mark.parametrize(
+    ("message", "family", "side"),
+    # under grid, 28x28 images give maps of 28, 14 and 7 with cells of 2, 2 and 1 pixels
+    [("channel", "gamma", 12), *(("grid", f, 28) for f in ("gaussian", "categorical", "gamma"))],
+)
+def test_the_summary_chains_train_locally(message, family, side):
+    cfg = RunConfig(width=0.125, message=message)
+    chain = build_resnet_chain("resnet18", 1, 10, make_family(family), cfg, image_size=side)
+    chain = chain.double()
+    x, y = torch.randn(4, 1, side, side, dtype=torch.float64), torch.randint(0, 10, (4,))
     losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
     assert torch.isfinite(losses.per_block).all()
     assert_block_local(chain, losses.per_block)
 
 
-def test_channel_needs_propagate_mean():
-    with pytest.raises(ConfigError, match="--message channel .*use --propagate mean"):
-        tiny_chain("resnet18", "gaussian", message="channel", propagate="sample")
+@pytest.mark.parametrize("message", ["channel", "grid"])
+def test_summary_messages_need_propagate_mean(message):
+    with pytest.raises(ConfigError, match=f"--message {message} .*use --propagate mean"):
+        tiny_chain("resnet18", "gaussian", message=message, propagate="sample")
 
 
 # ---- --message grid: the channel law on every cell of the predictive heads' grid ----------
@@ -115,19 +123,3 @@ def test_grid_feedback_writes_one_template_per_class_at_a_channel_prototypes_siz
         assert site[0].shape == (3, widths[k])
         weight = summarise(block_sums(chain, k, alphas[k], y, None))["feedback_weight"]
         assert_close(weight, [0.5], atol=1e-5)
-
-
-@pytest.mark.parametrize("family", ["gaussian", "categorical", "gamma"])
-def test_the_grid_chain_trains_locally(family):
-    cfg = RunConfig(width=0.125, message="grid")  # maps of 28, 14, 7: cells of 2, 2, 1 pixels
-    chain = build_resnet_chain("resnet18", 1, 10, make_family(family), cfg, image_size=28)
-    chain = chain.double()
-    x, y = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (4,))
-    losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
-    assert torch.isfinite(losses.per_block).all()
-    assert_block_local(chain, losses.per_block)
-
-
-def test_grid_needs_propagate_mean():
-    with pytest.raises(ConfigError, match="--message grid .*use --propagate mean"):
-        tiny_chain("resnet18", "gaussian", message="grid", propagate="sample")
