@@ -84,9 +84,9 @@ def _markdown(summary, names: list[str], n_blocks: int) -> str:
     head = ["block", *SCALARS, "max R-hat", "min ESS bulk"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in range(n_blocks):
-        rows = summary.loc[[f"{s}[{k}]" for s in SCALARS]]
-        cells = [
-            "n/a" if m != m else f"{m:.3g} +- {s:.2g}"  # NaN: the block has no latent
+        rows = summary.reindex([f"{s}[{k}]" for s in SCALARS])  # missing: the block has no
+        cells = [  # latent, and only the head's accuracy is defined
+            "n/a" if m != m else f"{m:.3g} +- {s:.2g}"
             for m, s in zip(rows["mean"], rows["sd"], strict=True)
         ]
         lines.append(
@@ -154,17 +154,22 @@ def diagnose(args: argparse.Namespace) -> dict:
     # per-class rows only for the classes that occur among the valid labels of the batch
     labels = y if mask is None else y[mask.bool()]
     present = sorted(set(labels.flatten().tolist()))
+    # the latent statistics of a block without a latent (the last) are NaN: left out
+    agreement, head_only = idata.agreement, ["local_acc", "local_acc_class"]
+    kl = agreement["kl"]
+    latent = [b for b in kl.block.values.tolist() if np.isfinite(kl.sel(block=b)).all()]
     with np.errstate(divide="ignore", invalid="ignore"):  # R-hat of constant statistics
         summary = pd.concat(
             [
-                az.summary(idata, group="agreement", var_names=list(SCALARS), round_to="none"),
-                az.summary(
-                    idata.agreement.sel({"class": present}),
-                    var_names=["local_acc_class", "proto_msd_class"],
-                    round_to="none",
-                ),
+                az.summary(agreement[[s for s in SCALARS if s not in head_only]].sel(
+                    block=latent), round_to="none"),
+                az.summary(agreement[["local_acc"]], round_to="none"),
+                az.summary(agreement[["local_acc_class"]].sel({"class": present}),
+                           round_to="none"),
+                az.summary(agreement[["proto_msd_class"]].sel({"class": present,
+                           "block": latent}), round_to="none"),
             ]
-        )
+        )  # fmt: skip
     summary.to_csv(out / "summary.csv")
     n_blocks = idata.agreement.sizes["block"]
     (out / "summary.md").write_text(_markdown(summary, names, n_blocks))

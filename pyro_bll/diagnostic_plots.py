@@ -78,19 +78,22 @@ def plot_densities(idata: az.InferenceData, path: Path, run: int = 0, **coords: 
 
 def plot_kl_forest(idata: az.InferenceData, path: Path, var: str = "kl") -> None:
     """ArviZ forest plot of a per-block statistic, one interval per run, with R-hat."""
-    n = idata.agreement.sizes["block"]
+    data = idata.agreement[[var]]
+    finite = np.isfinite(data[var]).all([d for d in data[var].dims if d != "block"])
+    data = data.sel(block=data.block.values[finite.values])  # a block without a latent: none
+    n = data.sizes["block"]
     axes = az.plot_forest(
-        idata.agreement,
+        data,
         var_names=[var],
         combined=False,
-        r_hat=idata.agreement.sizes["chain"] > 1,
-        figsize=(7, 1.2 + 0.28 * n * max(1, idata.agreement.sizes["chain"] / 2)),
+        r_hat=data.sizes["chain"] > 1,
+        figsize=(7, 1.2 + 0.28 * n * max(1, data.sizes["chain"] / 2)),
         textsize=8,
     )
     axes[0].set_title(f"{LABELS.get(var, var)}: 94% HDI per run (bootstrap)", fontsize=9)
     if len(axes) > 1:  # ArviZ fixes the R-hat axis to 0.9..2.1; show larger values too
         with np.errstate(divide="ignore", invalid="ignore"):
-            top = float(np.nanmax(az.rhat(idata.agreement[[var]])[var].values, initial=2.0))
+            top = float(np.nanmax(az.rhat(data)[var].values, initial=2.0))
         axes[1].set_xlim(0.9, max(2.1, 1.05 * top))
     fig = axes[0].figure
     fig.tight_layout()

@@ -70,6 +70,8 @@ def test_diagnose_two_seeds_writes_tables_plots_and_netcdf(two_seeds, tmp_path, 
     assert json.loads(idata.agreement.attrs["runs"]) == ["seed0", "seed1"]
     summary = (out / "summary.csv").read_text()
     assert "r_hat" in summary and "ess_bulk" in summary and "local_acc_class[1, 3]" in summary
+    # the last block (1) has no latent: only its head's accuracy is summarised
+    assert "kl[0]" in summary and "kl[1]" not in summary and "local_acc[1]" in summary
     table = (out / "summary.md").read_text().splitlines()
     assert table[2].startswith("| block | kl |") and len(table) == 2 + 2 + 2
     curves = json.loads((out / "curves.json").read_text())
