@@ -20,7 +20,7 @@ from pyro_bll import make_family  # noqa: E402
 from pyro_bll.agreement import LOGGED, SCALARS  # noqa: E402
 from pyro_bll.diagnostics import collect, to_inference_data  # noqa: E402
 
-from utils import mlp_chain, toy_batch  # noqa: E402
+from utils import assert_close, mlp_chain, toy_batch  # noqa: E402
 
 TINY = ["--layers", "2", "--d-model", "8", "--seq-len", "4", "--train-size", "64",
         "--test-size", "16", "--batch-size", "16", "--threads", "1", "--no-progress"]  # fmt: skip
@@ -94,6 +94,26 @@ def test_plots_render_for_a_discrete_family(tmp_path):
     for name in ("d", "f", "r"):
         assert (tmp_path / f"{name}.png").read_bytes().startswith(PNG)
     assert not plots.plot_training({"old": [{"epoch": 1}]}, tmp_path / "t.png")
+
+
+def test_the_kl_forest_marks_each_latent_blocks_r_hat_on_its_row(monkeypatch, tmp_path):
+    """Two runs of a 3-block MLP (blocks 0-1 have a latent): one R-hat marker per block,
+    at the height of that block's row and at ArviZ's R-hat for it; none for the last."""
+    chain = mlp_chain(make_family("gaussian"), register_params=False).eval()
+    x, y = toy_batch()
+    runs = [collect(chain, x, y, None, draws=20, seed=s) for s in (0, 1)]
+    idata = to_inference_data(runs, y, None)
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.plot_kl_forest(idata, tmp_path / "f.png")
+    forest, panel = figures[0].axes[:2]
+    rows = {t.get_text().rsplit("[", 1)[1]: y for t, y in
+            zip(forest.get_yticklabels(), forest.get_yticks(), strict=True)}  # fmt: skip
+    assert sorted(rows) == ["0]", "1]"]  # the last block (2) has no latent: no row
+    rhat = az.rhat(idata.agreement[["kl"]])["kl"]
+    marks = sorted((line.get_ydata()[0], line.get_xdata()[0]) for line in panel.lines)
+    expected = sorted((rows[f"{b}]"], float(rhat.sel(block=b))) for b in (0, 1))
+    assert_close(marks, expected, atol=1e-12)
 
 
 def _bad(tmp_path, two_seeds):
