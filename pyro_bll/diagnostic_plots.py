@@ -93,12 +93,13 @@ def plot_kl_forest(idata: az.InferenceData, path: Path, var: str = "kl") -> None
     axes[0].set_title(f"{LABELS.get(var, var)}: 94% HDI per run (bootstrap)", fontsize=9)
     if len(axes) > 1:
         # ArviZ draws R-hat only for combined chains, so one marker per block is drawn
-        # here, at the block's row (tick labels "kl[0]", "[1]", ...); its axis is fixed to
-        # 0.9..2.1, widened to show larger values too
+        # here, at the block's row (tick labels "kl[0]", "[1]", ...; just "kl" for a
+        # single block); its axis is fixed to 0.9..2.1, widened to show larger values too
         with np.errstate(divide="ignore", invalid="ignore"):
             rhat = az.rhat(data)[var]
         for tick, label in zip(axes[0].get_yticks(), axes[0].get_yticklabels(), strict=True):
-            block = int(label.get_text().rsplit("[", 1)[1].rstrip("]"))
+            text = label.get_text()
+            block = int(text.rsplit("[", 1)[1].rstrip("]")) if "[" in text else data.block[0]
             axes[1].plot(float(rhat.sel(block=block)), tick, "o", color="C0", mec="k")
         top = float(np.nanmax(rhat.values, initial=2.0))
         axes[1].set_xlim(0.9, max(2.1, 1.05 * top))
