@@ -121,7 +121,7 @@ def diagnose(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    curves: dict[str, dict[int, dict[str, list[float]]]] = {n: {} for n in names}
+    curves: dict[str, dict[int, dict[str, list[float | None]]]] = {n: {} for n in names}
     results = []
     bar = tqdm(
         total=sum(len(r.checkpoints) if not args.last_only else 1 for r in runs),

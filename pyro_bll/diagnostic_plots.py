@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-Curves = dict[str, dict[int, dict[str, list[float]]]]
+Curves = dict[str, dict[int, dict[str, list[float | None]]]]  # None: no latent there
 
 LABELS = {
     "kl": "KL(rho || alpha) per site",

@@ -286,7 +286,7 @@ def collect(
 @torch.no_grad()
 def point_statistics(
     chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None, draws: int = 4, seed: int = 0
-) -> dict[str, list[float]]:
+) -> dict[str, list[float | None]]:
     """Whole-batch values of the per-block scalars ``SCALARS`` (no bootstrap), ``[N]`` each;
     None where a statistic is undefined (a block without a latent), so the curves are JSON."""
     seed_everything(seed)
