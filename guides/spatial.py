@@ -36,8 +36,9 @@ spread over the H * W locations. The choices, all conjugate potentials:
   rho's mean by only 1 / (H W + 1) of the way to the prototype (0.0013 for 28x28 maps):
   the feedback barely acts.
 
-* ``grid``: ``channel`` on every cell of an s x s grid that tiles the map (the grid of the
-  predictive heads: the largest divisor s of the side with C s^2 <= 2048, ``grid_side``).
+* ``grid``: ``channel`` on every cell of an s x s grid that tiles the map (the largest
+  divisor s of the side with C s^2 <= 2048, ``grid_side``: the predictive heads' tiling,
+  where they do not pool adaptively to a finer grid).
   The latent is one variable per (cell, channel), ``[B, s * s * C]`` flattened in (row,
   column, channel) order, with the cell's mean of m(alpha) and the family's own
   dispersion; the feedback sends one potential per (cell, channel), a class template of
@@ -195,7 +196,8 @@ class ChannelMessage(MeanMessage):
 
 def grid_side(channels: int, side: int, max_features: int = 2048) -> int:
     """The largest divisor s of ``side`` with ``channels * s * s <= max_features`` (>= 1):
-    the tiling grid of ``GridPooledHead`` when the map's side has such a divisor."""
+    ``GridPooledHead``'s tiling (which pools adaptively instead where this s keeps under
+    half the features of its largest grid)."""
     fits = [s for s in range(1, side + 1) if side % s == 0 and channels * s * s <= max_features]
     return max(fits, default=1)
 

@@ -247,7 +247,7 @@ class RunConfig:
         " and the family's own variance, so beta_k weighs as much as alpha_k), mean "
         "(the latent z_k is the law of the spatial mean of the map, per channel, with"
         " variance sigma^2 / (H W), so beta_k barely acts; Gaussian families), grid "
-        "(channel on every cell of the predictive heads' s x s grid: a class template "
+        "(channel on every cell of an s x s grid tiling the map: a class template "
         "per block), pool "
         "(a potential on the spatial mean of the statistics, beta_k / (H W) at every "
         "location) or broadcast (beta_k at every location)",
