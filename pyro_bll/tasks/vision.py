@@ -43,7 +43,7 @@ from ..data import (
 )
 from ..data.device_data import Augmentation
 from ..families import Family, FamilyError
-from ..guides import MESSAGES
+from ..guides import MESSAGES, MeanMessage
 from ..likelihoods import PRED_HEADS, PooledHead
 from ..models.errors import ModelError
 from ..models.resnet import block_map_sizes, memory_split, resnet_blocks
@@ -210,7 +210,8 @@ def build_resnet_chain(
         raise ConfigError(f"unknown --message {cfg.message!r}; valid: {', '.join(MESSAGES)}")
     if cfg.propagate not in ("mean", "sample"):
         raise ConfigError(f"--propagate {cfg.propagate!r}: ResNet blocks take mean or sample")
-    if cfg.message in ("mean", "channel", "grid") and cfg.propagate != "mean":
+    # mean, channel and grid put the latent on a summary of the map (MeanMessage's kind)
+    if issubclass(MESSAGES[cfg.message], MeanMessage) and cfg.propagate != "mean":
         raise ConfigError(
             f"--message {cfg.message} puts the latent on a summary of the map, so there is no "
             "map to sample for the next block; use --propagate mean or --message pool"
