@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pyro_bll.agreement import SCALARS
+from pyro_bll.agreement import LATENT_STATISTICS, SCALARS
 from pyro_bll.config import ConfigError
 from pyro_bll.diagnostics import (
     check_comparable,
@@ -154,22 +154,17 @@ def diagnose(args: argparse.Namespace) -> dict:
     # per-class rows only for the classes that occur among the valid labels of the batch
     labels = y if mask is None else y[mask.bool()]
     present = sorted(set(labels.flatten().tolist()))
-    # the latent statistics of a block without a latent (the last) are NaN: left out
-    agreement, head_only = idata.agreement, ["local_acc", "local_acc_class"]
-    kl = agreement["kl"]
+    # a block without a latent (the last) has NaN latent statistics: they are left out
+    agreement, kl = idata.agreement, idata.agreement["kl"]
     latent = [b for b in kl.block.values.tolist() if np.isfinite(kl.sel(block=b)).all()]
+    parts = [
+        agreement[[s for s in SCALARS if s in LATENT_STATISTICS]].sel(block=latent),
+        agreement[["local_acc"]],
+        agreement[["local_acc_class"]].sel({"class": present}),
+        agreement[["proto_msd_class"]].sel({"class": present, "block": latent}),
+    ]
     with np.errstate(divide="ignore", invalid="ignore"):  # R-hat of constant statistics
-        summary = pd.concat(
-            [
-                az.summary(agreement[[s for s in SCALARS if s not in head_only]].sel(
-                    block=latent), round_to="none"),
-                az.summary(agreement[["local_acc"]], round_to="none"),
-                az.summary(agreement[["local_acc_class"]].sel({"class": present}),
-                           round_to="none"),
-                az.summary(agreement[["proto_msd_class"]].sel({"class": present,
-                           "block": latent}), round_to="none"),
-            ]
-        )  # fmt: skip
+        summary = pd.concat([az.summary(part, round_to="none") for part in parts])
     summary.to_csv(out / "summary.csv")
     n_blocks = idata.agreement.sizes["block"]
     (out / "summary.md").write_text(_markdown(summary, names, n_blocks))

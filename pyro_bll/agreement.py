@@ -74,9 +74,10 @@ LOGGED = (
 
 
 # statistics of the latent z_k and its posterior rho_k: NaN for a block without a latent
-# (the last one when the head reads m(alpha_N), docs/math.md §2)
-_LATENT_SUMS = ("kl", "mean_msd", "mean_cos", "proto_msd", "proto_cos", "feedback_weight",
-                "proto_msd_class")  # fmt: skip
+# (the last one when the head reads m(alpha_N), docs/math.md §2); only local_acc and
+# local_acc_class, the head's accuracy there, are defined for every block
+LATENT_STATISTICS = ("kl", "mean_msd", "mean_cos", "proto_msd", "proto_cos",
+                     "feedback_weight", "proto_msd_class")  # fmt: skip
 
 
 @dataclass
@@ -222,7 +223,7 @@ def block_sums(
         sums.class_labels = _per_example(lab, keep=1)
         sums.correct_class = torch.cat(correct_class, dim=-1)
     if not chain.has_latent(k):  # no z_k, no rho_k: only the head's accuracy is defined
-        for name in _LATENT_SUMS:
+        for name in LATENT_STATISTICS:
             value = getattr(sums, name)
             if value is not None:
                 setattr(sums, name, torch.full_like(value, float("nan")))
