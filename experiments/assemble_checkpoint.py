@@ -5,7 +5,7 @@
 
 Reads ``RUN/rank_<R>/epoch_<NNN>.pt`` of every rank (copy them into one directory first
 if the ranks ran on several nodes) and writes ``RUN/checkpoints/epoch_<NNN>.pt`` in the
-format ``pyro_bll.training`` writes: ``run.py --resume --out RUN`` continues it in one
+format ``pyro_bll.run.training`` writes: ``run.py --resume --out RUN`` continues it in one
 process and the diagnostics load it like any other checkpoint.
 """
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from pyro_bll import BlockLocalELBO, make_family, seed_everything
-from pyro_bll.build import config_for_task
-from pyro_bll.elbo import _with_score_function
+from pyro_bll.core.elbo import _with_score_function
+from pyro_bll.run.build import config_for_task
 from pyro_bll.tasks import S2SReverseTask
 
 OPTIONS = {"categorical": {"group_size": 4}}

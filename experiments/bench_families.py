@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from common import run_seeds
 
-from pyro_bll.build import config_for_task
 from pyro_bll.config import RunConfig
 from pyro_bll.families import FAMILIES
+from pyro_bll.run.build import config_for_task
 
 TASKS = {
     "s2s_reverse": config_for_task(task="s2s_reverse", layers=5, epochs=5),

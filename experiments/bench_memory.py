@@ -8,10 +8,10 @@ images, batch 128; the 20-layer / 20-block s2s_reverse transformer, batch 50) an
 variant, one step = forward, backward and an Adam update, measured after a warm-up step:
 
 * activations: the peak bytes that autograd holds for backward during the step
-  (``pyro_bll.memory.SavedTensorMeter``, checked against hand-counted bytes in
+  (``pyro_bll.measure.memory.SavedTensorMeter``, checked against hand-counted bytes in
   tests/test_memory.py), and per block (per-block variants: the bytes block k holds when
   its backward starts);
-* state: parameters, gradients and Adam's moments (``pyro_bll.memory.state_bytes``);
+* state: parameters, gradients and Adam's moments (``pyro_bll.measure.memory.state_bytes``);
 * time: the median of ``--repeats`` steps without the meter; variants interleaved per
   repeat so that machine noise hits them alike;
 * on a GPU also torch.cuda.max_memory_allocated during the step, minus the state.
@@ -39,11 +39,11 @@ import torch
 from tqdm import tqdm
 
 from pyro_bll import make_family, seed_everything
-from pyro_bll.build import config_for_task, validate
-from pyro_bll.memory import SavedTensorMeter, state_bytes
+from pyro_bll.core.noise import NoiseKey
+from pyro_bll.measure.memory import SavedTensorMeter, state_bytes
 from pyro_bll.methods import build_method
-from pyro_bll.noise import NoiseKey
-from pyro_bll.step import backward_pass
+from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.step import backward_pass
 from pyro_bll.tasks import S2SReverseTask
 from pyro_bll.tasks.vision import build_resnet_chain
 

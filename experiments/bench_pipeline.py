@@ -57,14 +57,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pyro_bll.build import config_for_task
 from pyro_bll.config import RunConfig
 from pyro_bll.distributed.group import BlockGroups, Layout
 from pyro_bll.distributed.replicas import replica_groups, shard_batches
 from pyro_bll.distributed.schedule import SCHEDULES, StageStats
 from pyro_bll.distributed.stage import RankStage
 from pyro_bll.distributed.transport import Channel
-from pyro_bll.training import Trainer
+from pyro_bll.run.build import config_for_task
+from pyro_bll.run.training import Trainer
 
 
 def _config(args: argparse.Namespace) -> RunConfig:

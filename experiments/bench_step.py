@@ -21,10 +21,10 @@ import pyro
 import torch
 
 from pyro_bll import make_family, seed_everything
-from pyro_bll.build import config_for_task
 from pyro_bll.methods import BLL, Backprop
-from pyro_bll.reference import plain_block_losses
+from pyro_bll.run.build import config_for_task
 from pyro_bll.tasks import S2SReverseTask
+from pyro_bll.testing.reference import plain_block_losses
 
 
 def main() -> None:

@@ -9,9 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pyro_bll.build import validate
 from pyro_bll.config import RunConfig
-from pyro_bll.training import main
+from pyro_bll.run.build import validate
+from pyro_bll.run.training import main
 
 
 def finished_metrics(cfg: RunConfig) -> dict[str, Any] | None:

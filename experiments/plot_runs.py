@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from pyro_bll.plots import plot_runs
+from pyro_bll.run.plots import plot_runs
 
 
 def main() -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from common import run_seeds
 
-from pyro_bll.build import config_for_task
-from pyro_bll.plots import plot_runs
+from pyro_bll.run.build import config_for_task
+from pyro_bll.run.plots import plot_runs
 
 
 def main() -> None:

@@ -31,9 +31,9 @@ import torch  # noqa: E402
 from common import run_seeds  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pyro_bll.build import config_for_task, validate
 from pyro_bll.config import ConfigError, RunConfig  # noqa: E402
-from pyro_bll.likelihoods import PRED_HEADS  # noqa: E402
+from pyro_bll.core.likelihoods import PRED_HEADS  # noqa: E402
+from pyro_bll.run.build import config_for_task, validate
 
 METHODS = {"bp": "BP", "fa": "FA", "predsim": "Pred-Sim", "bll": "BLL"}
 TASK_NAMES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from common import run_seeds
 
-from pyro_bll.build import config_for_task, validate
 from pyro_bll.config import ConfigError
-from pyro_bll.plots import plot_sweep
+from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.plots import plot_sweep
 from pyro_bll.tasks import TASKS
 from pyro_bll.tasks.vision import VisionTask
 

@@ -8,9 +8,9 @@ how such a per-example message meets a feature map: on a channel or grid summary
 or broadcast over space.
 """
 
-from .linear import LinearFeedback
-from .mlp import MLPFeedback
-from .spatial import (
+from pyro_bll.guides.linear import LinearFeedback
+from pyro_bll.guides.mlp import MLPFeedback
+from pyro_bll.guides.spatial import (
     MESSAGES,
     BroadcastMessage,
     ChannelMessage,

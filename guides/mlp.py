@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .linear import block_stds
+from pyro_bll.guides.linear import block_stds
 
 
 class MLPFeedback(nn.Module):

@@ -78,7 +78,7 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor
 
-from ..families import Family, Natural, Params
+from pyro_bll.families import Family, Natural, Params
 
 
 class SpatialMessage(ABC):

@@ -1,10 +1,10 @@
 """Forward networks N_A as lists of blocks."""
 
-from .errors import ModelError
-from .linear_gaussian import LinearGaussianSpec, build_linear_gaussian_chain
-from .mlp import mlp_blocks
-from .resnet import RESNET_ARCHS, resnet_blocks
-from .transformer import TransformerBlock, transformer_blocks
+from pyro_bll.models.errors import ModelError
+from pyro_bll.models.linear_gaussian import LinearGaussianSpec, build_linear_gaussian_chain
+from pyro_bll.models.mlp import mlp_blocks
+from pyro_bll.models.resnet import RESNET_ARCHS, resnet_blocks
+from pyro_bll.models.transformer import TransformerBlock, transformer_blocks
 
 __all__ = [
     "RESNET_ARCHS",

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from ..families import LearnedVarianceGaussian
-from ..likelihoods import AffineGaussian, LinearGaussianHead
+from pyro_bll.core.likelihoods import AffineGaussian, LinearGaussianHead
+from pyro_bll.families import LearnedVarianceGaussian
 
 
 def _softplus_inv(s: Tensor) -> Tensor:
@@ -133,7 +133,7 @@ class ExactLocalLikelihood:
 
 def build_linear_gaussian_chain(spec: LinearGaussianSpec, *, shift: float = 0.0, detach=True):
     """The exact chain as a ``BLLChain`` in float64."""
-    from ..chain import BLLChain
+    from pyro_bll.core.chain import BLLChain
 
     n = len(spec.a)
     blocks = [

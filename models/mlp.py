@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..families import Family
+from pyro_bll.families import Family
 
 
 def mlp_blocks(in_dim: int, widths: Sequence[int], family: Family) -> list[nn.Module]:

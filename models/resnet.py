@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..families import Family, FamilyError
-from .errors import ModelError
+from pyro_bll.families import Family, FamilyError
+from pyro_bll.models.errors import ModelError
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 
@@ -206,7 +206,7 @@ def check_split(arch: str, num_blocks: int, units_per_block: Sequence[int]) -> N
 
 def _unit_saved_bytes(stem: nn.Module, units: list[_Unit], in_channels: int, side: int):
     """Bytes autograd saves in each unit (the stem counted with unit 1) for one image."""
-    from ..memory import SavedTensorMeter
+    from pyro_bll.measure.memory import SavedTensorMeter
 
     costs, h = [], torch.zeros(1, in_channels, side, side)
     modules = [nn.Sequential(stem, units[0]), *units[1:]]
@@ -223,7 +223,7 @@ def _unit_saved_bytes(stem: nn.Module, units: list[_Unit], in_channels: int, sid
 
 def unit_activation_bytes(arch: str, in_channels: int, width: float, image_size: int) -> list[int]:
     """Activation bytes of one training step per residual unit, per image (stem in unit 1):
-    the costs that ``--split memory`` balances (``pyro_bll.memory``)."""
+    the costs that ``--split memory`` balances (``pyro_bll.measure.memory``)."""
     stem, units = _stem_and_units(arch, in_channels, width)
     return _unit_saved_bytes(stem, units, in_channels, image_size)
 
@@ -232,7 +232,7 @@ def memory_split(
     arch: str, in_channels: int, num_blocks: int, width: float, image_size: int
 ) -> list[int]:
     """Units per block that balance the blocks' activation memory (``--split memory``)."""
-    from ..memory import balanced_split
+    from pyro_bll.measure.memory import balanced_split
 
     check_num_blocks(arch, num_blocks)
     return balanced_split(unit_activation_bytes(arch, in_channels, width, image_size), num_blocks)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..families import Family
-from .errors import ModelError
+from pyro_bll.families import Family
+from pyro_bll.models.errors import ModelError
 
 
 class CausalSelfAttention(nn.Module):

@@ -11,11 +11,16 @@ import torch as _torch
 if _os.environ.get("PYRO_BLL_NO_ONEDNN") == "1":
     _torch.backends.mkldnn.enabled = False
 
-from .chain import BLLChain
-from .elbo import BlockLocalELBO, BlockLosses
-from .families import FAMILIES, Family, FamilyError, make_family
-from .likelihoods import AffineGaussian, CategoricalHead, LinearGaussianHead, PrototypeLikelihood
-from .seed import seed_everything
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.elbo import BlockLocalELBO, BlockLosses
+from pyro_bll.core.likelihoods import (
+    AffineGaussian,
+    CategoricalHead,
+    LinearGaussianHead,
+    PrototypeLikelihood,
+)
+from pyro_bll.families import FAMILIES, Family, FamilyError, make_family
+from pyro_bll.seed import seed_everything
 
 __all__ = [
     "FAMILIES",

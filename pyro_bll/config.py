@@ -1,7 +1,7 @@
 """Typed run configuration: data only.
 
 ``experiments/run.py`` parses the command line into a ``RunConfig``;
-``pyro_bll.build.validate`` checks it against the registries and fills the options left
+``pyro_bll.run.build.validate`` checks it against the registries and fills the options left
 unset (``None``): first from the task's ``DEFAULTS``, then from ``COMMON_DEFAULTS``, the
 same from Python and from the command line.
 """
@@ -54,7 +54,7 @@ def _opt(
 ) -> Any:
     """A config field with its command-line metadata: ``help`` (``{choices}`` is replaced
     by the registry's names), ``choices``, ``registry`` (the names come from that
-    registry; ``validated_later``: checked by ``pyro_bll.build.validate`` rather than by
+    registry; ``validated_later``: checked by ``pyro_bll.run.build.validate`` rather than by
     the parser), ``metavar`` and ``flag`` (when the flag is not ``--field-name``).
     ``experiments/run.py`` generates its parser from these."""
     meta = {"help": help, **meta}
@@ -67,7 +67,7 @@ def _opt(
 class RunConfig:
     """Everything a run needs; ``None`` means "the task's default" (``COMMON_DEFAULTS``).
 
-    ``pyro_bll.build.validate`` checks it before any work starts."""
+    ``pyro_bll.run.build.validate`` checks it before any work starts."""
 
     task: str = _opt(
         "s2s_reverse",

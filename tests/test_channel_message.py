@@ -12,9 +12,9 @@ import torch
 from test_resnet import tiny_chain
 
 from pyro_bll import BlockLocalELBO, make_family
-from pyro_bll.agreement import block_sums, summarise
+from pyro_bll.analysis.diagnostics import forward_messages
 from pyro_bll.config import ConfigError, RunConfig
-from pyro_bll.diagnostics import forward_messages
+from pyro_bll.core.agreement import block_sums, summarise
 from pyro_bll.guides import GridMessage, grid_side
 from pyro_bll.tasks.vision import build_resnet_chain
 

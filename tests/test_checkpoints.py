@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_bll.checkpoints import (
+from pyro_bll.analysis.diagnostics import load_run
+from pyro_bll.distributed.rank_checkpoints import assemble
+from pyro_bll.run.checkpoints import (
     CheckpointError,
     check_links,
     checkpoint_path,
@@ -20,8 +22,6 @@ from pyro_bll.checkpoints import (
     save_atomic,
     set_rng_state,
 )
-from pyro_bll.diagnostics import load_run
-from pyro_bll.distributed.checkpoint import assemble
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import run  # noqa: E402

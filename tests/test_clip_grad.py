@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pyro_bll import seed_everything
-from pyro_bll.build import config_for_task, validate
 from pyro_bll.families import make_family
 from pyro_bll.methods import build_method
-from pyro_bll.step import backward_pass, clip_block_gradients
-from pyro_bll.training import Trainer
+from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.step import backward_pass, clip_block_gradients
+from pyro_bll.run.training import Trainer
 
 from utils import assert_close, mlp_chain, toy_batch
 

@@ -15,10 +15,10 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import diagnose  # noqa: E402
 import run  # noqa: E402
 
-from pyro_bll import diagnostic_plots as plots  # noqa: E402
 from pyro_bll import make_family  # noqa: E402
-from pyro_bll.agreement import LOGGED, SCALARS  # noqa: E402
-from pyro_bll.diagnostics import collect, to_inference_data  # noqa: E402
+from pyro_bll.analysis import diagnostic_plots as plots  # noqa: E402
+from pyro_bll.analysis.diagnostics import collect, to_inference_data  # noqa: E402
+from pyro_bll.core.agreement import LOGGED, SCALARS  # noqa: E402
 
 from utils import assert_close, mlp_chain, toy_batch  # noqa: E402
 

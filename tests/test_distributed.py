@@ -24,7 +24,7 @@ import run  # noqa: E402
 from dist_harness import Fault, launch  # noqa: E402
 
 from pyro_bll.config import RunConfig  # noqa: E402
-from pyro_bll.training import Trainer  # noqa: E402
+from pyro_bll.run.training import Trainer  # noqa: E402
 
 from utils import assert_close  # noqa: E402
 

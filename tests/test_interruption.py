@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_bll.checkpoints import list_checkpoints
-from pyro_bll.interrupt import TrainingInterrupted
-from pyro_bll.progress import Progress
-from pyro_bll.training import Trainer, prepare_out_dir
+from pyro_bll.run.checkpoints import list_checkpoints
+from pyro_bll.run.interrupt import TrainingInterrupted
+from pyro_bll.run.progress import Progress
+from pyro_bll.run.training import Trainer, prepare_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -28,7 +28,7 @@ TINY = ["--layers", "2", "--d-model", "16", "--seq-len", "5", "--train-size", "9
 
 def _trainer(args: list[str], out: Path, *extra: str) -> Trainer:
     cfg, _ = run.parse_config([*args, "--out", str(out), *extra])
-    from pyro_bll.build import validate
+    from pyro_bll.run.build import validate
 
     validate(cfg)
     prepare_out_dir(cfg)

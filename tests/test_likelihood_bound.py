@@ -8,8 +8,8 @@ logits, Monte Carlo draws for expectations, finite differences for gradients.
 import pytest
 import torch
 
+from pyro_bll.core.likelihoods import prototype_bound
 from pyro_bll.families import make_family
-from pyro_bll.likelihoods import prototype_bound
 
 from utils import assert_close
 
@@ -225,8 +225,8 @@ def test_unconstrained_coordinates_stay_finite_where_softplus_underflows():
 def test_chain_uses_the_bound_only_when_asked(estimator):
     """The ELBO's likelihood term is the bound (deterministic) or a draw (varies)."""
     from pyro_bll import BLLChain, BlockLocalELBO, make_family
+    from pyro_bll.core.likelihoods import CategoricalHead
     from pyro_bll.guides import LinearFeedback
-    from pyro_bll.likelihoods import CategoricalHead
 
     fam = make_family("bernoulli")
     blocks = [torch.nn.Linear(3, C), torch.nn.Linear(C, C)]

@@ -12,8 +12,8 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from pyro_bll import BlockLocalELBO
+from pyro_bll.analysis.diagnostics import collect, to_inference_data
 from pyro_bll.config import ConfigError, RunConfig
-from pyro_bll.diagnostics import collect, to_inference_data
 from pyro_bll.families import FAMILIES, Family, FamilyError, make_family
 from pyro_bll.guides import MeanMessage
 from pyro_bll.tasks.vision import build_resnet_chain

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyro_bll.memory import SavedTensorMeter, balanced_split, state_bytes
+from pyro_bll.measure.memory import SavedTensorMeter, balanced_split, state_bytes
 from pyro_bll.models.resnet import memory_split, unit_activation_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))

@@ -7,10 +7,10 @@ import pytest
 import torch
 from vision_files import tiny_fashion_mnist
 
-from pyro_bll.build import validate
 from pyro_bll.config import ConfigError
 from pyro_bll.families import FAMILIES
-from pyro_bll.training import Trainer
+from pyro_bll.run.build import validate
+from pyro_bll.run.training import Trainer
 
 from utils import assert_close
 

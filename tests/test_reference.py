@@ -4,8 +4,8 @@ import pytest
 
 from pyro_bll import BlockLocalELBO, seed_everything
 from pyro_bll.config import RunConfig
-from pyro_bll.reference import plain_block_losses
 from pyro_bll.tasks import S2SReverseTask
+from pyro_bll.testing.reference import plain_block_losses
 
 from utils import assert_close
 

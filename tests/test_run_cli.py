@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import run  # noqa: E402
 
 from pyro_bll.config import RunConfig  # noqa: E402
-from pyro_bll.training import Trainer, TrainingDiverged, main  # noqa: E402
+from pyro_bll.run.training import Trainer, TrainingDiverged, main  # noqa: E402
 
 TINY = [
     "--layers",
@@ -230,7 +230,7 @@ def test_the_parser_is_generated_from_the_config_fields():
     ],
 )
 def test_propagate_defaults_to_the_family_choice_where_the_task_allows_it(task, family, expected):
-    from pyro_bll.build import validate
+    from pyro_bll.run.build import validate
 
     cfg, _ = run.parse_config(["--task", task, "--family", family])
     assert validate(cfg).propagate == expected
@@ -249,7 +249,7 @@ def test_propagate_defaults_to_the_family_choice_where_the_task_allows_it(task, 
 def test_family_defaults_to_the_task_choice(task, expected):
     """--family unset: the paper's Gaussian, except where a task chose another on its
     validation split (the MLP); the family's own defaults (e.g. --propagate) follow it."""
-    from pyro_bll.build import config_for_task, validate
+    from pyro_bll.run.build import config_for_task, validate
 
     cfg, _ = run.parse_config(["--task", task])
     assert validate(cfg).family == expected

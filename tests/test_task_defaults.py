@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_bll.build import validate
+from pyro_bll.run.build import validate
+from pyro_bll.run.training import Trainer
 from pyro_bll.tasks import TASKS
-from pyro_bll.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from run import parse_config  # noqa: E402
@@ -56,9 +56,9 @@ def test_family_and_method_defaults_agree_between_python_and_the_command_line():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import run
 
-    from pyro_bll.build import config_for_task, validate
     from pyro_bll.families import FAMILIES
     from pyro_bll.methods import METHODS
+    from pyro_bll.run.build import config_for_task, validate
 
     for family, cls in FAMILIES.items():
         for method in ("bll", "bp"):

@@ -9,13 +9,13 @@ import pytest
 import torch
 from vision_files import tiny_cifar10, tiny_fashion_mnist, write_idx
 
-from pyro_bll.build import config_for_task, validate
 from pyro_bll.config import RunConfig
 from pyro_bll.data import DEFAULT_CIFAR10, DEFAULT_FASHION_MNIST, load_fashion_mnist
 from pyro_bll.data import cifar10 as cifar_module
 from pyro_bll.families import make_family
+from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.training import Trainer
 from pyro_bll.tasks import TASKS
-from pyro_bll.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import run  # noqa: E402
@@ -160,7 +160,7 @@ def test_task_defaults_and_explicit_options():
         (["--val-size", "16"], "--val-size 16 leaves no training images of the 16"),
         (["--val-size", "10"], "--train-size 8 overlaps the --val-size 10 held-out images"),
         (["--task", "s2s_reverse", "--val-size", "5"], "--val-size applies to the image tasks"),
-        (["--task", "cifar10", "--data-dir", "MISSING"], "the download failed (<urlopen error"),
+        (["--task", "cifar10", "--data-dir", "MISSING"], "nowhere does not exist; pass --data-dir"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(data, tmp_path, capsys, monkeypatch, extra, needle):
@@ -178,6 +178,7 @@ def test_bad_input_is_one_line_with_exit_code_2(data, tmp_path, capsys, monkeypa
     assert run.cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and err.startswith("error: ")
+    assert not (tmp_path / "x").exists()  # a refused run leaves nothing behind
 
 
 def test_max_minutes_stops_after_the_epoch_that_uses_it_up(data, tmp_path):

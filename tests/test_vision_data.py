@@ -90,6 +90,12 @@ def test_cifar_reader_layout_and_both_directory_conventions(tmp_path):
 
 
 def test_cifar_missing_files_and_failed_download(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cifar_module, "_download", calls.append)
+    with pytest.raises(DataError, match="none does not exist; pass --data-dir"):
+        load_cifar10(tmp_path / "none", "train")
+    assert calls == [] and not (tmp_path / "none").exists()  # nothing tried, nothing made
+    (tmp_path / "none").mkdir()
     with pytest.raises(DataError, match="is not in .* download .*cifar-10-python.tar.gz"):
         load_cifar10(tmp_path / "none", "train", download=False)
 

@@ -10,8 +10,9 @@ and ``test_batch`` (10,000 images). Each is a pickled dict with
 
 ``--data-dir`` may name the directory that holds ``cifar-10-batches-py/`` (torchvision's
 ``root``) or ``cifar-10-batches-py/`` itself. The default is ``~/.cache/pyro_bll/cifar10``.
-When the files are missing, torchvision's ``CIFAR10(root, download=True)`` is tried; where
-no network exists that fails with a ``DataError`` that says where to put the files.
+A directory that does not exist is refused (nothing is created, nothing downloaded). When
+the directory exists but holds no files, torchvision's ``CIFAR10(root, download=True)`` is
+tried there; where no network exists that fails with a ``DataError`` that says where to put the files.
 
 The pickles are read with an unpickler that admits only the NumPy array constructors, so
 a data file can never run code.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .idx import DataError
+from pyro_bll.data.idx import DataError
 
 DEFAULT_CIFAR10 = "~/.cache/pyro_bll/cifar10"
 BATCHES_DIR = "cifar-10-batches-py"
@@ -107,6 +108,12 @@ def _download(directory: Path) -> None:
 def load_cifar10(directory: str | Path, split: str, download: bool = True) -> tuple[Tensor, Tensor]:
     """Images ``[N, 32, 32, 3]`` uint8 (channels last) and labels ``[N]`` int64 of a split."""
     directory = Path(directory).expanduser()
+    if not directory.is_dir():  # nothing is created and nothing downloaded for a typo
+        raise DataError(
+            f"the CIFAR-10 directory {directory} does not exist; pass --data-dir with the "
+            f"folder that holds {BATCHES_DIR}/, or create {directory} to let torchvision "
+            "download the data set into it"
+        )
     found = _batches_dir(directory)
     if found is None and download:
         try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .augment import normalise, random_crop, random_flip
+from pyro_bll.data.augment import normalise, random_crop, random_flip
 
 
 def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,7 @@ own optimiser (``stage``, ``runtime``) and writes its own checkpoints, which
 ``launch.main`` is what ``experiments/run.py --distributed`` calls under torchrun.
 """
 
-from .checkpoint import assemble, complete_epochs
-from .group import BlockGroups
+from pyro_bll.distributed.group import BlockGroups
+from pyro_bll.distributed.rank_checkpoints import assemble, complete_epochs
 
 __all__ = ["BlockGroups", "assemble", "complete_epochs"]

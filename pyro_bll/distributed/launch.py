@@ -35,14 +35,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..build import validate
-from ..config import ConfigError, RunConfig
-from ..interrupt import TrainingInterrupted
-from ..training import TrainingDiverged, final_line
-from .fault import FaultMonitor, connect_store
-from .group import Layout
-from .runtime import RankTrainer
-from .transport import PeerFailure, brief
+from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.distributed.fault import FaultMonitor, connect_store
+from pyro_bll.distributed.group import Layout
+from pyro_bll.distributed.runtime import RankTrainer
+from pyro_bll.distributed.transport import PeerFailure, brief
+from pyro_bll.run.build import validate
+from pyro_bll.run.interrupt import TrainingInterrupted
+from pyro_bll.run.training import TrainingDiverged, final_line
 
 GRACE = 2.0  # seconds a rank waits for a failed neighbour's own report
 HEARTBEAT_TIMEOUT = 30.0  # at most this long without a heartbeat means a rank is gone

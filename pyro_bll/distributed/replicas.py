@@ -13,10 +13,10 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from .group import Layout
-from .schedule import Batch
-from .stage import RankStage
-from .transport import collective
+from pyro_bll.distributed.group import Layout
+from pyro_bll.distributed.schedule import Batch
+from pyro_bll.distributed.stage import RankStage
+from pyro_bll.distributed.transport import collective
 
 
 def shard_batches(batches: Iterable[Batch], stage: RankStage) -> Iterator[Batch]:

@@ -24,18 +24,23 @@ from typing import Any
 import pyro
 import torch.distributed as dist
 
-from ..checkpoints import END_OF_EPOCH, CheckpointError, list_checkpoints, load_checkpoint
-from ..config import ConfigError, RunConfig
-from ..interrupt import StopSignals, TrainingInterrupted
-from ..progress import Progress
-from ..step import epoch_record
-from . import checkpoint as ckpt
-from .group import Layout
-from .replicas import replica_groups, shard_batches
-from .schedule import SCHEDULES, StageStats, device_batches
-from .stage import RankStage
-from .stop import StopCoordinator
-from .transport import Channel, collective
+from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.distributed import rank_checkpoints as ckpt
+from pyro_bll.distributed.group import Layout
+from pyro_bll.distributed.replicas import replica_groups, shard_batches
+from pyro_bll.distributed.schedule import SCHEDULES, StageStats, device_batches
+from pyro_bll.distributed.stage import RankStage
+from pyro_bll.distributed.stop import StopCoordinator
+from pyro_bll.distributed.transport import Channel, collective
+from pyro_bll.run.checkpoints import (
+    END_OF_EPOCH,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+)
+from pyro_bll.run.interrupt import StopSignals, TrainingInterrupted
+from pyro_bll.run.progress import Progress
+from pyro_bll.run.step import epoch_record
 
 
 def _agree(local_error: str | None) -> None:

@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .transport import Channel, Message, collective
+from pyro_bll.distributed.transport import Channel, Message, collective
+from pyro_bll.run.distributed_options import SCHEDULE_NAMES
 
 Batch = tuple[Tensor, Tensor, Tensor | None]
 
@@ -155,6 +156,7 @@ def run_pipelined(
 
 
 SCHEDULES: dict[str, Callable[..., StageStats]] = {"pipelined": run_pipelined, "sync": run_sync}
+assert tuple(SCHEDULES) == SCHEDULE_NAMES  # the names --schedule is checked against
 
 
 def device_batches(batches: Iterable[Batch], device: torch.device, needs_x: bool):

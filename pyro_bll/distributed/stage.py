@@ -5,7 +5,7 @@ initialisation everywhere) and keeps only the parameters of its own blocks a..b-
 Adam. Per micro-batch ``compute`` evaluates the block-local losses l_a..l_{b-1} through
 the Pyro model and guide (``BLL.loss(..., segment=(a, b))``) from the input message, with
 the step's noise key, so every block draws the same z_k as in one process
-(``pyro_bll.noise``), and returns the message for the next rank; ``update`` takes the
+(``pyro_bll.core.noise``), and returns the message for the next rank; ``update`` takes the
 rank's own optimiser step. Adam is elementwise, so per-rank optimisers over disjoint
 parameter sets step exactly like one optimiser over all of them.
 """
@@ -21,7 +21,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..checkpoints import (
+from pyro_bll.config import RunConfig
+from pyro_bll.core.noise import NoiseKey
+from pyro_bll.core.step_cache import StepCache
+from pyro_bll.distributed import rank_checkpoints as ckpt
+from pyro_bll.distributed.group import Layout, owned_parameter_index, owned_state_keys
+from pyro_bll.distributed.transport import Message, collective
+from pyro_bll.run.checkpoints import (
     CheckpointError,
     check_links,
     family_links,
@@ -29,14 +35,8 @@ from ..checkpoints import (
     rng_state,
     set_rng_state,
 )
-from ..config import RunConfig
-from ..noise import NoiseKey
-from ..step import clip_block_gradients
-from ..step_cache import StepCache
-from ..training import Trainer, TrainingDiverged, make_lr_schedule
-from . import checkpoint as ckpt
-from .group import Layout, owned_parameter_index, owned_state_keys
-from .transport import Message, collective
+from pyro_bll.run.step import clip_block_gradients
+from pyro_bll.run.training import Trainer, TrainingDiverged, make_lr_schedule
 
 
 class RankStage:

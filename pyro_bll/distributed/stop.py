@@ -1,6 +1,6 @@
 """A signal on any rank stops every rank at the same step of the epoch.
 
-SIGINT / SIGTERM reach a rank as a request (``pyro_bll.interrupt.StopSignals``). The rank
+SIGINT / SIGTERM reach a rank as a request (``pyro_bll.run.interrupt.StopSignals``). The rank
 writes ``stop = <signal>`` into the rendezvous store (the first request wins). The
 ranks must then stop after the *same* number of micro-batches S, so that their mid-epoch
 checkpoints describe one consistent state: every rank's blocks after S updates.
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..interrupt import StopSignals
-from .transport import collective
+from pyro_bll.distributed.transport import collective
+from pyro_bll.run.interrupt import StopSignals
 
 STOP = "stop"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .base import Family, FamilyError, Natural, Params
-from .dirichlet import Dirichlet
-from .discrete import Bernoulli, GroupedCategorical, Poisson
-from .gaussian import FixedVarianceGaussian, GatedGaussian, LearnedVarianceGaussian
-from .positive import Beta, Gamma
+from pyro_bll.families.base import Family, FamilyError, Natural, Params
+from pyro_bll.families.dirichlet import Dirichlet
+from pyro_bll.families.discrete import Bernoulli, GroupedCategorical, Poisson
+from pyro_bll.families.gaussian import FixedVarianceGaussian, GatedGaussian, LearnedVarianceGaussian
+from pyro_bll.families.positive import Beta, Gamma
 
 FAMILIES: dict[str, type[Family]] = {
     "gaussian": FixedVarianceGaussian,

@@ -27,7 +27,7 @@ fixed-variance Gaussian is the documented exception (``zero_raw_is_uninformative
 The prototype likelihood reads the potential beta_c of class c as the class-conditional
 law F(eta_ref + beta_c) (``class_natural``); eta_ref is zero for every family except those
 whose zero natural parameter is not a distribution (the Gamma uses Exp(1)). Its
-sampling-free bound (``pyro_bll.likelihoods.PrototypeBound``, docs/likelihood_bound.md)
+sampling-free bound (``pyro_bll.core.likelihoods.PrototypeBound``, docs/likelihood_bound.md)
 needs only the log-normaliser and the expected statistics E_eta[T(z)] = grad A(eta)
 (``expected_stats``).
 
@@ -219,7 +219,7 @@ class Family(ABC):
         """sum_C [A(eta + beta_c) - A(eta)] for every class c, ``[..., V]``.
 
         ``eta`` ``[..., C(, K)]`` per natural parameter, ``beta`` ``[V, C(, K)]``: the log
-        moment generating function of the prototype bound (``pyro_bll.likelihoods``). This
+        moment generating function of the prototype bound (``pyro_bll.core.likelihoods``). This
         general form broadcasts to ``[..., V, C]``; families whose shift is linear or
         quadratic in beta override it with matrix products that never build that tensor.
         """

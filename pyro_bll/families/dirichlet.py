@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import (
+from pyro_bll.families.base import (
     Family,
     FamilyError,
     Natural,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import register_kl
 
-from .base import (
+from pyro_bll.families.base import (
     Family,
     FamilyError,
     Natural,

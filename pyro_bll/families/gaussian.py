@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Family, FamilyError, Natural, Params, bounded_below, inverse_softplus
+from pyro_bll.families.base import (
+    Family,
+    FamilyError,
+    Natural,
+    Params,
+    bounded_below,
+    inverse_softplus,
+)
 
 
 class _DiagonalGaussian(Family):

@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Family, FamilyError, Natural, Params, bounded_below, inverse_softplus
+from pyro_bll.families.base import (
+    Family,
+    FamilyError,
+    Natural,
+    Params,
+    bounded_below,
+    inverse_softplus,
+)
 
 
 @dataclass(repr=True)

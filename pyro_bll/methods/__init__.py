@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError
-from .base import METHOD_OPTIONS, Method
-from .bll import BLL
-from .end_to_end import Backprop, EndToEnd, FeedbackAlignment
-from .predsim import PredSim
+from pyro_bll.config import ConfigError
+from pyro_bll.methods.base import METHOD_OPTIONS, Method
+from pyro_bll.methods.bll import BLL
+from pyro_bll.methods.end_to_end import Backprop, EndToEnd, FeedbackAlignment
+from pyro_bll.methods.predsim import PredSim
 
 if TYPE_CHECKING:
-    from ..chain import BLLChain
-    from ..config import RunConfig
+    from pyro_bll.config import RunConfig
+    from pyro_bll.core.chain import BLLChain
 
 METHODS: dict[str, type[Method]] = {
     "bll": BLL,

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from ..chain import BLLChain
-    from ..config import RunConfig
-    from ..noise import NoiseKey
+    from pyro_bll.config import RunConfig
+    from pyro_bll.core.chain import BLLChain
+    from pyro_bll.core.noise import NoiseKey
 
 # config field -> its flag; a field left at RunConfig's default counts as not given
 METHOD_OPTIONS: dict[str, str] = {

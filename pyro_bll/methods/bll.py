@@ -1,8 +1,8 @@
 """BLL: every block trained on its block-local loss l_k (docs/math.md §2).
 
 ``loss`` logs per block ``loss`` (l_k), its terms ``kl``, ``likelihood`` and ``pred``, and
-the cheap agreement statistics ``agreement_*`` (``pyro_bll.agreement.StepAgreement``). It
-takes the step's ``noise`` key (``pyro_bll.noise``: every block's Monte Carlo draw gets its
+the cheap agreement statistics ``agreement_*`` (``pyro_bll.core.agreement.StepAgreement``). It
+takes the step's ``noise`` key (``pyro_bll.core.noise``: every block's Monte Carlo draw gets its
 own stream, so a block draws the same noise in one process as on a rank of its own).
 """
 
@@ -13,14 +13,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..agreement import StepAgreement
-from ..chain import BLLChain, detach_message
-from ..config import BLL_TERMS, ConfigError, RunConfig
-from ..elbo import BlockLocalELBO, BlockLosses
-from ..feedback_solve import check_solvable, solve_feedback
-from ..noise import NoiseKey
-from ..step_cache import StepCache
-from .base import Method
+from pyro_bll.config import BLL_TERMS, ConfigError, RunConfig
+from pyro_bll.core.agreement import StepAgreement
+from pyro_bll.core.chain import BLLChain, detach_message
+from pyro_bll.core.elbo import BlockLocalELBO, BlockLosses
+from pyro_bll.core.noise import NoiseKey
+from pyro_bll.core.step_cache import StepCache
+from pyro_bll.methods.base import Method
+from pyro_bll.methods.solve import check_solvable, solve_feedback
 
 
 class BLL(Method):

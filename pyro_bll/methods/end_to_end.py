@@ -2,19 +2,19 @@
 
 Both minimise the output cross-entropy of f_out(m(alpha_N)) through every block (no
 detaching, no latents drawn); FA differs only in how the chain's layers send errors
-backwards (``pyro_bll.feedback_alignment``), so the two share their loss.
+backwards (``pyro_bll.methods.alignment``), so the two share their loss.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from ..chain import BLLChain
-from ..config import ConfigError, RunConfig
-from ..feedback_alignment import convert_to_feedback_alignment
-from ..likelihoods import masked_cross_entropy
-from ..noise import NoiseKey
-from .base import Method
+from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.likelihoods import masked_cross_entropy
+from pyro_bll.core.noise import NoiseKey
+from pyro_bll.methods.alignment import convert_to_feedback_alignment
+from pyro_bll.methods.base import Method
 
 
 class EndToEnd(Method):

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..chain import BLLChain
-from ..config import ConfigError, RunConfig
-from ..likelihoods import PooledHead, masked_cross_entropy
-from .base import Method
+from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.likelihoods import PooledHead, masked_cross_entropy
+from pyro_bll.methods.base import Method
 
 
 def similarity_matrix(u: Tensor) -> Tensor:

@@ -1,8 +1,8 @@
 """Tasks: data, network and evaluation, chosen by name with ``--task``."""
 
-from .fashion_mnist_mlp import FashionMNISTMLPTask
-from .s2s_reverse import S2SReverseTask
-from .vision import CIFAR10Task, FashionMNISTTask
+from pyro_bll.tasks.fashion_mnist_mlp import FashionMNISTMLPTask
+from pyro_bll.tasks.s2s_reverse import S2SReverseTask
+from pyro_bll.tasks.vision import CIFAR10Task, FashionMNISTTask
 
 TASKS = {
     "s2s_reverse": S2SReverseTask,

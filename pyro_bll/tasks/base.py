@@ -22,9 +22,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from ..chain import BLLChain
-from ..config import ConfigError, RunConfig
-from ..families import Family
+from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.families import Family
 
 Batch = tuple[Tensor, Tensor, Tensor | None]
 

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..chain import BLLChain
-from ..config import ConfigError, RunConfig
-from ..data import DEFAULT_FASHION_MNIST, DataError, load_fashion_mnist
-from ..families import Family
-from ..likelihoods import CategoricalHead
-from .base import (
+from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.likelihoods import CategoricalHead
+from pyro_bll.data import DEFAULT_FASHION_MNIST, DataError, load_fashion_mnist
+from pyro_bll.families import Family
+from pyro_bll.tasks.base import (
     check_blocks_divide_layers,
     check_diagnostic_size,
     evaluation_split,
@@ -79,8 +79,8 @@ class FashionMNISTMLPTask:
         return ((images.float() / 255 - MEAN) / STD).flatten(1)  # [N, 784]
 
     def build_chain(self, family: Family) -> BLLChain:
-        from ..assembly import assemble_chain
-        from ..models import mlp_blocks
+        from pyro_bll.models import mlp_blocks
+        from pyro_bll.tasks.assembly import assemble_chain
 
         cfg = self.cfg
         widths = [cfg.d_model] * cfg.num_blocks

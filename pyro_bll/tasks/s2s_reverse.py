@@ -18,11 +18,15 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..chain import BLLChain
-from ..config import RunConfig
-from ..families import Family
-from ..likelihoods import CategoricalHead
-from .base import check_blocks_divide_layers, check_diagnostic_size, refuse_vision_options
+from pyro_bll.config import RunConfig
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.likelihoods import CategoricalHead
+from pyro_bll.families import Family
+from pyro_bll.tasks.base import (
+    check_blocks_divide_layers,
+    check_diagnostic_size,
+    refuse_vision_options,
+)
 
 TEST_SEED = 2_305_149_74  # the held-out set is the same for every run
 
@@ -65,8 +69,8 @@ class S2SReverseTask:
 
     # ---- network -----------------------------------------------------------------------
     def build_chain(self, family: Family) -> BLLChain:
-        from ..assembly import assemble_chain
-        from ..models import transformer_blocks
+        from pyro_bll.models import transformer_blocks
+        from pyro_bll.tasks.assembly import assemble_chain
 
         cfg = self.cfg
         d = cfg.d_model

@@ -30,10 +30,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..assembly import assemble_chain
-from ..chain import BLLChain
-from ..config import ConfigError, RunConfig
-from ..data import (
+from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.likelihoods import PRED_HEADS, PooledHead
+from pyro_bll.data import (
     DEFAULT_CIFAR10,
     DEFAULT_FASHION_MNIST,
     DataError,
@@ -41,13 +41,13 @@ from ..data import (
     load_cifar10,
     load_fashion_mnist,
 )
-from ..data.device_data import Augmentation
-from ..families import Family, FamilyError
-from ..guides import MESSAGES, MeanMessage
-from ..likelihoods import PRED_HEADS, PooledHead
-from ..models.errors import ModelError
-from ..models.resnet import block_map_sizes, memory_split, resnet_blocks
-from .base import check_diagnostic_size, evaluation_split
+from pyro_bll.data.device_data import Augmentation
+from pyro_bll.families import Family, FamilyError
+from pyro_bll.guides import MESSAGES, MeanMessage
+from pyro_bll.models.errors import ModelError
+from pyro_bll.models.resnet import block_map_sizes, memory_split, resnet_blocks
+from pyro_bll.tasks.assembly import assemble_chain
+from pyro_bll.tasks.base import check_diagnostic_size, evaluation_split
 
 _VISION_DEFAULTS: dict[str, Any] = {
     "blocks": 4,
@@ -101,7 +101,7 @@ class VisionTask(ABC):
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
-        from ..models.resnet import check_num_blocks, check_split
+        from pyro_bll.models.resnet import check_num_blocks, check_split
 
         try:
             check_num_blocks(cfg.arch, cfg.num_blocks)

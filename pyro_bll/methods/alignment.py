@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ConfigError
+from pyro_bll.config import ConfigError
 
 # weighted layers whose input gradient would still use W^T: FA is refused on them
 _UNSUPPORTED = (

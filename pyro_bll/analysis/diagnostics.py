@@ -12,7 +12,7 @@ is an ArviZ *chain*. Groups and variables (dims after ``chain``, ``draw``):
                    kl_channel (block, channel)             NaN beyond a block's width
                    proto_msd_class, local_acc_class (block, class)
 
-The statistics are defined in ``pyro_bll.agreement``. In ``posterior``/``prior`` a draw is
+The statistics are defined in ``pyro_bll.core.agreement``. In ``posterior``/``prior`` a draw is
 a Monte Carlo draw; in ``agreement`` draw d is bootstrap resample d of the batch's
 examples, paired with draw d of z_k ~ alpha_k for the local accuracy, so the within-run
 spread is the sampling error of the batch estimate. To stay small, ``z`` keeps the first
@@ -41,20 +41,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .agreement import SCALARS, _expand_labels, block_sums, bootstrap_weights, summarise
-from .build import build_from_config, validate
-from .chain import BLLChain
-from .checkpoints import (
+from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.core.agreement import (
+    SCALARS,
+    _expand_labels,
+    block_sums,
+    bootstrap_weights,
+    summarise,
+)
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.families import Params
+from pyro_bll.methods import METHODS, build_method
+from pyro_bll.run.build import build_from_config, validate
+from pyro_bll.run.checkpoints import (
     END_OF_EPOCH,
     check_links,
     checkpoint_key,
     list_checkpoints,
     load_checkpoint,
 )
-from .config import ConfigError, RunConfig
-from .families import Params
-from .methods import METHODS, build_method
-from .seed import seed_everything
+from pyro_bll.seed import seed_everything
 
 # config keys that may differ between runs compared as chains (they do not change the
 # network, the task or the diagnostic batch)
@@ -365,7 +371,7 @@ def write_diagnostics(
             "epochs": [run.epoch],
             "config": run.cfg.to_dict(),
             "batch": int(y.shape[0]),
-            "statistics": "pyro_bll/agreement.py",
+            "statistics": "pyro_bll/core/agreement.py",
             **omitted,
         },
     )

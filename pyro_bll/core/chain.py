@@ -19,7 +19,7 @@ parameter tuple, e.g. mean and scale) or "sample" (the site's draw of z_k). With
 only from its own sites. Forward messages are computed once per step and shared by guide
 and model through the ``StepCache`` that ``BlockLocalELBO`` passes to both; the training
 step may put a ``NoiseKey`` in ``cache.noise`` so that every block draws z_k from its
-own stream (``pyro_bll.noise``). ``segment=(a, b)`` runs blocks a..b-1 only, with ``x``
+own stream (``pyro_bll.core.noise``). ``segment=(a, b)`` runs blocks a..b-1 only, with ``x``
 then block a's input; the guide leaves the outgoing value m(alpha_{b-1}) in
 ``cache.outgoing`` (the block-parallel runtime, ``pyro_bll.distributed``).
 """
@@ -35,13 +35,13 @@ import pyro.distributions as dist
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from .families import Family, Natural, Params
-from .likelihoods import PrototypeLikelihood, masked_cross_entropy
-from .noise import block_noise
-from .step_cache import StepCache
+from pyro_bll.core.likelihoods import PrototypeLikelihood, masked_cross_entropy
+from pyro_bll.core.noise import block_noise
+from pyro_bll.core.step_cache import StepCache
+from pyro_bll.families import Family, Natural, Params
 
 if TYPE_CHECKING:
-    from .guides.spatial import SpatialMessage
+    from pyro_bll.guides.spatial import SpatialMessage
 
 Propagate = Literal["mean", "params", "sample"]
 LikelihoodEstimator = Literal["bound", "sample"]

@@ -7,7 +7,7 @@ epoch is *complete* when every rank of the run has written it; a restarted job r
 from the last complete epoch.
 
 ``assemble`` merges the ranks of one epoch into ``RUN/checkpoints/epoch_<NNN>.pt`` in the
-format ``pyro_bll.training.Trainer`` writes and loads: the full model state, one Adam
+format ``pyro_bll.run.training.Trainer`` writes and loads: the full model state, one Adam
 state over ``list(chain.parameters())`` (Adam is elementwise, so the union of the
 per-rank states is exactly the state a single optimiser over all parameters would have),
 the history, rank 0's RNG state and the step count. A single-process run resumes from
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import (
+from pyro_bll.config import ConfigError
+from pyro_bll.run.checkpoints import (
     END_OF_EPOCH,
     checkpoint_key,
     checkpoint_name,
@@ -30,7 +31,6 @@ from ..checkpoints import (
     load_checkpoint,
     save_atomic,
 )
-from ..config import ConfigError
 
 FORMAT = "pyro_bll.rank_checkpoint/1"
 
@@ -40,7 +40,7 @@ def rank_dir(out: Path, rank: int) -> Path:
 
 
 def rank_checkpoint(out: Path, rank: int, epoch: int, step: int | None = None) -> Path:
-    """``rank_<R>/`` + ``pyro_bll.checkpoints.checkpoint_name``."""
+    """``rank_<R>/`` + ``pyro_bll.run.checkpoints.checkpoint_name``."""
     return rank_dir(out, rank) / checkpoint_name(epoch, step)
 
 
@@ -51,7 +51,7 @@ def rank_epochs(out: Path, rank: int) -> list[int]:
 
 def rank_keys(out: Path, rank: int) -> list[tuple[int, int]]:
     """(epoch, step) of every checkpoint of rank ``rank``, mid-epoch ones included
-    (``pyro_bll.checkpoints.checkpoint_key``: step END_OF_EPOCH for a finished epoch)."""
+    (``pyro_bll.run.checkpoints.checkpoint_key``: step END_OF_EPOCH for a finished epoch)."""
     return [checkpoint_key(p) for p in list_checkpoints(rank_dir(out, rank))]
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .chain import BLLChain
-from .methods import Method
-from .noise import NoiseKey
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.noise import NoiseKey
+from pyro_bll.methods import Method
 
 
 def backward_pass(
@@ -124,7 +124,7 @@ def epoch_record(
     ``totals`` are the per-block logs ``[N]`` summed over the epoch's ``count`` steps; the
     entry holds their means: ``block_losses`` (l_k), ``block_terms`` (BLL's kl,
     likelihood and pred), ``block_agreement`` (BLL's forward/feedback agreement,
-    ``pyro_bll.agreement``), then ``timing`` (seconds) and the task's ``metrics``.
+    ``pyro_bll.core.agreement``), then ``timing`` (seconds) and the task's ``metrics``.
     """
     n = max(count, 1)
     means = {k: _json_list(v / n) for k, v in (totals or {}).items()}

@@ -1,7 +1,7 @@
 """Agreement between the forward message alpha_k and the feedback message beta_k, per block.
 
-Pure torch; ``pyro_bll.diagnostics`` turns these numbers into ArviZ ``InferenceData`` and the
-training step logs the cheap ones every epoch (``step_statistics``).
+Pure torch; ``pyro_bll.analysis.diagnostics`` turns these numbers into ArviZ
+``InferenceData`` and the training step logs the cheap ones every epoch (``step_statistics``).
 
 Shapes. Block k's forward message alpha_k parametrises a latent ``[B, *S, C]``: ``S`` are
 the axes between batch and channel ("sites": none for an MLP ``[B, C]``, positions for the
@@ -56,10 +56,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .chain import BLLChain, _prototype
-from .families import Params
-from .noise import block_noise
-from .step_cache import StepCache
+from pyro_bll.core.chain import BLLChain, _prototype
+from pyro_bll.core.noise import block_noise
+from pyro_bll.core.step_cache import StepCache
+from pyro_bll.families import Params
 
 # block index offset of the logged statistics' noise streams (training draws use 0..N-1)
 STATISTICS_STREAM = 1 << 20

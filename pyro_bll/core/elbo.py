@@ -37,7 +37,7 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch import Tensor
 from torch.distributions import Independent, kl_divergence
 
-from .step_cache import StepCache
+from pyro_bll.core.step_cache import StepCache
 
 
 @dataclass

@@ -7,7 +7,7 @@ Inside an epoch, a signal (SIGINT, SIGTERM) or ``--checkpoint-every N`` writes
 and the method's state. ``resume`` restores the newest readable checkpoint, RNG states
 included, and skips the batches already done in its epoch (the batch order is seeded by
 run seed and epoch), so that a resumed run ends with the same metrics and parameters as
-an uninterrupted one. Files: ``pyro_bll.checkpoints`` (weights-only loads).
+an uninterrupted one. Files: ``pyro_bll.run.checkpoints`` (weights-only loads).
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ import numpy as np
 import pyro
 import torch
 
-from .build import build_from_config, validate
-from .chain import BLLChain
-from .checkpoints import (
+from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.noise import NoiseKey
+from pyro_bll.methods import build_method
+from pyro_bll.run.build import build_from_config, validate
+from pyro_bll.run.checkpoints import (
     check_links,
     checkpoint_path,
     family_links,
@@ -38,13 +41,10 @@ from .checkpoints import (
     save_atomic,
     set_rng_state,
 )
-from .config import ConfigError, RunConfig
-from .interrupt import StopSignals, TrainingInterrupted
-from .methods import build_method
-from .noise import NoiseKey
-from .progress import Progress
-from .seed import seed_everything
-from .step import EpochState, backward_pass, clip_block_gradients, epoch_record
+from pyro_bll.run.interrupt import StopSignals, TrainingInterrupted
+from pyro_bll.run.progress import Progress
+from pyro_bll.run.step import EpochState, backward_pass, clip_block_gradients, epoch_record
+from pyro_bll.seed import seed_everything
 
 
 class TrainingDiverged(RuntimeError):
@@ -321,7 +321,7 @@ class Trainer:
 
     def write_results(self, out: Path) -> None:
         (out / "metrics.json").write_text(json.dumps(self.metrics(), indent=2))
-        from .plots import plot_learning_curve
+        from pyro_bll.run.plots import plot_learning_curve
 
         plot_learning_curve(
             self.history,
@@ -333,8 +333,8 @@ class Trainer:
 def main(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Validate, train and return the final metrics (also written to ``cfg.out``)."""
     validate(cfg)
+    trainer = Trainer(cfg)  # data, family and network first: a refused run creates nothing
     out = prepare_out_dir(cfg)
-    trainer = Trainer(cfg)
     return trainer.fit(out, progress=progress)
 
 

@@ -13,10 +13,10 @@ from typing import Any
 
 from torch import nn
 
-from .chain import BLLChain
-from .config import RunConfig
-from .families import Family
-from .guides import FEEDBACKS
+from pyro_bll.config import RunConfig
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.families import Family
+from pyro_bll.guides import FEEDBACKS
 
 
 def assemble_chain(

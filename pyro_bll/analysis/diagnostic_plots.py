@@ -2,7 +2,7 @@
 
 Blocks are numbered from 0, as the Pyro sites z_0 .. z_{N-1} and the ArviZ ``block`` dim.
 ``curves`` below map run name -> epoch -> statistic -> one value per block
-(``pyro_bll.diagnostics.point_statistics`` on each checkpoint).
+(``pyro_bll.analysis.diagnostics.point_statistics`` on each checkpoint).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .families import Params
-from .noise import NoiseKey
+from pyro_bll.core.noise import NoiseKey
+from pyro_bll.families import Params
 
 
 @dataclass
@@ -26,5 +26,5 @@ class StepCache:
     alpha: dict[int, Params] = field(default_factory=dict)  # forward messages alpha_k
     latent: dict[int, Params] = field(default_factory=dict)  # the law of site z_k
     rho: dict[int, Params] = field(default_factory=dict)  # the guide's rho_k
-    noise: NoiseKey | None = None  # the step's random streams (pyro_bll.noise)
+    noise: NoiseKey | None = None  # the step's random streams (pyro_bll.core.noise)
     outgoing: Any = None  # m(alpha_{b-1}) of a segment (blocks a..b-1): sent to the next rank

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .chain import BLLChain
-from .likelihoods import masked_cross_entropy, prototype_bound
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.likelihoods import masked_cross_entropy, prototype_bound
 
 
 def plain_block_losses(chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:

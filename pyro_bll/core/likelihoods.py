@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from .families import Family, Natural, Params
+from pyro_bll.families import Family, Natural, Params
 
 
 def masked_cross_entropy(logits: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:

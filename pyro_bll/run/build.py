@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
-from .chain import LIKELIHOOD_ESTIMATORS, BLLChain
-from .config import BLL_TERMS, COMMON_DEFAULTS, LR_SCHEDULES, ConfigError, RunConfig
-from .families import FAMILIES, Family, FamilyError, make_family
-from .guides import FEEDBACKS, MESSAGES
-from .methods import METHODS, check_method_options
-from .models import RESNET_ARCHS
-from .tasks import TASKS
+from pyro_bll.config import BLL_TERMS, COMMON_DEFAULTS, LR_SCHEDULES, ConfigError, RunConfig
+from pyro_bll.core.chain import LIKELIHOOD_ESTIMATORS, BLLChain
+from pyro_bll.families import FAMILIES, Family, FamilyError, make_family
+from pyro_bll.guides import FEEDBACKS, MESSAGES
+from pyro_bll.methods import METHODS, check_method_options
+from pyro_bll.models import RESNET_ARCHS
+from pyro_bll.run.distributed_options import validate_options
+from pyro_bll.tasks import TASKS
 
 _POSITIVE = ("layers", "d_model", "seq_len", "epochs", "train_size", "test_size", "val_size",
              "batch_size")  # fmt: skip
@@ -113,8 +114,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.device not in ("cpu",) and not cfg.device.startswith("cuda"):
         raise ConfigError(f"unknown --device {cfg.device!r}; use cpu or cuda[:N]")
     if cfg.distributed:
-        from .distributed.group import validate_options
-
         validate_options(cfg)
     return cfg
 
@@ -131,7 +130,7 @@ def build_from_config(cfg: RunConfig) -> tuple[Family, Any, BLLChain]:
     except FamilyError as e:
         raise ConfigError(str(e)) from None
     task = TASKS[cfg.task](cfg)
-    return family, task, task.build_chain(family)  # pyro_bll.assembly wires --likelihood
+    return family, task, task.build_chain(family)  # pyro_bll.tasks.assembly wires --likelihood
 
 
 __all__ = ["build_from_config", "config_for_task", "fill_defaults", "validate"]

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .chain import BLLChain
-from .families import FixedVarianceGaussian
-from .step_cache import StepCache
+from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.step_cache import StepCache
+from pyro_bll.families import FixedVarianceGaussian
 
 
 def class_mean_prototypes(

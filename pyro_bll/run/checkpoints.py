@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError
+from pyro_bll.config import ConfigError
 
 _NAME = re.compile(r"epoch_(\d+)(?:_step_(\d+))?\.pt$")
 END_OF_EPOCH = 1 << 62  # sorts a finished epoch after every step inside it

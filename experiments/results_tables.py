@@ -1,0 +1,714 @@
+"""Write the generated results tables of the documentation from the JSON under results/.
+
+    python experiments/results_tables.py           # rewrite the generated tables in docs/
+    python experiments/results_tables.py --check   # exit 1 (and name them) if any is stale
+
+A generated table sits in a page of docs/ between the lines ``<!-- tables:begin NAME -->``
+and ``<!-- tables:end NAME -->``; everything between them is rewritten from ``TABLES[NAME]``,
+so edit this file (or rerun the measurement), never the table. Each table starts with one
+provenance line: the commit (or "commit not recorded"), the machine (the JSON's own
+``machine`` field where it has one), the command and the data files. Only the standard
+library is used, so the script runs without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PROVENANCE = "*Provenance:*"
+BEGIN = "<!-- tables:begin {} -->"
+END = "<!-- tables:end {} -->"
+MARKER = re.compile(r"<!-- tables:begin (\S+) -->\n.*?<!-- tables:end \1 -->", re.S)
+CPU = "2-core x86_64 CPU (no GPU), torch 2.14.1"
+
+Loaded = list[tuple[str, Any]]  # (path relative to results/, parsed JSON)
+
+
+@dataclass(frozen=True)
+class Table:
+    """One generated table: where its numbers come from and how they were made."""
+
+    name: str
+    sources: tuple[str, ...]  # JSON files, relative to the results directory
+    render: Callable[[Loaded, dict[str, str]], list[str]]
+    command: str  # as recorded with the measurement (markdown)
+    commit: str | None = None  # None: "commit not recorded"
+    machine: str = CPU  # used when no source records its machine
+    labels: dict[str, str] = field(default_factory=dict)  # renderer-specific row labels
+
+
+# ---------------------------------------------------------------- formatting helpers
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not math.isnan(x)
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}" if _finite(x) else "-"
+
+
+def acc_cell(r: dict[str, Any]) -> str:
+    """Accuracy of one result group: the value for one run, mean +- std for several."""
+    if len(r.get("runs", [])) == 1:
+        return pct(r["acc_mean"])
+    return f"{pct(r['acc_mean'])} +- {pct(r['acc_std'])}"
+
+
+def seconds(x: float) -> str:
+    return f"{x:.1f}" if _finite(x) else "-"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+METHOD = {"bll": "BLL", "bp": "BP", "fa": "FA", "predsim": "Pred-Sim"}
+TASK = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+ARCH = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
+
+
+def _seeds(args: dict[str, Any]) -> str:
+    return ", ".join(str(s) for s in args.get("seeds", []))
+
+
+# ---------------------------------------------------------------- renderers
+
+
+def render_s2s(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``reproduce_s2s.py``: one row per method and depth, mean +- std over the seeds."""
+    (_, d), rows = data[0], []
+    for key, r in d["results"].items():
+        m = re.fullmatch(r"([a-z]+)_L(\d+)_N(\d+)", key)
+        name = f"{METHOD.get(m[1], m[1])}, {m[2]} / {m[3]}" if m else key
+        rows.append(
+            [
+                labels.get(key, name),
+                f"{pct(r['acc_mean'])} +- {pct(r['acc_std'])}",
+                f"{pct(r['seq_mean'])} +- {pct(r['seq_std'])}",
+            ]
+        )
+    seeds = _seeds(d["args"])
+    return table(
+        [
+            "method, layers / blocks",
+            f"test token accuracy %, seeds {seeds}",
+            "test sequence accuracy %",
+        ],
+        rows,
+    )
+
+
+def render_sweep(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``sweep_blocks.py``: accuracy per number of blocks (per method where recorded)."""
+    (_, d) = data[0]
+    by_method = d.get("by_method") or {"": d["results"]}
+    header = ["blocks N"] + [
+        f"{METHOD.get(m, m)} test accuracy %".strip() if m else "test token accuracy %"
+        for m in by_method
+    ]
+    rows = [
+        [str(n)] + [pct(by_method[m][i]["acc_mean"]) for m in by_method]
+        for i, n in enumerate(d["blocks"])
+    ]
+    return table(header, rows)
+
+
+def render_bench_step(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``bench_step.py``: median step times of the Pyro BLL, plain-torch BLL and BP steps."""
+    rows = []
+    for path, d in data:
+        c = d["config"]
+        name = str(c["d_model"])
+        if "pred_weight" in c:
+            name += f", `--pred-weight {c['pred_weight']:g}`"
+        ms = d["median_ms"]
+        rows.append(
+            [
+                labels.get(path, name),
+                f"{ms['pyro_bll']:.1f} ms",
+                f"{ms['plain_bll']:.1f} ms",
+                f"{ms['bp']:.1f} ms",
+                f"{d['ratio_pyro_over_plain']:.2f}",
+                f"{d['ratio_bll_over_bp']:.2f}",
+            ]
+        )
+    return table(
+        [
+            "d_model",
+            "Pyro BLL step",
+            "plain-torch BLL step",
+            "BP step",
+            "Pyro / plain (target <= 1.25)",
+            "BLL / BP (target <= 1.2)",
+        ],
+        rows,
+    )
+
+
+def render_families(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``bench_families.py``: one accuracy and one seconds-per-epoch column per task."""
+    columns = [(task, res) for _, d in data for task, res in d["results"].items()]
+    names: list[str] = []
+    for _, res in columns:
+        names += [n for n in res if n not in names]
+    header = ["family"]
+    for task, _ in columns:
+        header += [f"{task} test accuracy %", "s / epoch"]
+    rows = []
+    for n in names:
+        row = [labels.get(n, n)]
+        for _, res in columns:
+            r = res.get(n)
+            row += [acc_cell(r), seconds(r["sec_per_epoch_mean"])] if r else ["not run", "-"]
+        rows.append(row)
+    return table(header, rows)
+
+
+def render_families_per_seed(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``bench_families.py`` over several seeds: one column per seed, then mean +- std."""
+    (_, d) = data[0]
+    seeds = d["args"]["seeds"]
+    rows = []
+    for res in d["results"].values():
+        for n, r in res.items():
+            by_seed = {run["seed"]: run["test_accuracy"] for run in r["runs"]}
+            rows.append(
+                [labels.get(n, n)]
+                + [pct(by_seed.get(s, math.nan)) for s in seeds]
+                + [f"{pct(r['acc_mean'])} +- {pct(r['acc_std'])}"]
+            )
+    header = ["family"] + [f"seed {s}" for s in seeds] + ["mean +- std"]
+    return table(header, rows)
+
+
+def render_table1(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``reproduce_table1.py``: one row per method and result file, the paper beside it."""
+    rows, keys = [], {k.rsplit("/", 1)[0] for _, d in data for k in d["results"]}
+    for path, d in data:
+        for key, r in d["results"].items():
+            setting, method = key.rsplit("/", 1)
+            task, arch = setting.split("/")
+            runs = r["runs"]
+            done = {run.get("epochs_done") for run in runs}
+            epochs = str(done.pop()) if len(done) == 1 else "-"
+            if any(run.get("budget_exhausted") for run in runs):
+                epochs += " (budget used up)"
+            paper = d.get("paper", {}).get(setting, {}).get(method)
+            name = METHOD.get(method, method)
+            if len(keys) > 1:
+                name = f"{TASK.get(task, task)} {ARCH.get(arch, arch)}, {name}"
+            rows.append(
+                [
+                    name,
+                    labels.get(path, f"`{path}`"),
+                    acc_cell(r),
+                    seconds(r["sec_per_epoch_mean"]),
+                    epochs,
+                    "-" if paper is None else f"{paper:g}",
+                ]
+            )
+    return table(
+        [
+            "method",
+            "run",
+            "test accuracy %",
+            "s / epoch",
+            "epochs",
+            "paper (full width, best of 5)",
+        ],
+        rows,
+    )
+
+
+def _run_name(c: dict[str, Any]) -> str:
+    name = METHOD.get(c["method"], c["method"])
+    threads = c.get("threads")
+    each = " each" if c.get("distributed") else ""
+    if c.get("distributed") and c.get("rank_blocks"):
+        groups = " + ".join(str(b) for b in c["rank_blocks"])
+        name += f", {len(c['rank_blocks'])} ranks ({groups} blocks, pipelined)"
+    elif c.get("distributed"):
+        name += ", distributed"
+    else:
+        name += ", one process"
+    if threads:
+        name += f", {threads} thread{'s' if threads > 1 else ''}{each}"
+    return name
+
+
+def render_runs(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """Run directories' ``metrics.json``: epochs, wall time and final test accuracy."""
+    rows = []
+    for path, d in data:
+        c = d["config"]
+        done, planned = d["epochs_done"], c.get("epochs")
+        epochs = (
+            f"{done} of {planned} (budget used up)" if planned and done < planned else str(done)
+        )
+        rows.append(
+            [
+                labels.get(path, _run_name(c)),
+                str(c.get("seed", "-")),
+                epochs,
+                f"{d['elapsed_seconds'] / 60:.1f}",
+                seconds(d["seconds_per_epoch"]),
+                pct(d["test_accuracy"]),
+            ]
+        )
+    return table(
+        ["run", "seed", "epochs", "minutes", "s / epoch (training)", "test accuracy %"], rows
+    )
+
+
+PIPELINE = {
+    "bll_1_thread": "single-process BLL, 1 thread",
+    "bll_2_threads": "single-process BLL, 2 threads",
+    "bp_1_thread": "single-process BP, 1 thread",
+    "bp_2_threads": "single-process BP, 2 threads",
+}
+
+
+def _variant(key: str) -> str:
+    if key in PIPELINE:
+        return PIPELINE[key]
+    if m := re.fullmatch(r"(\d+)_ranks_(pipelined|sync)", key):
+        how = "pipelined, 1 thread each" if m[2] == "pipelined" else "sync (no overlap)"
+        return f"BLL, {m[1]} stages, {how}"
+    if m := re.fullmatch(r"bll_(\d+)x(\d+)", key):
+        return f"BLL, {m[1]} stage{'s' if int(m[1]) > 1 else ''} x {m[2]} replicas"
+    if m := re.fullmatch(r"bp_ddp_(\d+)", key):
+        return f"BP data parallel, {m[1]} processes"
+    return key
+
+
+def _ms(values: Sequence[float]) -> str:
+    return " and ".join(f"{1000 * v:.1f}" for v in values) + " ms"
+
+
+def render_pipeline(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``bench_pipeline.py``: samples per second of every variant, and the block times."""
+    (_, d) = data[0]
+    rows = []
+    for key, sps in d["samples_per_second"].items():
+        rows.append([_variant(key), f"{sps:.0f}", f"{d['speedup_over_bll_1_thread'][key]:.2f}"])
+    return table(["variant", "samples / s", "x single-process BLL, 1 thread"], rows) + [
+        "",
+        f"Block times (each rank's work per step alone, 1 thread): "
+        f"{_ms(d['block_seconds_per_step'])}; ideal speed-up 2 x mean / max = "
+        f"{d['ideal_speedup']:.2f}; measured / ideal = {d['measured_over_ideal']:.2f}; "
+        f"pipelined / single-process BLL with 2 threads = "
+        f"{d['pipelined_over_bll_k_threads']:.2f}.",
+    ]
+
+
+def _network(c: dict[str, Any]) -> str:
+    t = c["train_config"]
+    if t["task"] == "s2s_reverse":
+        return (
+            f"s2s_reverse, {t['layers']} layers in {t['blocks']} blocks, "
+            f"d_model {t['d_model']}, batch {t['batch_size']}"
+        )
+    return (
+        f"{ARCH.get(t['arch'], t['arch'])}, width {t['width']:g}, {t['blocks']} blocks, "
+        f"batch {t['batch_size']}"
+    )
+
+
+def render_pipeline_model(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``bench_pipeline.py`` with the cost model: measured against predicted throughput."""
+    (_, d) = data[0]
+    rows = []
+    for key, predicted in d["predicted_samples_per_second"].items():
+        measured = d["samples_per_second"][key]
+        rows.append(
+            [_variant(key), f"{measured:.0f}", f"{predicted:.0f}", f"{predicted / measured:.2f}"]
+        )
+    sps = d["samples_per_second"]
+    notes = (
+        f"Single process, 1 thread: BLL {sps['bll_1_thread']:.0f} / s, BP "
+        f"{sps['bp_1_thread']:.0f} / s; contention factor "
+        f"{d['model_inputs']['contention']:.2f}; stage times alone "
+        f"{_ms(d['block_seconds_per_step'])}."
+    )
+    extrapolated = []
+    for p, variants in d.get("model_extrapolation", {}).items():
+        bp = variants.get(f"bp_ddp_{p}")
+        bll = max((v for k, v in variants.items() if not k.startswith("bp_")), default=None)
+        if bp and bll:
+            extrapolated.append(f"{bll / bp:.2f}x for P = {p}")
+    if extrapolated:
+        notes += (
+            " Model only (not measured), P workers like these on a network of P such "
+            "blocks, best BLL layout against BP data parallel: " + ", ".join(extrapolated) + "."
+        )
+    return table([_network(d["config"]), "measured", "model", "model / measured"], rows) + [
+        "",
+        notes,
+    ]
+
+
+MEMORY_COLUMNS = {
+    "bp": "BP",
+    "bll_joint": "BLL joint",
+    "bll_per_block": "BLL per-block, even split",
+    "bll_per_block_memsplit": "BLL per-block, `--split memory`",
+    "predsim": "Pred-Sim (per-block)",
+}
+
+
+def render_memory(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``bench_memory.py``: peak activation bytes (and their ratio to BP's), step times."""
+    rows = []
+    for _, d in data:
+        for network, variants in d["results"].items():
+            row = [network]
+            for key in MEMORY_COLUMNS:
+                v = variants.get(key)
+                if v is None:
+                    row.append("-")
+                    continue
+                mb = f"{v['activation_peak_bytes'] / 1e6:.0f} MB"
+                row.append(mb if key == "bp" else f"{mb} ({v['activation_vs_bp']:.2f})")
+            per_block = variants.get("bll_per_block", {})
+            row += [
+                f"{per_block['time_vs_bll_joint']:.2f}" if per_block else "-",
+                f"{per_block['time_vs_bp']:.2f}" if per_block else "-",
+            ]
+            rows.append(row)
+    header = ["network", *MEMORY_COLUMNS.values(), "step time per-block / joint", "per-block / BP"]
+    return table(header, rows)
+
+
+def render_estimator(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``bench_estimator.py``: signal-to-noise ratio of the local-likelihood gradient."""
+    (_, d) = data[0]
+    rows = [
+        [labels.get(n, n), f"{s['joint']:.3f}", f"{s['per_label']:.3f}", f"{s['bound']:.1e}"]
+        for n, s in d["snr"].items()
+    ]
+    return table(
+        [
+            "family",
+            "one score-function term per sequence",
+            "one per label (`--likelihood sample`)",
+            "bound",
+        ],
+        rows,
+    )
+
+
+# ---------------------------------------------------------------- the tables
+
+FROM_EXPERIMENTS = "command (from `experiments/`)"
+FROM_ROOT = "command (from the repository root)"
+
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in [
+        Table(
+            "s2s_reverse",
+            ("s2s_reverse.json",),
+            render_s2s,
+            f"{FROM_EXPERIMENTS}: `python reproduce_s2s.py --seeds 0 1 2 --threads 2 "
+            "--runs-dir ../runs/reproduce_s2s --results ../results`",
+            machine=f"{CPU}, 2 threads",
+        ),
+        Table(
+            "sweep_blocks",
+            ("sweep_blocks.json",),
+            render_sweep,
+            f"{FROM_EXPERIMENTS}: `python sweep_blocks.py --blocks 1 2 4 5 10 20 --seeds 0 "
+            "--runs-dir ../runs/sweep_blocks --results ../results`",
+            machine=f"{CPU}, 2 threads",
+        ),
+        Table(
+            "bench_step",
+            ("bench_step_d32.json", "bench_step_d64.json", "bench_step_d32_nopred.json"),
+            render_bench_step,
+            "commands (from `experiments/`): "
+            "`python bench_step.py --threads 2 --d-model 32 --out ../results/bench_step_d32.json`; "
+            "`python bench_step.py --threads 2 --d-model 64 --repeats 30 "
+            "--out ../results/bench_step_d64.json`; "
+            "`python bench_step.py --threads 2 --d-model 32 --pred-weight 0 "
+            "--out ../results/bench_step_d32_nopred.json`",
+        ),
+        Table(
+            "families_bound",
+            ("families_s2s/families.json", "families_mlp/families.json"),
+            render_families,
+            "commands (from the repository root): `python experiments/bench_families.py --seeds 0 "
+            "--tasks s2s_reverse --threads 1 --runs-dir runs/bench_families_v2 "
+            "--results results/families_s2s`; the same with `--tasks fashion_mnist_mlp` "
+            "and `--results results/families_mlp`",
+            commit="37c6130 to 7708411 for s2s_reverse (gaussian_learned rerun after 1c515da), "
+            "9d48026 to 2fe8410 for the MLP",
+            machine=f"{CPU}, 1 thread per run beside another run",
+        ),
+        Table(
+            "families_s2s_3seeds",
+            ("families_s2s_3seeds/families.json",),
+            render_families_per_seed,
+            f"{FROM_ROOT}: `python experiments/bench_families.py --seeds 0 1 2 --tasks s2s_reverse "
+            "--threads 1 --no-references --runs-dir runs/bench_families_v2 "
+            "--results results/families_s2s_3seeds`",
+            commit="37c6130 to 3027be6",
+            machine=f"{CPU}, 1 thread per run beside another run",
+        ),
+        Table(
+            "families_s2s_l20_bd",
+            ("families_s2s_l20_bd/families.json",),
+            render_families,
+            f"{FROM_ROOT}: `python experiments/bench_families.py --seeds 0 --tasks s2s_reverse "
+            "--layers 20 --families beta dirichlet --no-references --threads 1 "
+            "--runs-dir runs/bench_families_l20_bd --results results/families_s2s_l20_bd`",
+            commit="2740bc6",
+            machine=f"{CPU}, 1 thread per run beside another run",
+        ),
+        Table(
+            "families_s2s_sample",
+            ("families_s2s_sample/families.json",),
+            render_families,
+            f"{FROM_ROOT}: `python experiments/bench_families.py --seeds 0 --tasks s2s_reverse "
+            "--threads 1 --likelihood sample --no-references --runs-dir runs/bench_families_sample "
+            "--results results/families_s2s_sample`",
+            machine=f"{CPU}, 1 thread per run beside another run",
+        ),
+        Table(
+            "families_sampled",
+            ("families.json",),
+            render_families,
+            f"{FROM_EXPERIMENTS}: `python bench_families.py --seeds 0 1 2 --threads 2 "
+            "--runs-dir ../runs/bench_families --results ../results`",
+            machine=f"{CPU}, 2 threads",
+        ),
+        Table(
+            "table1",
+            ("table1.json", "table1_v2/table1.json"),
+            render_table1,
+            "commands (from `experiments/`): `python reproduce_table1.py --tasks fashion_mnist "
+            "--archs resnet18 --methods bp fa predsim bll --seeds 0 --width 0.125 --epochs 5 "
+            "--max-minutes 14 --threads 2 --runs-dir ../runs/table1_cpu --results ../results`; "
+            "the same with `--methods predsim bll --runs-dir ../runs/table1_cpu_v2 "
+            "--results ../results/table1_v2`",
+            machine=f"{CPU}, 2 threads, nothing else running",
+            labels={"table1.json": "1", "table1_v2/table1.json": "2"},
+        ),
+        Table(
+            "budget",
+            tuple(
+                f"table1_budget_v3/{r}/metrics.json"
+                for r in (
+                    "bp_lr4",
+                    "bll_pw4_lr4_2ranks",
+                    "bp_lr4_seed1",
+                    "bll_pw4_lr4_2ranks_seed1",
+                    "bll_pw4_lr4",
+                    "fa_lr4",
+                )
+            ),
+            render_runs,
+            "commands (from the repository root): `python experiments/run.py --task fashion_mnist "
+            "--method bp --width 0.125 --epochs 15 --max-minutes 15 --threads 2 --lr 0.004 "
+            "--out runs/table1_budget_v3/bp_lr4`; "
+            "`torchrun --standalone --nproc_per_node=2 experiments/run.py --task fashion_mnist "
+            "--method bll --width 0.125 --epochs 20 --max-minutes 15 --threads 1 --distributed "
+            "--rank-blocks 1,3 --lr 0.004 --pred-weight 4 "
+            "--out runs/table1_budget_v3/bll_pw4_lr4_2ranks`; "
+            "`python experiments/run.py --task fashion_mnist --method bll --width 0.125 "
+            "--epochs 13 --max-minutes 15 --threads 2 --lr 0.004 --pred-weight 4 "
+            "--out runs/table1_budget_v3/bll_pw4_lr4`; "
+            "`python experiments/run.py --task fashion_mnist --method fa --width 0.125 "
+            "--epochs 16 --max-minutes 15 --threads 2 --lr 0.004 "
+            "--out runs/table1_budget_v3/fa_lr4`; the seed-1 runs add `--seed 1`",
+            machine=f"{CPU}, nothing else running",
+        ),
+        Table(
+            "budget_lr1e3",
+            (
+                "table1_budget_bp/table1.json",
+                "table1_budget_bll_v2/table1.json",
+                "table1_budget_bll/table1.json",
+            ),
+            render_table1,
+            "`experiments/reproduce_table1.py` with the arguments stored under `args` in each file",
+            machine=f"{CPU}, 2 threads, nothing else running",
+            labels={
+                "table1_budget_bp/table1.json": "Adam 1e-3",
+                "table1_budget_bll_v2/table1.json": "Adam 1e-3, `--pred-weight 1`",
+                "table1_budget_bll/table1.json": "Adam 1e-3, `--pred-weight 1`, `--message pool`",
+            },
+        ),
+        Table(
+            "sweep_vision",
+            ("sweep_blocks_fashion_mnist_resnet18.json",),
+            render_sweep,
+            f"{FROM_EXPERIMENTS}: `python sweep_blocks.py --task fashion_mnist --arch resnet18 "
+            "--width 0.125 --blocks 1 2 4 8 --methods bll --epochs 2 --train-size 10000 "
+            "--test-size 2000 --seeds 0 --threads 2 --runs-dir ../runs/sweep_vision "
+            "--results ../results`",
+            machine=f"{CPU}, 2 threads",
+        ),
+        Table(
+            "bench_pipeline",
+            ("bench_pipeline.json",),
+            render_pipeline,
+            f"{FROM_ROOT}: `flock /tmp/pyro_bll_cpu.lock python experiments/bench_pipeline.py`",
+        ),
+        Table(
+            "bench_pipeline_replicas",
+            ("bench_pipeline_replicas.json",),
+            render_pipeline_model,
+            f"{FROM_ROOT}: `python experiments/bench_pipeline.py "
+            "--out results/bench_pipeline_replicas`",
+            commit="dee9360",
+        ),
+        Table(
+            "bench_pipeline_resnet18",
+            ("bench_pipeline_resnet18.json",),
+            render_pipeline_model,
+            f"{FROM_ROOT}: `python experiments/bench_pipeline.py --task fashion_mnist "
+            "--width 0.125 --batch-size 128 --steps 30 --out results/bench_pipeline_resnet18`",
+            commit="dee9360",
+        ),
+        Table(
+            "bench_memory",
+            tuple(
+                f"bench_memory_{n}/bench_memory.json"
+                for n in ("resnet18", "resnet50", "transformer")
+            ),
+            render_memory,
+            "commands (from the repository root): `python experiments/bench_memory.py "
+            "--configs resnet18_grey28 resnet18_colour32 --repeats 3 --threads 1 "
+            "--out results/bench_memory_resnet18`; the same with `--configs resnet50_grey28 "
+            "resnet50_colour32 --repeats 1 --out results/bench_memory_resnet50` and with "
+            "`--configs transformer20 --repeats 5 --out results/bench_memory_transformer`",
+            commit="29fee18 (ResNets), 6fcc830 (transformer)",
+        ),
+        Table(
+            "bench_estimator",
+            ("bench_estimator.json",),
+            render_estimator,
+            f"{FROM_ROOT}: `python experiments/bench_estimator.py`",
+            machine=f"{CPU}, 1 thread",
+            labels={"gaussian": "gaussian (pathwise)"},
+        ),
+    ]
+}
+
+
+# ---------------------------------------------------------------- assembling
+
+
+def load(results: Path, spec: Table) -> Loaded | None:
+    """The table's JSON files, or None when any of them is missing."""
+    paths = [results / s for s in spec.sources]
+    if not all(p.is_file() for p in paths):
+        return None
+    return [(s, json.loads(p.read_text())) for s, p in zip(spec.sources, paths, strict=True)]
+
+
+def provenance(spec: Table, data: Loaded) -> str:
+    machines = list(
+        dict.fromkeys(
+            d["machine"]
+            for _, d in data
+            if isinstance(d, dict) and isinstance(d.get("machine"), str)
+        )
+    )
+    if spec.commit:
+        commit = f"commit{'s' if ' ' in spec.commit else ''} {spec.commit}"
+    else:
+        commit = "commit not recorded"
+    machine = "; ".join(machines) if machines else spec.machine
+    files = ", ".join(f"`results/{s}`" for s in spec.sources)
+    return f"{PROVENANCE} {commit}; {machine}; {spec.command}; data: {files}."
+
+
+def render(spec: Table, results: Path) -> str | None:
+    """The markdown between the table's markers (without them); None without its data."""
+    data = load(results, spec)
+    if data is None:
+        return None
+    return "\n".join([provenance(spec, data), "", *spec.render(data, spec.labels)])
+
+
+def render_all(results: Path, tables: dict[str, Table] | None = None) -> dict[str, str]:
+    """Every table whose JSON files exist under ``results``, by name."""
+    out = {}
+    for name, spec in (TABLES if tables is None else tables).items():
+        text = render(spec, results)
+        if text is not None:
+            out[name] = text
+    return out
+
+
+def block(name: str, text: str) -> str:
+    return f"{BEGIN.format(name)}\n\n{text}\n\n{END.format(name)}"
+
+
+def update_text(text: str, rendered: dict[str, str]) -> tuple[str, list[str]]:
+    """Replace every marked table of ``text``; returns the new text and the names it holds.
+    A marker whose table has no data is an error (the page would silently keep stale
+    numbers)."""
+    found: list[str] = []
+
+    def replace(m: re.Match[str]) -> str:
+        name = m[1]
+        if name not in rendered:
+            raise KeyError(f"no table named {name!r}, or its JSON files are missing")
+        found.append(name)
+        return block(name, rendered[name])
+
+    return MARKER.sub(replace, text), found
+
+
+def update_docs(docs: Path, results: Path, *, check: bool = False) -> list[str]:
+    """Rewrite (or, with ``check``, compare) the marked tables of every page in ``docs``;
+    returns the pages that were (or would be) changed."""
+    rendered = render_all(results)
+    changed, placed = [], []
+    for page in sorted(docs.glob("*.md")):
+        old = page.read_text(encoding="utf-8")
+        new, found = update_text(old, rendered)
+        placed += found
+        if new != old:
+            changed.append(str(page))
+            if not check:
+                page.write_text(new, encoding="utf-8")
+    unplaced = sorted(set(rendered) - set(placed))
+    if unplaced:
+        raise KeyError(f"tables without a place in {docs}: {', '.join(unplaced)}")
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--results", type=Path, default=ROOT / "results", help="the JSON files")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs", help="the pages to update")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if stale")
+    args = p.parse_args(argv)
+    try:
+        changed = update_docs(args.docs, args.results, check=args.check)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    for page in changed:
+        print(f"{'stale' if args.check else 'updated'}: {page}")
+    return 1 if args.check and changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
