@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import sys
 
-from pyro_bll.analysis.cli import build_parser, cli, diagnose
+from pyro_bll.analysis.cli import build_parser, cli, default_out, diagnose
 
-__all__ = ["build_parser", "cli", "diagnose"]
+__all__ = ["build_parser", "cli", "default_out", "diagnose"]
 
 if __name__ == "__main__":
     sys.exit(cli())

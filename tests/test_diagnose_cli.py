@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import arviz as az
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +75,10 @@ def test_diagnose_two_seeds_writes_tables_plots_and_netcdf(two_seeds, tmp_path, 
     assert "kl[0]" in summary and "kl[1]" not in summary and "local_acc[1]" in summary
     table = (out / "summary.md").read_text().splitlines()
     assert table[2].startswith("| block | kl |") and len(table) == 2 + 2 + 2
+    # the last block has no latent: no draws (NaN) in either group
+    for group in (idata.posterior, idata.prior):
+        z = group.z.values  # [chain, draw, block, example, position, channel]
+        assert np.isnan(z[:, :, 1]).all() and np.isfinite(z[:, :, 0]).all()
     curves = json.loads((out / "curves.json").read_text())
     assert set(curves) == {"seed0", "seed1"} and set(curves["seed0"]) == {"1", "2"}
     assert set(curves["seed0"]["2"]) == set(SCALARS)
@@ -82,6 +87,16 @@ def test_diagnose_two_seeds_writes_tables_plots_and_netcdf(two_seeds, tmp_path, 
     assert last[-3] != "n/a" and last[1:-3] == ["n/a"] * (len(SCALARS) - 1), table[-1]
     assert curves["seed0"]["2"]["feedback_weight"][1] is None
     assert 0 <= curves["seed0"]["2"]["local_acc"][1] <= 1
+
+
+def test_diagnose_writes_beside_the_run_by_default(two_seeds, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # not into the current directory
+    assert diagnose.cli([str(two_seeds[1]), "--batch", "4", "--draws", "3", "--last-only"]) == 0
+    assert (two_seeds[1] / "diagnostics" / "diagnostics.nc").exists()
+    assert not (tmp_path / "diagnostics").exists()
+    assert diagnose.default_out([str(two_seeds[0]), str(two_seeds[1])]) == (
+        two_seeds[0].resolve().parent / "diagnostics"
+    )
 
 
 def test_plots_render_for_a_discrete_family(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="run directories (experiments/run.py)"
     )
-    p.add_argument("--out", default="diagnostics", help="directory for tables, plots and netCDF")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="directory for tables, plots and netCDF (default: RUN_DIR/diagnostics for one "
+        "run; for several, a diagnostics/ folder beside them in their common parent)",
+    )
     p.add_argument("--batch", type=int, default=200, help="test examples in the diagnostic batch")
     p.add_argument(
         "--draws",
@@ -101,6 +107,15 @@ def _markdown(summary, names: list[str], n_blocks: int) -> str:
     )
 
 
+def default_out(runs: list[str]) -> Path:
+    """Beside the runs: ``RUN/diagnostics`` for one run, else ``PARENT/diagnostics`` in the
+    runs' common parent directory (never the current directory by accident)."""
+    paths = [Path(r).resolve() for r in runs]
+    if len(paths) == 1:
+        return paths[0] / "diagnostics"
+    return Path(os.path.commonpath(paths)) / "diagnostics"
+
+
 def diagnose(args: argparse.Namespace) -> dict:
     import arviz as az
 
@@ -119,7 +134,7 @@ def diagnose(args: argparse.Namespace) -> dict:
     if len(set(names)) < len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
     x, y, mask = diagnostic_batch(runs[0].task, args.batch)
-    out = Path(args.out)
+    out = default_out(args.runs) if args.out is None else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     curves: dict[str, dict[int, dict[str, list[float | None]]]] = {n: {} for n in names}

@@ -45,14 +45,17 @@ def plot_densities(idata: az.InferenceData, path: Path, run: int = 0, **coords: 
     """
     sel = {"chain": [run], **{d: coords.get(d, 0) for d in ("example", "position", "channel")}}
     rho, alpha = idata.posterior.isel(sel), idata.prior.isel(sel)
-    n = rho.sizes["block"]
+    # blocks without a latent (all-NaN draws) get no panel
+    blocks = [k for k in range(rho.sizes["block"]) if np.isfinite(alpha.z.isel(block=k)).any()]
+    n = len(blocks)
     cols = min(n, 5)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 1.9 * rows), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        if k >= n:
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
             ax.set_axis_off()
             continue
+        k = blocks[i]
         az.plot_density(
             [rho.isel(block=[k]), alpha.isel(block=[k])],
             data_labels=["rho (guide)", "alpha (forward)"],
@@ -65,7 +68,7 @@ def plot_densities(idata: az.InferenceData, path: Path, run: int = 0, **coords: 
             textsize=7,
         )
         ax.set_title(f"block {k}", fontsize=8)
-        if ax.get_legend() is not None and k:
+        if ax.get_legend() is not None and i:
             ax.get_legend().remove()
     fig.suptitle(
         f"z_k ~ rho_k vs alpha_k, run {run}, "

@@ -265,6 +265,12 @@ def collect(
         idx = valid0[k].nonzero().flatten()
         idx = idx[((torch.arange(p_keep) + 0.5) * idx.numel() / p_keep).long()]
         pos.append(idx)
+        if not chain.has_latent(k):  # no site z_k: no draws, NaN in both groups
+            blank = torch.full((draws, e, p_keep, k_keep), math.nan)
+            z_alpha.append(blank)
+            if feedback:
+                z_rho.append(blank)
+            continue
         laws_k = [(a_e, z_alpha)]
         if feedback:
             rho = fam.posterior(a_e, chain.feedback_message(k, y[:e], m_e, a_e))

@@ -32,7 +32,7 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: Path, title: st
     ax1.legend(loc="lower right")
     n_blocks = len(history[0]["block_losses"])
     for k in range(n_blocks):
-        ax2.plot(epochs, [h["block_losses"][k] for h in history], label=f"block {k + 1}")
+        ax2.plot(epochs, [h["block_losses"][k] for h in history], label=f"block {k}")
     ax2.set(xlabel="epoch", ylabel="local loss per example", yscale="symlog")
     if n_blocks <= 10:
         ax2.legend(fontsize=7)
