@@ -202,6 +202,9 @@ def render_table1(data: Loaded, labels: dict[str, str]) -> list[str]:
             runs = r["runs"]
             done = {run.get("epochs_done") for run in runs}
             epochs = str(done.pop()) if len(done) == 1 else "-"
+            planned = d.get("args", {}).get("epochs")
+            if planned and epochs.isdigit() and int(epochs) < planned:
+                epochs += f" of {planned}"
             if any(run.get("budget_exhausted") for run in runs):
                 epochs += " (budget used up)"
             paper = d.get("paper", {}).get(setting, {}).get(method)
@@ -545,7 +548,8 @@ TABLES: dict[str, Table] = {
             machine=f"{CPU}, 2 threads, nothing else running",
             labels={
                 "table1_budget_bp/table1.json": "Adam 1e-3",
-                "table1_budget_bll_v2/table1.json": "Adam 1e-3, `--pred-weight 1`",
+                "table1_budget_bll_v2/table1.json": "Adam 1e-3, `--pred-weight 1`, "
+                "`--message mean`",
                 "table1_budget_bll/table1.json": "Adam 1e-3, `--pred-weight 1`, `--message pool`",
             },
         ),
@@ -677,19 +681,20 @@ def update_docs(docs: Path, results: Path, *, check: bool = False) -> list[str]:
     """Rewrite (or, with ``check``, compare) the marked tables of every page in ``docs``;
     returns the pages that were (or would be) changed."""
     rendered = render_all(results)
-    changed, placed = [], []
+    pages, placed = {}, []
     for page in sorted(docs.glob("*.md")):
         old = page.read_text(encoding="utf-8")
         new, found = update_text(old, rendered)
         placed += found
         if new != old:
-            changed.append(str(page))
-            if not check:
-                page.write_text(new, encoding="utf-8")
+            pages[page] = new
     unplaced = sorted(set(rendered) - set(placed))
     if unplaced:
         raise KeyError(f"tables without a place in {docs}: {', '.join(unplaced)}")
-    return changed
+    if not check:
+        for page, new in pages.items():
+            page.write_text(new, encoding="utf-8")
+    return [str(page) for page in pages]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""The README stays a short front page, links in the docs resolve, and no text in the
-repository points at a document outside it or at tracker issues by number."""
+"""The README stays a short front page, links in the docs resolve, commits are named only
+in the results' provenance lines, and no text in the repository points at a document
+outside it or at tracker issues by number."""
 
 import re
 from pathlib import Path
@@ -16,6 +17,9 @@ MARKDOWN_NAME = re.compile(r"\b[\w\-]+\.md\b")
 # markdown files the scripts write into their output directories (not in the repository)
 WRITTEN_BY_SCRIPTS = {"summary.md", "OUT.md"}
 SCANNED = ("docs", "pyro_bll", "models", "guides", "experiments")
+# a commit hash: 7 to 40 hex digits with at least one letter and one digit
+COMMIT = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
+PROVENANCE = "*Provenance:*"
 
 
 def _markdown_files() -> list[Path]:
@@ -74,3 +78,42 @@ def test_the_family_table_lists_exactly_the_registered_families():
     section = text.split("## The registered families", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(\w+)`", section, flags=re.M)
     assert sorted(rows) == sorted(FAMILIES), rows
+
+
+def test_commits_only_in_the_provenance_lines_of_results():
+    """The README and docs/ describe the code as it is: commit hashes (and the history they
+    date) belong in CHANGELOG.md, except in docs/results.md's provenance lines."""
+    found = []
+    for md in _markdown_files():
+        for number, line in enumerate(md.read_text(encoding="utf-8").splitlines(), 1):
+            if not COMMIT.search(line):
+                continue
+            if md.name == "results.md" and md.parent == DOCS and line.startswith(PROVENANCE):
+                continue
+            found.append(f"{md.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    assert not found, "commit hashes outside a provenance line:\n" + "\n".join(found)
+
+
+def _tables_without_one_provenance_line(lines: list[str]) -> list[str]:
+    """The first line of every table that is not preceded by exactly one provenance line
+    since the table before it."""
+    bad, provenance, in_table = [], 0, False
+    for number, line in enumerate(lines, 1):
+        if line.startswith("|") and not in_table:
+            if provenance != 1:
+                bad.append(f"line {number}: {provenance} provenance lines before {line[:60]}")
+            provenance = 0
+        in_table = line.startswith("|")
+        provenance += line.startswith(PROVENANCE)
+    return bad
+
+
+def test_every_results_table_has_one_provenance_line():
+    """Each table of docs/results.md is preceded by exactly one provenance line of its own
+    (between it and the table before it)."""
+    assert _tables_without_one_provenance_line(["| a |", "|---|"]) == [
+        "line 1: 0 provenance lines before | a |"
+    ]  # the check has teeth
+    lines = (DOCS / "results.md").read_text(encoding="utf-8").splitlines()
+    bad = _tables_without_one_provenance_line(lines)
+    assert not bad, "docs/results.md tables without one provenance line:\n" + "\n".join(bad)
