@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -131,8 +132,11 @@ class ExactLocalLikelihood:
         return AffineGaussian(z, g.reshape(1), h, r)
 
 
-def build_linear_gaussian_chain(spec: LinearGaussianSpec, *, shift: float = 0.0, detach=True):
-    """The exact chain as a ``BLLChain`` in float64."""
+def build_linear_gaussian_chain(
+    spec: LinearGaussianSpec, *, shift: float = 0.0, detach: bool = True, **options: Any
+):
+    """The exact chain as a ``BLLChain`` in float64 (``options``: more ``BLLChain``
+    arguments, e.g. ``name``)."""
     from pyro_bll.core.chain import BLLChain
 
     n = len(spec.a)
@@ -154,6 +158,7 @@ def build_linear_gaussian_chain(spec: LinearGaussianSpec, *, shift: float = 0.0,
         propagate="params",
         head_input="sample",
         detach=detach,
+        **options,
     )
 
 

@@ -19,6 +19,7 @@ from pyro_bll.core.likelihoods import (
     LinearGaussianHead,
     PrototypeLikelihood,
 )
+from pyro_bll.core.tags import block
 from pyro_bll.families import FAMILIES, Family, FamilyError, make_family
 from pyro_bll.seed import seed_everything
 
@@ -33,6 +34,7 @@ __all__ = [
     "FamilyError",
     "LinearGaussianHead",
     "PrototypeLikelihood",
+    "block",
     "make_family",
     "seed_everything",
 ]

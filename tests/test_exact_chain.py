@@ -60,7 +60,8 @@ def test_rho_is_the_exact_posterior(data):
 def test_any_other_feedback_gives_a_strictly_smaller_bound(data, shift):
     x, y = data
     exact = _losses(build_linear_gaussian_chain(SPEC).double(), x, y).per_block
-    wrong = _losses(build_linear_gaussian_chain(SPEC, shift=shift).double(), x, y).per_block
+    wrong_chain = build_linear_gaussian_chain(SPEC, shift=shift, name="shifted").double()
+    wrong = _losses(wrong_chain, x, y).per_block
     log_evidence = SPEC.log_evidence(x[:, 0], y).sum()
     # the last block's bound uses the true head; all bounds must drop below log p(y|x)
     assert (-wrong < log_evidence - 1e-9).all(), (wrong, exact)

@@ -4,7 +4,7 @@ import torch
 
 from pyro_bll import BlockLocalELBO, make_family
 from pyro_bll.config import RunConfig
-from pyro_bll.core.step_cache import StepCache
+from pyro_bll.core.step_cache import StepCache, step_cache
 from pyro_bll.guides import MLPFeedback
 from pyro_bll.methods.solve import class_mean_prototypes, solve_feedback
 from pyro_bll.tasks import S2SReverseTask
@@ -41,7 +41,8 @@ def test_solved_feedback_zeroes_the_agreement_gradient():
     x, y, mask = next(task.train_batches(0))
     cache = StepCache()
     solve_feedback(chain, x, y, mask, ridge=0.0, cache=cache)
-    losses = BlockLocalELBO(2).block_losses(chain.model, chain.guide, x, y, mask, cache=cache)
+    with step_cache(cache):
+        losses = BlockLocalELBO(2).block_losses(chain.model, chain.guide, x, y, mask)
     for k in filter(chain.has_latent, range(2)):  # the last block has no z: head reads m
         weight = chain.feedback.layers[k].weight
         (g,) = torch.autograd.grad(losses.terms["kl"][k], weight, retain_graph=True)

@@ -17,27 +17,34 @@ Guide (the feedback network N_B; structured, it reuses alpha_k):
 parameter tuple, e.g. mean and scale) or "sample" (the site's draw of z_k). With
 ``detach=True`` every block input is detached, so each block's parameters get gradients
 only from its own sites. Forward messages are computed once per step and shared by guide
-and model through the ``StepCache`` that ``BlockLocalELBO`` passes to both; the training
+and model through the ``StepCache`` that ``BlockLocalELBO`` makes active while it runs
+both (``pyro_bll.core.step_cache``; model and guide take no argument for it); the training
 step may put a ``NoiseKey`` in ``cache.noise`` so that every block draws z_k from its
 own stream (``pyro_bll.core.noise``). ``segment=(a, b)`` runs blocks a..b-1 only, with ``x``
 then block a's input; the guide leaves the outgoing value m(alpha_{b-1}) in
 ``cache.outgoing`` (the block-parallel runtime, ``pyro_bll.distributed``).
+
+Without a label, ``model(x)`` is the forward network's generative program: z_k ~ alpha_k
+and y ~ f_out, so ``pyro.infer.Predictive(chain.model, num_samples=S)(x)`` draws
+predictions ``[S, B(, T)]``; with ``guide=chain.guide`` and labels it draws z_k ~ rho_k.
 """
 
 from __future__ import annotations
 
-import itertools
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import pyro
 import pyro.distributions as dist
+from pyro.ops.provenance import detach_provenance
+from pyro.params.param_store import param_with_module_name
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from pyro_bll.core.likelihoods import PrototypeLikelihood, masked_cross_entropy
 from pyro_bll.core.noise import block_noise
-from pyro_bll.core.step_cache import StepCache
+from pyro_bll.core.step_cache import StepCache, active_cache
 from pyro_bll.families import Family, Natural, Params
 
 if TYPE_CHECKING:
@@ -46,7 +53,14 @@ if TYPE_CHECKING:
 Propagate = Literal["mean", "params", "sample"]
 LikelihoodEstimator = Literal["bound", "sample"]
 LIKELIHOOD_ESTIMATORS: tuple[str, ...] = ("bound", "sample")
-_names = itertools.count()
+# parameters some chain registered with the param store (weakly held): a loaded store's
+# values are not among them, another chain's are
+_REGISTERED: dict[int, weakref.ref] = {}
+
+
+def _registered_elsewhere(tensor: Tensor) -> bool:
+    ref = _REGISTERED.get(id(tensor))
+    return ref is not None and ref() is tensor
 
 
 class LocalLikelihood(Protocol):
@@ -61,8 +75,8 @@ def detach_message(inp: Any) -> Any:
     """A block input or forward message (a tensor or a tuple of parameters) without its
     graph."""
     if isinstance(inp, tuple):
-        return tuple(t.detach() for t in inp)
-    return inp.detach()
+        return tuple(detach_provenance(t).detach() for t in inp)
+    return detach_provenance(inp).detach()
 
 
 class BLLChain(nn.Module):
@@ -95,9 +109,14 @@ class BLLChain(nn.Module):
             likelihood depends on z_N, so the last block has no latent site (its KL would
             be a label-driven pull that no ELBO term pays for; docs/math.md).
         detach: stop gradients at block boundaries (block-local learning).
-        register_params: register the parameters with Pyro's param store (``pyro.module``)
-            so that ``pyro.infer.SVI`` with ``pyro.optim`` sees them. Training with a torch
-            optimiser does not need it.
+        register_params: register the parameters with Pyro's param store (``pyro.module``,
+            with ``update_module_params``) so that ``pyro.infer.SVI`` with ``pyro.optim``
+            sees them, and a saved param store loads back into a newly built chain.
+            Training with a torch optimiser does not need it.
+        name: the chain's prefix in the param store; the default comes from the
+            structure (``bll_chain_<N>_<families>``), so a chain rebuilt the same way finds
+            the parameters of a loaded param store. Two chains in one store need two names:
+            registering over another chain's live parameters is an error, not a silent share.
     """
 
     def __init__(
@@ -118,6 +137,7 @@ class BLLChain(nn.Module):
         head_input: Literal["mean", "sample"] = "mean",
         detach: bool = True,
         register_params: bool = True,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         n = len(blocks)
@@ -149,7 +169,8 @@ class BLLChain(nn.Module):
         self.head_input = head_input
         self.detach = detach
         self.register_params = register_params
-        self._pyro_name = f"bll_chain_{next(_names)}"
+        kinds = "-".join(dict.fromkeys(f.name for f in self.families))
+        self.name = f"bll_chain_{n}_{kinds}" if name is None else name
 
     @property
     def num_blocks(self) -> int:
@@ -164,7 +185,7 @@ class BLLChain(nn.Module):
         """alpha_k = F_k.params(f_k(inp)); cached per step so blocks run once."""
         if cache is not None and k in cache.alpha:
             return cache.alpha[k]
-        if self.detach and k > 0:
+        if self.detach and k > 0:  # no gradient, and no provenance, crosses the boundary
             inp = detach_message(inp)
         alpha = self.families[k].params(self.blocks[k](inp))
         if cache is not None:
@@ -248,17 +269,39 @@ class BLLChain(nn.Module):
             raise ValueError(f"segment {segment} is not a range of the {self.num_blocks} blocks")
         return range(a, b)
 
+    def _register(self) -> None:
+        """``pyro.module`` with ``update_module_params``: values loaded into the param store
+        (``param_store.load``) flow into this chain; another chain's are refused."""
+        if not self.register_params:
+            return
+        store = pyro.get_param_store()
+        mine = {id(p) for p in self.parameters()}
+        for pname, _ in self.named_parameters():
+            held = store._params.get(param_with_module_name(self.name, pname))
+            if held is not None and id(held) not in mine and _registered_elsewhere(held):
+                raise ValueError(
+                    f"the param store already holds the parameters of another chain named "
+                    f"{self.name!r}; build this one with BLLChain(..., name=...) or call "
+                    "pyro.clear_param_store() first"
+                )
+        pyro.module(self.name, self, update_module_params=True)
+        _REGISTERED.update((id(p), weakref.ref(p)) for p in self.parameters())
+
+    def _batch_size(self, x: Any, y: Tensor | None) -> int:
+        if y is not None:
+            return y.shape[0]
+        return (x[0] if isinstance(x, tuple) else x).shape[0]
+
     def guide(
         self,
         x: Tensor,
         y: Tensor,
         mask: Tensor | None = None,
-        cache: StepCache | None = None,
         segment: tuple[int, int] | None = None,
     ):
         """Structured guide: rho_k proportional to alpha_k * beta_k for every block."""
-        if self.register_params:
-            pyro.module(self._pyro_name, self)
+        self._register()
+        cache = active_cache()
         inp: Any = x
         noise = None if cache is None else cache.noise
         with pyro.plate("data", y.shape[0], dim=-1):
@@ -281,18 +324,21 @@ class BLLChain(nn.Module):
     def model(
         self,
         x: Tensor,
-        y: Tensor,
+        y: Tensor | None = None,
         mask: Tensor | None = None,
-        cache: StepCache | None = None,
         segment: tuple[int, int] | None = None,
     ):
-        """The forward network as a latent chain with block-local likelihood sites."""
-        if self.register_params:
-            pyro.module(self._pyro_name, self)
+        """The forward network as a latent chain with block-local likelihood sites.
+
+        With ``y=None`` the local likelihoods and predictive losses (which need a label)
+        are left out and the output site ``y`` is sampled: the posterior predictive."""
+        self._register()
+        cache = active_cache()
         inp: Any = x
         last = self.num_blocks - 1
         blocks = self._segment(segment)
-        with pyro.plate("data", y.shape[0], dim=-1):
+        labelled = y is not None
+        with pyro.plate("data", self._batch_size(x, y), dim=-1):
             for k in blocks:
                 alpha = self.forward_message(k, inp, cache)
                 z = None
@@ -302,11 +348,11 @@ class BLLChain(nn.Module):
                         self._latent(k, self.latent_params(k, alpha, cache)),
                         infer={"block": k},
                     )
-                if k < last and self.local_likelihoods is not None:
+                if labelled and k < last and self.local_likelihoods is not None:
                     q = self.local_likelihoods[k](self, k, z, cache)
                     fn = self._observed(q, mask)
                     pyro.sample(f"y_{k}", fn, obs=y, infer={"block": k, "latent": f"z_{k}"})
-                if k < last and self.pred_heads is not None and self.pred_weight > 0:
+                if labelled and k < last and self.pred_heads is not None and self.pred_weight > 0:
                     logits = self.pred_heads[k](self.families[k].mean(alpha))
                     _block_factor(
                         f"pred_{k}", -self.pred_weight * masked_cross_entropy(logits, y, mask), k
@@ -314,7 +360,7 @@ class BLLChain(nn.Module):
                 if k < last:
                     inp = self.next_input(k, alpha, z)
             if blocks.stop <= last:  # the output head belongs to the last block
-                return
+                return None
             fam = self.families[last]
             h = (
                 fam.features(z).to(alpha[0].dtype)
@@ -327,7 +373,7 @@ class BLLChain(nn.Module):
                 if self.head_input == "sample"
                 else {"block": last}
             )
-            pyro.sample("y", fn, obs=y, infer=infer)
+            return pyro.sample("y", fn, obs=y, infer=infer)
 
     # ---- block ownership --------------------------------------------------------------
     def block_modules(self, k: int) -> list[nn.Module]:
@@ -350,6 +396,8 @@ class BLLChain(nn.Module):
 
 
 def _prototype(chain: BLLChain, k: int, z: Tensor, cache: StepCache | None = None) -> Distribution:
+    """The prototype likelihood of block k (``likelihoods.PrototypeLikelihood``), with
+    the step's rho_k for the sampling-free bound."""
     rho = None
     if chain.likelihood == "bound" and cache is not None:
         rho = cache.rho.get(k)

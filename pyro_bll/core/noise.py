@@ -44,8 +44,11 @@ class NoiseKey:
 
     seed: int
     step: int
+    particle: int = 0  # Monte Carlo particle of the step (BlockLocalELBO(num_particles=P))
 
     def block_seed(self, k: int) -> int:
+        if self.particle:
+            return _mix(self.seed, self.step, k, self.particle)
         return _mix(self.seed, self.step, k)
 
 

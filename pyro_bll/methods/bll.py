@@ -18,7 +18,7 @@ from pyro_bll.core.agreement import StepAgreement
 from pyro_bll.core.chain import BLLChain, detach_message
 from pyro_bll.core.elbo import BlockLocalELBO, BlockLosses
 from pyro_bll.core.noise import NoiseKey
-from pyro_bll.core.step_cache import StepCache
+from pyro_bll.core.step_cache import StepCache, step_cache
 from pyro_bll.methods.base import Method
 from pyro_bll.methods.solve import check_solvable, solve_feedback
 
@@ -69,9 +69,8 @@ class BLL(Method):
         if self.solve:
             blocks = None if segment is None else range(*segment)
             solve_feedback(chain, x, y, mask, self.ridge, cache, blocks)
-        losses = self.elbo.block_losses(
-            chain.model, chain.guide, x, y, mask, cache=cache, segment=segment
-        )
+        with step_cache(cache):  # guide and model share the step's messages
+            losses = self.elbo.block_losses(chain.model, chain.guide, x, y, mask, segment=segment)
         per_block = self.optimised(losses) / y.shape[0]
         logs = {"loss": per_block.detach()}
         logs.update({k: v.detach() / y.shape[0] for k, v in losses.terms.items()})
