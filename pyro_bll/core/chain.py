@@ -75,8 +75,8 @@ def detach_message(inp: Any) -> Any:
     """A block input or forward message (a tensor or a tuple of parameters) without its
     graph."""
     if isinstance(inp, tuple):
-        return tuple(detach_provenance(t).detach() for t in inp)
-    return detach_provenance(inp).detach()
+        return tuple(t.detach() for t in inp)
+    return inp.detach()
 
 
 class BLLChain(nn.Module):
@@ -185,7 +185,7 @@ class BLLChain(nn.Module):
         """alpha_k = F_k.params(f_k(inp)); cached per step so blocks run once."""
         if cache is not None and k in cache.alpha:
             return cache.alpha[k]
-        if self.detach and k > 0:  # no gradient, and no provenance, crosses the boundary
+        if self.detach and k > 0:  # no gradient crosses the boundary (provenance does)
             inp = detach_message(inp)
         alpha = self.families[k].params(self.blocks[k](inp))
         if cache is not None:
@@ -318,8 +318,8 @@ class BLLChain(nn.Module):
                         z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
                 if k < self.num_blocks - 1:  # what block k + 1 (or the next rank) reads
                     inp = self.next_input(k, alpha, z)
-        if cache is not None:
-            cache.outgoing = inp
+        if cache is not None:  # plain tensors: the value may cross a process boundary
+            cache.outgoing = _plain(inp)
 
     def model(
         self,
@@ -393,6 +393,13 @@ class BLLChain(nn.Module):
 
     def block_parameters(self, k: int) -> list[nn.Parameter]:
         return [p for m in self.block_modules(k) for p in m.parameters()]
+
+
+def _plain(inp: Any) -> Any:
+    """A message without the provenance tracking of ``BlockLocalELBO``'s score functions."""
+    if isinstance(inp, tuple):
+        return tuple(detach_provenance(t) for t in inp)
+    return detach_provenance(inp)
 
 
 def _prototype(chain: BLLChain, k: int, z: Tensor, cache: StepCache | None = None) -> Distribution:
