@@ -117,3 +117,20 @@ def test_every_results_table_has_one_provenance_line():
     lines = (DOCS / "results.md").read_text(encoding="utf-8").splitlines()
     bad = _tables_without_one_provenance_line(lines)
     assert not bad, "docs/results.md tables without one provenance line:\n" + "\n".join(bad)
+
+
+def test_every_api_page_path_imports():
+    """docs/api.md names only import paths that import (``::: module.attr``)."""
+    import importlib
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    paths = re.findall(r"^::: ([\w.]+)", page, flags=re.M)
+    assert len(paths) > 20
+    for path in paths:
+        module, _, attr = path.rpartition(".")
+        try:
+            importlib.import_module(path)
+            continue
+        except ImportError:
+            pass
+        assert hasattr(importlib.import_module(module), attr), path
