@@ -93,3 +93,13 @@ def test_reproduce_table1_and_vision_sweep_smoke_and_restart(tmp_path):
             "--data-dir", data, *vision, *_tiny(tmp_path, "sweep"), cwd=tmp_path)  # fmt: skip
     sweep = json.loads((tmp_path / "res" / "sweep_blocks_fashion_mnist_resnet18.json").read_text())
     assert sweep["blocks"] == [1, 8] and len(sweep["by_method"]["bll"]) == 2
+
+
+def test_bench_score_function_smoke(tmp_path):
+    _script("bench_score_function.py", "--draws", 3, "--out", tmp_path / "sf", cwd=tmp_path)
+    rows = json.loads((tmp_path / "sf.json").read_text())["rows"]
+    assert {(r["dependencies"], r["baseline"]) for r in rows} == {
+        ("graph", True), ("graph", False), ("block", True), ("block", False)
+    }  # fmt: skip
+    assert all(r["variance"] >= 0 for r in rows)
+    _script("bench_score_function.py", "--draws", 1, cwd=tmp_path, rc=2)
