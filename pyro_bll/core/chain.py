@@ -48,6 +48,7 @@ from pyro_bll.core.step_cache import StepCache, active_cache
 from pyro_bll.families import Family, Natural, Params
 
 if TYPE_CHECKING:
+    from pyro_bll.core.lookahead import Lookahead
     from pyro_bll.guides.spatial import SpatialMessage
 
 Propagate = Literal["mean", "params", "sample"]
@@ -169,6 +170,7 @@ class BLLChain(nn.Module):
         self.head_input = head_input
         self.detach = detach
         self.register_params = register_params
+        self.lookahead: Lookahead | None = None  # use_lookahead: the backward message
         kinds = "-".join(dict.fromkeys(f.name for f in self.families))
         self.name = f"bll_chain_{n}_{kinds}" if name is None else name
 
@@ -374,6 +376,14 @@ class BLLChain(nn.Module):
                 else {"block": last}
             )
             return pyro.sample("y", fn, obs=y, infer=infer)
+
+    def use_lookahead(self, lookahead: Lookahead) -> None:
+        """Evaluate every block's local likelihood through frozen copies of the blocks
+        above it (``pyro_bll.core.lookahead``) instead of the label-only prototypes; the
+        training method refreshes the copies (``lookahead.maybe_refresh``)."""
+        self.local_likelihoods = list(lookahead.likelihoods(self))
+        self.lookahead = lookahead
+        lookahead.refresh(self)
 
     # ---- block ownership --------------------------------------------------------------
     def block_modules(self, k: int) -> list[nn.Module]:

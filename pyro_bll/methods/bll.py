@@ -66,6 +66,8 @@ class BLL(Method):
         message, other blocks log zeros) and ``cache.outgoing`` receives m(alpha_{b-1})."""
         cache = StepCache() if cache is None else cache
         cache.noise = noise
+        if chain.lookahead is not None:  # the copies of the blocks above: every T steps
+            chain.lookahead.maybe_refresh(chain, None if noise is None else noise.step)
         if self.solve:
             blocks = None if segment is None else range(*segment)
             solve_feedback(chain, x, y, mask, self.ridge, cache, blocks)

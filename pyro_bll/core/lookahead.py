@@ -1,0 +1,184 @@
+"""Look-ahead backward messages: block k's likelihood through frozen copies of later blocks.
+
+The paper's local likelihood q_k(y | z_k) stands in for p(y | z_k), the label's
+likelihood through the rest of the network (Eq. 2). A label-only feedback cannot carry
+that (docs/math.md §5). The look-ahead message carries it explicitly: block k evaluates
+
+    q_k(y | z_k) = Categorical(y; logits = r( f'_{k+L}( ... f'_{k+1}( in(z_k) ) ) ))
+
+where f'_j are *frozen copies* of blocks k+1..k+L (depth L) and r is a frozen copy of
+the read-out after block k+L (its predictive head, or the output head when k+L is the
+last block), taken from the live weights every T steps (the refresh period). Each copy
+maps its input to the family's parameters and hands m(alpha_j) on, as the live chain does.
+
+* **What crosses blocks.** Gradients flow through the copies' activations into z_k, hence
+  into block k's own parameters (through rho_k's reparameterised draw); the copies have
+  no trainable parameters, so no parameter outside block k gets a gradient from l_k.
+* **Which premise it relaxes.** Weight transport: block k holds a copy of the weights of
+  blocks k+1..k+L, refreshed every T steps (``bytes_per_refresh``); with T > 1 the copy is
+  up to T - 1 steps stale. Backward locking is not reintroduced: block k needs no
+  backward pass from the blocks above it, only their weights.
+* **What the copies are fed** (``in``): the draw z_k ~ rho_k as the next block's input
+  (``Family.features``). On feature maps, where the latent is a per-channel summary
+  ``[B, C]`` of a map ``[B, H, W, C]`` (``--message channel`` / ``mean``), the map of
+  means m(alpha_k) shifted per channel by z_k - E[z_k]: the spatial pattern of alpha_k
+  with the channel values of the draw.
+* **rho_k.** beta_k stays the conjugate label potential (rho_k proportional to
+  alpha_k beta_k); the look-ahead likelihood is not conjugate, so its expectation is
+  taken at the guide's draw (pathwise for reparameterised families, a per-position score
+  function for discrete ones), never by the sampling-free bound.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pyro.distributions import Categorical
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+if TYPE_CHECKING:
+    from pyro_bll.core.chain import BLLChain
+    from pyro_bll.core.step_cache import StepCache
+
+
+class Lookahead:
+    """Frozen copies of the blocks and read-outs every block looks ahead through.
+
+    Args:
+        depth: L, the number of later blocks each block evaluates its likelihood through
+            (blocks near the top look through the blocks that remain).
+        refresh: T, copy the live weights every T training steps (1: every step).
+    """
+
+    def __init__(self, depth: int = 1, refresh: int = 1) -> None:
+        if depth < 1:
+            raise ValueError(f"look-ahead depth must be at least 1, got {depth}")
+        if refresh < 1:
+            raise ValueError(f"look-ahead refresh period must be at least 1 step, got {refresh}")
+        self.depth = depth
+        self.refresh_every = refresh
+        self.blocks: list[nn.Module] = []  # frozen copies, indexed like chain.blocks
+        self.readouts: dict[int, nn.Module] = {}  # frozen read-out after block j
+        self.refreshed_at: int | None = None
+
+    def likelihoods(self, chain: BLLChain) -> list[LookaheadLikelihood]:
+        """One local likelihood per block below the last (``BLLChain.local_likelihoods``)."""
+        check_lookahead(chain, self.depth)
+        return [LookaheadLikelihood(self, k) for k in range(chain.num_blocks - 1)]
+
+    def maybe_refresh(self, chain: BLLChain, step: int | None) -> int:
+        """Copy the live weights when training step ``step`` starts a refresh period (every
+        ``refresh`` steps, and whenever nothing is copied yet; ``None``: every call).
+        Returns the bytes copied (0 when the copies are kept)."""
+        last = self.refreshed_at
+        due = step is None or last is None or step < last or step - last >= self.refresh_every
+        if not due:
+            return 0
+        self.refreshed_at = step
+        return self.refresh(chain)
+
+    @torch.no_grad()
+    def refresh(self, chain: BLLChain) -> int:
+        """Copy blocks 1..N-1 and their read-outs from ``chain``; the bytes copied."""
+        self.blocks = [None] + [_frozen(b) for b in list(chain.blocks)[1:]]  # type: ignore[list-item]
+        self.readouts = {chain.num_blocks - 1: _frozen(chain.head)}
+        if chain.pred_heads is not None:
+            for j, head in enumerate(chain.pred_heads):
+                self.readouts[j] = _frozen(head)
+        return self.bytes_per_refresh(chain)
+
+    def bytes_per_refresh(self, chain: BLLChain) -> int:
+        """What one refresh moves: every block's look-ahead weights (parameters and
+        buffers of blocks k+1..k+L and block k+L's read-out), summed over the blocks."""
+        total = 0
+        n = chain.num_blocks
+        for k in range(n - 1):
+            last = min(k + self.depth, n - 1)
+            mods = [chain.blocks[j] for j in range(k + 1, last + 1)]
+            mods.append(chain.head if last == n - 1 else chain.pred_heads[last])  # type: ignore[index]
+            total += sum(_bytes(m) for m in mods)
+        return total
+
+    def logits(self, chain: BLLChain, k: int, z: Tensor, alpha: Any = None) -> Tensor:
+        """Read-out logits of block k's draw z_k through the frozen copies (``alpha``:
+        block k's forward message, needed on feature maps)."""
+        if not self.blocks:
+            raise RuntimeError("the look-ahead copies are empty: call refresh(chain) first")
+        n = chain.num_blocks
+        last = min(k + self.depth, n - 1)
+        inp: Any = _input(chain, k, z, alpha)
+        for j in range(k + 1, last + 1):
+            alpha = chain.families[j].params(self.blocks[j](inp))
+            inp = alpha if chain.propagate == "params" else chain.families[j].mean(alpha)
+        return self.readouts[last](inp)
+
+
+class LookaheadLikelihood:
+    """q_k(y | z_k) of one block through the shared ``Lookahead`` copies (a
+    ``LocalLikelihood`` of ``BLLChain``: not a module, so it owns no parameters)."""
+
+    def __init__(self, lookahead: Lookahead, k: int) -> None:
+        self.lookahead, self.k = lookahead, k
+
+    def __call__(
+        self, chain: BLLChain, k: int, z: Tensor, cache: StepCache | None = None
+    ) -> Distribution:
+        if z is None:
+            raise ValueError(f"block {k} has no latent to look ahead from")
+        alpha = None if cache is None else cache.alpha.get(k)
+        return Categorical(logits=self.lookahead.logits(chain, k, z, alpha))
+
+
+def check_lookahead(chain: BLLChain, depth: int) -> None:
+    """One-line errors for chains the look-ahead cannot read."""
+    if chain.propagate == "params":
+        raise ValueError(
+            "the look-ahead feeds a draw z_k to the next block, which reads alpha's "
+            "parameters under propagate='params'; use propagate='mean' or 'sample'"
+        )
+    n = chain.num_blocks
+    if chain.pred_heads is None and any(k + depth < n - 1 for k in range(n - 1)):
+        raise ValueError(
+            f"a look-ahead of depth {depth} ends below the last block, whose read-out is "
+            "a predictive head: switch the predictive heads on, or look ahead to the top"
+        )
+    message = getattr(chain.spatial_message, "name", None)
+    if message == "grid":
+        raise ValueError(
+            "the look-ahead cannot rebuild a feature map from --message grid's cell latents; "
+            "use --message channel, mean, pool or broadcast"
+        )
+
+
+def _input(chain: BLLChain, k: int, z: Tensor, alpha: Any) -> Any:
+    """What block k + 1's copy reads for the draw z_k (see the module docstring)."""
+    family = chain.families[k]
+    z = family.features(z)
+    if chain.spatial_message is None or z.dim() == chain.event_dim + 1:
+        return z
+    if alpha is None:
+        raise ValueError(
+            "the look-ahead on feature maps needs block k's forward message: evaluate the "
+            "chain through BlockLocalELBO, which shares it in the step cache"
+        )
+    mean_map = family.mean(alpha)  # [B, H, W, C]
+    summary = family.mean(chain.latent_params(k, alpha))  # [B, C]
+    shift = (z - summary).to(mean_map.dtype)
+    return mean_map + shift.reshape(shift.shape[0], *([1] * (mean_map.dim() - 2)), -1)
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(module)
+    clone.requires_grad_(False)
+    return clone
+
+
+def _bytes(module: nn.Module) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+__all__ = ["Lookahead", "LookaheadLikelihood", "check_lookahead"]
