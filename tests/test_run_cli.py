@@ -74,7 +74,7 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, method
     "extra",
     [
         ["--feedback", "mlp"],
-        ["--feedback-update", "solve", "--ridge", "0.5"],
+        ["--feedback-update", "solve", "--ridge", "0.5", "--bll-terms", "kl,pred"],
         ["--propagate", "sample"],
         ["--propagate", "params", "--family", "gamma"],
         ["--likelihood", "sample", "--family", "bernoulli"],

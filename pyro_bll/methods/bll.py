@@ -49,6 +49,13 @@ class BLL(Method):
                 check_solvable(chain)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+            if "likelihood" in self.terms and chain.local_likelihoods is not None:
+                raise ConfigError(
+                    "--feedback-update solve sets the feedback weights to the KL term's "
+                    "optimum, but the local likelihood shares those weights, so the solve is "
+                    "not the local loss's optimum; add --bll-terms kl,pred, or use "
+                    "--feedback-update grad"
+                )
             chain.feedback.requires_grad_(False)
 
     def loss(
