@@ -137,7 +137,7 @@ def local_logits(chain: BLLChain, k: int, alpha: Params, z: Tensor) -> Tensor:
     """Logits of q_k(y | z_k) ``[B, *L, V]`` at a draw z ``[B, *S, C]`` (head for the last)."""
     if k < chain.num_blocks - 1:
         lik = chain.local_likelihoods[k] if chain.local_likelihoods is not None else _prototype
-        return _label_logits(lik(chain, k, z))
+        return _label_logits(lik(chain, k, z, StepCache(alpha={k: alpha})))
     fam = chain.families[k]
     h = fam.features(z).to(alpha[0].dtype) if chain.head_input == "sample" else fam.mean(alpha)
     logits = _label_logits(chain.head.distribution(h))
