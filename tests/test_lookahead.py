@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from pyro_bll import BlockLocalELBO, make_family
+from pyro_bll.config import RunConfig
 from pyro_bll.core.lookahead import Lookahead
 from pyro_bll.core.noise import NoiseKey
+from pyro_bll.core.step_cache import StepCache
 from pyro_bll.methods.bll import BLL
 from pyro_bll.run.build import config_for_task
+from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close, mlp_chain, toy_batch
 
@@ -96,3 +99,23 @@ def test_refusals_are_one_line():
     bare.use_lookahead(Lookahead(depth=5))  # to the top: the output head reads it
     with pytest.raises(ValueError, match="depth must be at least 1"):
         Lookahead(depth=0)
+
+
+@pytest.mark.parametrize("message", ["channel", "pool"])
+def test_feature_maps_feed_the_copies_the_draw_on_the_map(message):
+    """Channel latents: the next block's copy reads m(alpha_k) shifted per channel by the
+    draw's deviation from the channel mean, so a draw at the mean gives the live block's
+    prediction from m(alpha_k); locality holds on the ResNet too."""
+    cfg = RunConfig(width=1 / 16, message=message)
+    chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg).double()
+    chain.use_lookahead(Lookahead(depth=1))
+    x, y = torch.randn(3, 1, 12, 12, dtype=torch.float64), torch.tensor([1, 4, 7])
+    cache = StepCache()
+    alpha = chain.forward_message(0, x, cache)
+    mean_map = chain.families[0].mean(alpha)
+    at_mean = chain.families[0].mean(chain.latent_params(0, alpha))
+    got = chain.local_likelihoods[0](chain, 0, at_mean, cache).logits
+    want = _by_hand(chain, 0, mean_map, 1).log_softmax(-1)
+    assert_close(got, want, atol=1e-10)
+    losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
+    assert_block_local(chain, losses.per_block)
