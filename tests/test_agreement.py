@@ -11,7 +11,6 @@ from test_learning import _clusters
 
 from pyro_bll import BlockLocalELBO, make_family, seed_everything
 from pyro_bll.analysis.diagnostics import collect, forward_messages, to_inference_data
-from pyro_bll.config import RunConfig
 from pyro_bll.core.agreement import (
     LOGGED,
     SCALARS,
@@ -21,6 +20,7 @@ from pyro_bll.core.agreement import (
     summarise,
 )
 from pyro_bll.core.step_cache import StepCache
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks import S2SReverseTask
 from pyro_bll.tasks.s2s_reverse import make_sequences
 from pyro_bll.tasks.vision import build_resnet_chain

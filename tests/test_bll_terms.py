@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_bll.config import BLL_TERMS, ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.families import make_family
 from pyro_bll.methods import BLL
+from pyro_bll.methods.bll import BLL_TERMS
 from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_close

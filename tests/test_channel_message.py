@@ -13,9 +13,10 @@ from test_resnet import tiny_chain
 
 from pyro_bll import BlockLocalELBO, make_family
 from pyro_bll.analysis.diagnostics import forward_messages
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.core.agreement import block_sums, summarise
 from pyro_bll.guides import GridMessage, grid_side
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close

@@ -3,10 +3,10 @@
 import torch
 
 from pyro_bll import BlockLocalELBO, make_family
-from pyro_bll.config import RunConfig
 from pyro_bll.core.step_cache import StepCache
 from pyro_bll.guides import MLPFeedback
 from pyro_bll.methods.solve import class_mean_prototypes, solve_feedback
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks import S2SReverseTask
 
 from utils import assert_close, mlp_chain, toy_batch

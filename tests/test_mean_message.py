@@ -13,9 +13,10 @@ from torch.distributions import MultivariateNormal
 
 from pyro_bll import BlockLocalELBO
 from pyro_bll.analysis.diagnostics import collect, to_inference_data
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.families import FAMILIES, Family, FamilyError, make_family
 from pyro_bll.guides import MeanMessage
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close

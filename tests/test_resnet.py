@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from pyro_bll import BlockLocalELBO, seed_everything
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.core.likelihoods import ConvPooledHead, GridPooledHead
 from pyro_bll.core.step_cache import StepCache
 from pyro_bll.families import FAMILIES, make_family
@@ -14,6 +14,7 @@ from pyro_bll.guides import BroadcastMessage, PoolMessage
 from pyro_bll.models import RESNET_ARCHS, ModelError, resnet_blocks
 from pyro_bll.models.resnet import block_layer_counts, split_units
 from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import run  # noqa: E402
 
-from pyro_bll.config import RunConfig  # noqa: E402
+from pyro_bll.run.options import RunConfig  # noqa: E402
 from pyro_bll.run.training import Trainer, TrainingDiverged, main  # noqa: E402
 
 TINY = [
@@ -209,8 +209,6 @@ def test_nan_loss_stops_with_block_and_epoch_and_keeps_results(tmp_path, monkeyp
 def test_the_parser_is_generated_from_the_config_fields():
     """Every RunConfig field is an option with help text; no option is declared twice."""
     import dataclasses
-
-    from pyro_bll.config import RunConfig
 
     parser = run.build_parser()
     dests = {a.dest for a in parser._actions}

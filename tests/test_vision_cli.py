@@ -9,11 +9,11 @@ import pytest
 import torch
 from vision_files import tiny_cifar10, tiny_fashion_mnist, write_idx
 
-from pyro_bll.config import RunConfig
 from pyro_bll.data import DEFAULT_CIFAR10, DEFAULT_FASHION_MNIST, load_fashion_mnist
 from pyro_bll.data import cifar10 as cifar_module
 from pyro_bll.families import make_family
 from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.options import RunConfig
 from pyro_bll.run.training import Trainer
 from pyro_bll.tasks import TASKS
 

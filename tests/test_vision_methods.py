@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.families import make_family
 from pyro_bll.methods import METHODS
 from pyro_bll.methods.alignment import FAConv2d, FALinear, convert_to_feedback_alignment
 from pyro_bll.methods.predsim import similarity_loss, similarity_matrix
 from pyro_bll.models import RESNET_ARCHS
 from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_close, mlp_chain

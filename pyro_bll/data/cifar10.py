@@ -12,7 +12,8 @@ and ``test_batch`` (10,000 images). Each is a pickled dict with
 ``root``) or ``cifar-10-batches-py/`` itself. The default is ``~/.cache/pyro_bll/cifar10``.
 A directory that does not exist is refused (nothing is created, nothing downloaded). When
 the directory exists but holds no files, torchvision's ``CIFAR10(root, download=True)`` is
-tried there; where no network exists that fails with a ``DataError`` that says where to put the files.
+tried there; where no network exists that fails with a ``DataError`` that says where to put
+the files.
 
 The pickles are read with an unpickler that admits only the NumPy array constructors, so
 a data file can never run code.
