@@ -3,11 +3,12 @@
 Every rank builds the *full* chain from the run seed (``build_run``, as the
 single-process ``Trainer`` does: identical initialisation everywhere) and keeps only the
 parameters of its own blocks a..b-1 in its Adam. Per micro-batch ``compute`` evaluates
-the block-local losses l_a..l_{b-1} through the Pyro model and guide (``BLL.loss(..., segment=(a, b))``) from the input message, with
-the step's noise key, so every block draws the same z_k as in one process
-(``pyro_bll.core.noise``), and returns the message for the next rank; ``update`` takes the
-rank's own optimiser step. Adam is elementwise, so per-rank optimisers over disjoint
-parameter sets step exactly like one optimiser over all of them.
+the block-local losses l_a..l_{b-1} through the Pyro model and guide
+(``BLL.loss(..., segment=(a, b))``) from the input message, with the step's noise key, so
+every block draws the same z_k as in one process (``pyro_bll.core.noise``), and returns
+the message for the next rank; ``update`` takes the rank's own optimiser step. Adam is
+elementwise, so per-rank optimisers over disjoint parameter sets step exactly like one
+optimiser over all of them.
 """
 
 from __future__ import annotations
