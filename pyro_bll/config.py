@@ -48,7 +48,9 @@ def option(
             the options are resolved, and listed by ``--help``.
         check: ``check(value)`` returns why a value is refused (without the flag), or None.
         meta: ``metavar``, ``flag`` (when the flag is not ``--field-name``), ``parse``
-            (``"list[str]"``, ``"list[int]"`` or ``"key=value"``: how the text is read).
+            (``"list[str]"``, ``"list[int]"`` or ``"key=value"``: how the text is read),
+            ``validated_later`` (the parser leaves the choices to the resolution, whose
+            message lists them: the task, the method, the family).
     """
     meta = {"help": help, "choices": choices, "check": check, **meta}
     if factory is not None:
@@ -108,9 +110,9 @@ def check_value(f: dataclasses.Field, value: Any) -> None:
         if unknown:
             if isinstance(value, list | tuple):  # a comma-separated list, as it was typed
                 shown, valid = ",".join(map(str, unknown)), ",".join(names)
-            else:
-                shown, valid = repr(value), ", ".join(names)
-            raise ConfigError(f"unknown {flag} {shown}; valid: {valid}")
+                raise ConfigError(f"unknown {flag} {shown}; valid: {valid}")
+            what = f.name.replace("_", " ")
+            raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(names)}")
     if meta.get("check") is not None and value is not None:
         why = meta["check"](value)
         if why:

@@ -68,7 +68,9 @@ class RunOptions(Section):
     name = "run"
     title = "run"
 
-    task: str = option("s2s_reverse", "task to train on: {choices}", choices=TASKS)
+    task: str = option(
+        "s2s_reverse", "task to train on: {choices}", choices=TASKS, validated_later=True
+    )
     method: str = option(
         "bll",
         "{choices}: bll trains every block on its own local loss (no backward pass "
@@ -77,6 +79,7 @@ class RunOptions(Section):
         "(feedback alignment); predsim trains every block on Noekland & Eidnes' local"
         " prediction + similarity-matching loss",
         choices=METHODS,
+        validated_later=True,
     )
     seed: int = option(0, "random seed (data, init, noise)")
     out: str = option(
@@ -189,7 +192,7 @@ def users(section: type[Section]) -> str:
     if methods:
         return f"--method {' / '.join(methods)} only"
     tasks = [t for t, cls in TASKS.items() if section in cls.SECTIONS]
-    if tasks:
+    if tasks and not section.applies_to.startswith("--task"):
         return f"{section.applies_to} (--task {' / '.join(tasks)})"
     return section.applies_to
 

@@ -97,6 +97,9 @@ def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
             kwargs["type"] = _int_list
         else:
             kwargs["type"] = {"int": int, "float": float}.get(typ.split("|")[0].strip())
+            if meta.get("choices") is not None and not meta.get("validated_later"):
+                names = choice_names(meta["choices"])  # a registry's sorted, a tuple's in order
+                kwargs["choices"] = names if isinstance(meta["choices"], tuple) else sorted(names)
     group.add_argument(flag_of(f), help=help_, **kwargs)
 
 

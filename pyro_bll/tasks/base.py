@@ -53,6 +53,7 @@ class NetworkOptions(Section):
         "latent distribution family of every block: {choices} (the paper's: gaussian, "
         "fixed variance)",
         choices=FAMILIES,
+        validated_later=True,
     )
     family_args: dict[str, Any] = option(
         help="family option, e.g. sigma=0.5 (repeatable)",
