@@ -74,3 +74,13 @@ def test_the_family_table_lists_exactly_the_registered_families():
     section = text.split("## The registered families", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(\w+)`", section, flags=re.M)
     assert sorted(rows) == sorted(FAMILIES), rows
+
+
+def test_the_options_reference_is_generated_from_the_sections():
+    """docs/options.md is what experiments/options_reference.py writes from the option
+    sections (rerun it after changing an option), and the site's nav lists it."""
+    from pyro_bll.run.parser import options_reference
+
+    page = (DOCS / "options.md").read_text(encoding="utf-8")
+    assert page == options_reference(), "run: python experiments/options_reference.py"
+    assert "options.md" in (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
