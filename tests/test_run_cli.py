@@ -234,6 +234,8 @@ def test_the_parser_is_generated_from_the_sections():
             assert f.metadata.get("help"), f"{section.__name__}.{f.name} has no help metadata"
             assert f.name in groups[section.title], f.name
     assert len(dataclasses.fields(RunConfig)) <= 20
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"given", "loaded"}
+    assert {s.name for s in SECTIONS} == fields  # every section has its place
     flags = [s for a in parser._actions for s in a.option_strings]
     assert len(flags) == len(set(flags))
 

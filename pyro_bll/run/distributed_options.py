@@ -28,7 +28,7 @@ def format_sizes(sizes: Iterable[int]) -> str:
 class DistributedOptions(Section):
     """Block-parallel training across processes (launched by torchrun)."""
 
-    name = "distributed"
+    name = "dist"
     title = "block-parallel training (launch with torchrun --nproc_per_node=K ... --distributed)"
     applies_to = "--distributed runs"
 
