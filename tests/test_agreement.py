@@ -145,7 +145,7 @@ def _tiny_models(family):
     task = S2SReverseTask(RunConfig(layers=2, d_model=12, seq_len=3))
     x, y, mask = make_sequences(task.test_perms[:5])
     yield task.build_chain(family), x, y, mask, 3, values(12)  # positions 3..5 carry labels
-    cfg = RunConfig(task="fashion_mnist", width=6 / 64, blocks=3, message="pool")
+    cfg = RunConfig(task="fashion_mnist", width=6 / 64, blocks=3, message="pool", pred_weight=1.0)
     resnet = build_resnet_chain("resnet18", 1, 4, family, cfg)  # maps 8x8, 4x4, 2x2
     yield resnet, torch.randn(3, 1, 16, 16), torch.tensor([0, 3, 1]), None, 4, values(12)
 

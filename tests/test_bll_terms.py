@@ -21,8 +21,8 @@ from run import parse_config  # noqa: E402
 
 
 def _loss(terms, seed=0):
-    cfg = RunConfig(task="fashion_mnist", width=1 / 16, blocks=3, message="mean")
-    cfg.bll_terms = list(terms)
+    cfg = RunConfig(task="fashion_mnist", width=1 / 16, blocks=3, message="mean", pred_weight=1.0,
+                    bll_terms=list(terms))  # fmt: skip
     torch.manual_seed(seed)
     chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg)
     method = BLL(chain, cfg)

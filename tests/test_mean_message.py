@@ -26,7 +26,8 @@ GAUSSIANS = sorted(n for n, c in FAMILIES.items() if c.spatial_mean is not Famil
 
 
 def mean_chain(family="gaussian", **cfg):
-    cfg = RunConfig(width=1 / 16, message="mean", blocks=3, **cfg)
+    cfg = RunConfig(**{"task": "cifar10", "pred_weight": 1.0, "width": 1 / 16, "message": "mean",
+                       "blocks": 3, **cfg})  # fmt: skip
     return build_resnet_chain("resnet18", 1, 10, make_family(family), cfg)
 
 
