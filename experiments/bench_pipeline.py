@@ -295,8 +295,8 @@ def _variant_config(cfg: RunConfig, method: str, stages: int, replicas: int) -> 
     """The network of ``cfg`` (K blocks) as ``stages`` stages of even block counts."""
     blocks = cfg.num_blocks
     sizes = [blocks // stages + (i < blocks % stages) for i in range(stages)]
-    return cfg.replace(method=method, replicas=replicas, backward=None,
-                   rank_blocks=None if method == "bp" else sizes)  # fmt: skip
+    return cfg.replace(distributed=True, method=method, replicas=replicas, backward=None,
+                       rank_blocks=None if method == "bp" else sizes)  # fmt: skip
 
 
 def _comm_times(rank: int, k: int, device: torch.device) -> dict[str, list[float]]:
