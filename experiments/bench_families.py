@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from common import run_seeds
 
-from pyro_bll.config import RunConfig
 from pyro_bll.families import FAMILIES
 from pyro_bll.run.build import config_for_task
 
@@ -58,35 +56,35 @@ def main() -> None:
         help="the local-likelihood estimator of every BLL run (default: each family's own)",
     )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data-dir", default=RunConfig().data_dir)
+    p.add_argument("--data-dir", default=None)
     p.add_argument("--runs-dir", default="runs/bench_families")
     p.add_argument("--results", default="results")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     results: dict[str, dict[str, dict]] = {}
     for task in args.tasks:
-        base = replace(TASKS[task], threads=args.threads, data_dir=args.data_dir)
+        base = TASKS[task].replace(threads=args.threads, data_dir=args.data_dir)
         if args.epochs:
-            base = replace(base, epochs=args.epochs)
+            base = base.replace(epochs=args.epochs)
         if args.train_size:
-            base = replace(base, train_size=args.train_size)
+            base = base.replace(train_size=args.train_size)
         if args.likelihood:
-            base = replace(base, likelihood=args.likelihood)
+            base = base.replace(likelihood=args.likelihood)
         if args.layers and task == "s2s_reverse":
-            base = replace(base, layers=args.layers)
+            base = base.replace(layers=args.layers)
         results[task] = {}
         for fam in args.families:
             opts = {"group_size": 4} if fam == "categorical" else {}
             # propagate=None: the family's own default (the base was filled for the Gaussian)
-            cfg = replace(base, family=fam, family_args=opts, propagate=None)
+            cfg = base.replace(family=fam, family_args=opts, propagate=None)
             results[task][fam] = run_seeds(cfg, args.seeds, f"{args.runs_dir}/{task}_{fam}")
         if args.no_references:
             continue
-        cfg = replace(base, family="gaussian", feedback_update="solve")
+        cfg = base.replace(family="gaussian", feedback_update="solve")
         results[task]["gaussian + feedback solve"] = run_seeds(
             cfg, args.seeds, f"{args.runs_dir}/{task}_gaussian_solve"
         )
-        cfg = replace(base, family="gaussian", method="bp", likelihood=None)
+        cfg = base.replace(family="gaussian", method="bp", likelihood=None)
         results[task]["BP on the same network (reference)"] = run_seeds(
             cfg, args.seeds, f"{args.runs_dir}/{task}_bp"
         )

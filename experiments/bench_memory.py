@@ -42,7 +42,7 @@ from pyro_bll import make_family, seed_everything
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.measure.memory import SavedTensorMeter, state_bytes
 from pyro_bll.methods import build_method
-from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.build import config_for_task
 from pyro_bll.run.step import backward_pass
 from pyro_bll.tasks import S2SReverseTask
 from pyro_bll.tasks.vision import build_resnet_chain
@@ -104,13 +104,13 @@ def build(
     seed_everything(0)
     options: dict[str, Any] = dict(method=method, backward=backward, device=str(device))
     if arch is None:
-        cfg = validate(config_for_task(task, **options))
+        cfg = config_for_task(task, **options)
         s2s = S2SReverseTask(cfg)
         chain = s2s.build_chain(make_family(cfg.family))
         batch = next(s2s.train_batches(0))
     else:
         options.update(arch=arch, width=width, batch_size=batch_size, split=split)
-        cfg = validate(config_for_task(task, **options))
+        cfg = config_for_task(task, **options)
         chain = build_resnet_chain(arch, channels, 10, make_family(cfg.family), cfg, side)
         g = torch.Generator().manual_seed(0)
         batch = (torch.randn(batch_size, channels, side, side, generator=g),

@@ -48,7 +48,6 @@ import socket
 import statistics
 import sys
 import time
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -57,13 +56,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pyro_bll.config import RunConfig
 from pyro_bll.distributed.group import BlockGroups, Layout
 from pyro_bll.distributed.replicas import replica_groups, shard_batches
 from pyro_bll.distributed.schedule import SCHEDULES, StageStats
 from pyro_bll.distributed.stage import RankStage
 from pyro_bll.distributed.transport import Channel
 from pyro_bll.run.build import config_for_task
+from pyro_bll.run.options import RunConfig
 from pyro_bll.run.training import Trainer
 
 
@@ -110,7 +109,7 @@ def _time_steps(step, batches, device) -> float:
 def single_process(cfg: RunConfig, method: str, threads: int, steps: int, warmup: int) -> float:
     """Seconds for ``steps`` training steps of one process with ``threads`` threads."""
     torch.set_num_threads(threads)
-    trainer = Trainer(replace(cfg, method=method, backward=None))
+    trainer = Trainer(cfg.replace(method=method, backward=None))
     batches = _batches(trainer.task, steps, trainer.device)
     _time_steps(trainer.step, batches[:warmup], trainer.device)
     return _time_steps(trainer.step, batches, trainer.device)
@@ -170,7 +169,7 @@ def block_times(
 def bp_time(cfg: RunConfig, steps: int, warmup: int, batch: int) -> float:
     """Seconds per one-process BP step (1 thread) on the first ``batch`` examples."""
     torch.set_num_threads(1)
-    trainer = Trainer(replace(cfg, method="bp", backward=None))
+    trainer = Trainer(cfg.replace(method="bp", backward=None))
     batches = [_head(b, batch) for b in _batches(trainer.task, steps, trainer.device)]
     _time_steps(trainer.step, batches[:warmup], trainer.device)
     return _time_steps(trainer.step, batches, trainer.device) / steps
@@ -296,8 +295,8 @@ def _variant_config(cfg: RunConfig, method: str, stages: int, replicas: int) -> 
     """The network of ``cfg`` (K blocks) as ``stages`` stages of even block counts."""
     blocks = cfg.num_blocks
     sizes = [blocks // stages + (i < blocks % stages) for i in range(stages)]
-    return replace(cfg, method=method, replicas=replicas, backward=None,
-                   rank_blocks=None if method == "bp" else sizes)  # fmt: skip
+    return cfg.replace(distributed=True, method=method, replicas=replicas, backward=None,
+                       rank_blocks=None if method == "bp" else sizes)  # fmt: skip
 
 
 def _comm_times(rank: int, k: int, device: torch.device) -> dict[str, list[float]]:
@@ -361,7 +360,7 @@ def _worker(rank, ranks, port, cfg, steps, warmup, backend, commands, results):
     while (cmd := commands[rank].get()) != "stop":
         if cmd == CONTENTION:  # one-process BP steps on every rank at once, no messages
             dist.barrier()
-            seconds = bp_time(replace(cfg, device=device), steps, warmup, cfg.batch_size)
+            seconds = bp_time(cfg.replace(device=device), steps, warmup, cfg.batch_size)
             dist.barrier()
             results.put((rank, cmd, seconds, 0.0, 0.0))
             continue

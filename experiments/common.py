@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pyro_bll.config import RunConfig
-from pyro_bll.run.build import validate
+from pyro_bll.run.options import RunConfig
 from pyro_bll.run.training import main
 
 
@@ -20,11 +18,8 @@ def finished_metrics(cfg: RunConfig) -> dict[str, Any] | None:
     if not path.exists():
         return None
     m = json.loads(path.read_text())
-    resolved = replace(cfg)
-    validate(resolved)  # fills the task's defaults, as the stored config has them
-    same = RunConfig.from_dict({**m["config"], "overwrite": cfg.overwrite}).to_dict() == (
-        resolved.to_dict()
-    )
+    stored = RunConfig.from_dict(m["config"]).replace(overwrite=cfg.overwrite or None)
+    same = stored.to_dict() == cfg.to_dict()  # resolved values, either format
     done = m["epochs_done"] == cfg.epochs or m.get("budget_exhausted", False)
     return m if same and done else None
 
@@ -37,7 +32,7 @@ def run_seeds(base: RunConfig, seeds: list[int], out_prefix: str) -> dict[str, A
     """
     runs = []
     for seed in seeds:
-        cfg = replace(base, seed=seed, out=f"{out_prefix}_seed{seed}", overwrite=True)
+        cfg = base.replace(seed=seed, out=f"{out_prefix}_seed{seed}", overwrite=True)
         m = finished_metrics(cfg) or main(cfg, progress=False)
         runs.append(
             {

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from pyro_bll.config import flat_config
 from pyro_bll.run.plots import plot_runs
 
 
@@ -27,8 +28,8 @@ def main() -> int:
             print(f"error: {path} does not exist; pass run directories of run.py", file=sys.stderr)
             return 2
         m = json.loads(path.read_text())
-        cfg = m["config"]
-        curves[f"{cfg['method'].upper()} {cfg['blocks'] or cfg['layers']} blocks ({run})"] = m[
+        cfg = flat_config(m["config"])  # the sectioned format, or an older run's flat one
+        curves[f"{cfg['method'].upper()} {cfg['blocks'] or cfg.get('layers')} blocks ({run})"] = m[
             "history"
         ]
     plot_runs(curves, Path(args.out))

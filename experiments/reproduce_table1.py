@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,10 @@ import torch  # noqa: E402
 from common import run_seeds  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pyro_bll.config import ConfigError, RunConfig  # noqa: E402
+from pyro_bll.config import ConfigError  # noqa: E402
 from pyro_bll.core.likelihoods import PRED_HEADS  # noqa: E402
-from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.build import config_for_task
+from pyro_bll.run.options import RunConfig  # noqa: E402
 
 METHODS = {"bp": "BP", "fa": "FA", "predsim": "Pred-Sim", "bll": "BLL"}
 TASK_NAMES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
@@ -118,11 +118,10 @@ def configs(args: argparse.Namespace) -> dict[tuple[str, str, str], RunConfig]:
                     augment=not args.no_augment,
                     data_dir=data_dirs[task],
                     device=args.device,
-                    channels_last=args.channels_last,
+                    channels_last=args.channels_last or None,
                     amp=args.amp,
                     threads=args.threads,
                 )
-                validate(cfg)
                 out[task, arch, method] = cfg
     return out
 
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     for (task, arch, method), cfg in cfgs.items():
         prefix = f"{args.runs_dir}/{task}_{arch}_w{args.width:g}_{method}"
         try:
-            results[task, arch, method] = run_seeds(replace(cfg), args.seeds, prefix)
+            results[task, arch, method] = run_seeds(cfg, args.seeds, prefix)
         except ConfigError as e:  # e.g. missing data: one line, finished cells stay on disk
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -23,6 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+
+def _flat_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored run configuration as one flat dict (``pyro_bll.config.flat_config``, without
+    importing the package): ``config.json``'s sections merged, or an older flat one."""
+    if isinstance(d.get("run"), dict):
+        return {k: v for section in d.values() for k, v in section.items()}
+    return dict(d)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE = "*Provenance:*"
 BEGIN = "<!-- tables:begin {} -->"
@@ -128,7 +137,7 @@ def render_bench_step(data: Loaded, labels: dict[str, str]) -> list[str]:
     """``bench_step.py``: median step times of the Pyro BLL, plain-torch BLL and BP steps."""
     rows = []
     for path, d in data:
-        c = d["config"]
+        c = _flat_config(d["config"])  # the sectioned format, or an older run's flat one
         name = str(c["d_model"])
         if "pred_weight" in c:
             name += f", `--pred-weight {c['pred_weight']:g}`"
@@ -254,7 +263,7 @@ def render_runs(data: Loaded, labels: dict[str, str]) -> list[str]:
     """Run directories' ``metrics.json``: epochs, wall time and final test accuracy."""
     rows = []
     for path, d in data:
-        c = d["config"]
+        c = _flat_config(d["config"])  # the sectioned format, or an older run's flat one
         done, planned = d["epochs_done"], c.get("epochs")
         epochs = (
             f"{done} of {planned} (budget used up)" if planned and done < planned else str(done)

@@ -20,7 +20,7 @@ import torch
 from common import run_seeds
 
 from pyro_bll.config import ConfigError
-from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.build import config_for_task
 from pyro_bll.run.plots import plot_sweep
 from pyro_bll.tasks import TASKS
 from pyro_bll.tasks.vision import VisionTask
@@ -54,28 +54,30 @@ def main() -> int:
     given = {k: getattr(args, k) for k in ("batch_size", "lr") if getattr(args, k) is not None}
     vision = issubclass(TASKS[args.task], VisionTask)
     bases = {}
+    # the options of the network's own section: a ResNet's, or a layer stack's
+    shape = (
+        {"arch": args.arch, "width": args.width, "channels_last": args.channels_last or None}
+        if vision
+        else {"layers": args.layers}
+    )
     try:
         for method in args.methods:
             for n in args.blocks:
                 cfg = config_for_task(
                     args.task,
                     **given,
+                    **shape,
                     method=method,
-                    layers=args.layers,
                     blocks=n,
                     epochs=args.epochs,
                     train_size=args.train_size,
                     test_size=args.test_size,
-                    arch=args.arch,
-                    width=args.width,
                     max_minutes=args.max_minutes,
                     data_dir=args.data_dir,
                     device=args.device,
-                    channels_last=args.channels_last,
                     amp=args.amp,
                     threads=args.threads,
                 )
-                validate(cfg)
                 bases[method, n] = cfg
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

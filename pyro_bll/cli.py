@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 import sys
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.methods import METHODS
 from pyro_bll.run.interrupt import TrainingInterrupted
+from pyro_bll.run.options import RunConfig
 from pyro_bll.run.parser import build_parser, parse_config, resume_command
 from pyro_bll.run.training import TrainingDiverged, final_line
 from pyro_bll.run.training import main as train_main
@@ -20,6 +21,9 @@ def run_cli(argv: list[str] | None = None) -> int:
         cfg, progress = parse_config(argv)
     except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2)
         return int(e.code or 0)
+    except ConfigError as e:  # options resolved and refused (one line)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if cfg.distributed:  # this process is one rank of a torchrun job
         from pyro_bll.distributed.launch import main as distributed_main
 

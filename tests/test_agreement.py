@@ -11,7 +11,6 @@ from test_learning import _clusters
 
 from pyro_bll import BlockLocalELBO, make_family, seed_everything
 from pyro_bll.analysis.diagnostics import collect, forward_messages, to_inference_data
-from pyro_bll.config import RunConfig
 from pyro_bll.core.agreement import (
     LOGGED,
     SCALARS,
@@ -21,6 +20,7 @@ from pyro_bll.core.agreement import (
     summarise,
 )
 from pyro_bll.core.step_cache import StepCache
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks import S2SReverseTask
 from pyro_bll.tasks.s2s_reverse import make_sequences
 from pyro_bll.tasks.vision import build_resnet_chain
@@ -145,7 +145,7 @@ def _tiny_models(family):
     task = S2SReverseTask(RunConfig(layers=2, d_model=12, seq_len=3))
     x, y, mask = make_sequences(task.test_perms[:5])
     yield task.build_chain(family), x, y, mask, 3, values(12)  # positions 3..5 carry labels
-    cfg = RunConfig(task="fashion_mnist", width=6 / 64, blocks=3, message="pool")
+    cfg = RunConfig(task="fashion_mnist", width=6 / 64, blocks=3, message="pool", pred_weight=1.0)
     resnet = build_resnet_chain("resnet18", 1, 4, family, cfg)  # maps 8x8, 4x4, 2x2
     yield resnet, torch.randn(3, 1, 16, 16), torch.tensor([0, 3, 1]), None, 4, values(12)
 

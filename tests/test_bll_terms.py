@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_bll.config import BLL_TERMS, ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.families import make_family
 from pyro_bll.methods import BLL
+from pyro_bll.methods.bll import BLL_TERMS
 from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_close
@@ -19,8 +21,8 @@ from run import parse_config  # noqa: E402
 
 
 def _loss(terms, seed=0):
-    cfg = RunConfig(task="fashion_mnist", width=1 / 16, blocks=3, message="mean")
-    cfg.bll_terms = list(terms)
+    cfg = RunConfig(task="fashion_mnist", width=1 / 16, blocks=3, message="mean", pred_weight=1.0,
+                    bll_terms=list(terms))  # fmt: skip
     torch.manual_seed(seed)
     chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg)
     method = BLL(chain, cfg)

@@ -13,9 +13,10 @@ from test_resnet import tiny_chain
 
 from pyro_bll import BlockLocalELBO, make_family
 from pyro_bll.analysis.diagnostics import forward_messages
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.core.agreement import block_sums, summarise
 from pyro_bll.guides import GridMessage, grid_side
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close
@@ -55,7 +56,7 @@ def test_rho_mean_and_the_reported_feedback_weight(message):
     [("channel", "gamma", 12), *(("grid", f, 28) for f in ("gaussian", "categorical", "gamma"))],
 )
 def test_the_summary_chains_train_locally(message, family, side):
-    cfg = RunConfig(width=0.125, message=message)
+    cfg = RunConfig(task="cifar10", pred_weight=1.0, width=0.125, message=message)
     chain = build_resnet_chain("resnet18", 1, 10, make_family(family), cfg, image_size=side)
     chain = chain.double()
     x, y = torch.randn(4, 1, side, side, dtype=torch.float64), torch.randint(0, 10, (4,))
@@ -108,7 +109,7 @@ def test_grid_latent_is_the_cell_means_and_rho_halves_the_way_by_hand():
 def test_grid_feedback_writes_one_template_per_class_at_a_channel_prototypes_size():
     """Width-0.125 ResNet-18 on 28x28 images: latents of 8 x 14^2, 16 x 7^2 and 32 x 7^2
     channels; each block's initial template has about a channel prototype's norm."""
-    cfg = RunConfig(width=0.125, message="grid")
+    cfg = RunConfig(task="cifar10", pred_weight=1.0, width=0.125, message="grid")
     torch.manual_seed(0)
     chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg, image_size=28)
     widths = [layer.weight.shape[1] for layer in chain.feedback.layers]

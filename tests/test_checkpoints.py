@@ -224,3 +224,48 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     assert got[0] == expected[0]
     np.testing.assert_array_equal(got[1], expected[1])
     assert torch.equal(got[2], expected[2])
+
+
+# config.json of the tiny run above as the flat format before the option sections wrote it:
+# all 49 options, unset ones as null, the vision, Pred-Sim and distributed ones included
+OLD_FLAT_CONFIG = {
+    "task": "s2s_reverse", "method": "bll", "family": "gaussian", "family_args": {},
+    "layers": 2, "blocks": None, "d_model": 16, "seq_len": 4, "epochs": 2,
+    "train_size": 64, "test_size": 16, "val_size": None, "data_dir": None,
+    "batch_size": 16, "lr": 0.002, "lr_schedule": "constant", "pred_weight": 1.0,
+    "clip_grad": 0.0, "pred_head": "linear", "bll_terms": ["kl", "likelihood", "pred"],
+    "feedback": "linear", "feedback_update": "grad", "ridge": 1.0, "propagate": "mean",
+    "likelihood": None, "arch": "resnet18", "split": "even", "width": 1.0,
+    "message": "pool", "sim_weight": 0.99, "seed": 0, "out": "runs/s2s_reverse",
+    "device": "cpu", "channels_last": False, "amp": False, "max_minutes": None,
+    "backward": "joint", "checkpoint_every": None, "augment": True, "threads": 1,
+    "resume": False, "overwrite": False, "distributed": False, "replicas": None,
+    "schedule": "pipelined", "rank_blocks": None, "dist_backend": "auto",
+    "dist_timeout": 300.0, "pipeline_depth": 2,
+}  # fmt: skip
+
+
+def test_a_run_saved_in_the_old_flat_format_resumes_and_is_diagnosed(trained, tmp_path):
+    """config.json and the checkpoints' "config" in the flat format of older runs: the
+    configuration loads (the options of sections that do not apply dropped, nulls
+    resolved), equals the command line's, and the run resumes and is diagnosed."""
+    from pyro_bll.run.options import RunConfig
+
+    out = _copy(trained, tmp_path / "old")
+    flat = {**OLD_FLAT_CONFIG, "out": str(out)}
+    (out / "config.json").write_text(json.dumps(flat, indent=2))
+    for path in (out / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        state["config"] = flat
+        torch.save(state, path)
+    cfg, _ = run.parse_config([*TINY, "--epochs", "2", "--out", str(out)])
+    loaded = RunConfig.from_dict(flat)
+    assert loaded == cfg and loaded.bll.likelihood == "bound" and loaded.vision is None
+    assert RunConfig.from_dict(loaded.to_dict()) == loaded  # the new format round-trips
+    assert load_run(out).epoch == 2  # the diagnostics read config.json and the checkpoint
+    assert run.cli([*TINY, "--epochs", "3", "--out", str(out), "--resume"]) == 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert set(json.loads((out / "config.json").read_text())) == {
+        "run", "training", "network", "data", "stack", "sequence", "bll"
+    }  # fmt: skip

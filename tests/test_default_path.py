@@ -18,8 +18,8 @@ import torch
 from scipy.special import logsumexp
 
 from pyro_bll import make_family
-from pyro_bll.config import RunConfig
 from pyro_bll.methods import BLL
+from pyro_bll.run.options import RunConfig
 
 from utils import assert_close, mlp_chain
 

@@ -23,7 +23,7 @@ import bench_pipeline  # noqa: E402
 import run  # noqa: E402
 from dist_harness import Fault, launch  # noqa: E402
 
-from pyro_bll.config import RunConfig  # noqa: E402
+from pyro_bll.run.options import RunConfig  # noqa: E402
 from pyro_bll.run.training import Trainer  # noqa: E402
 
 from utils import assert_close  # noqa: E402

@@ -16,7 +16,7 @@ import run  # noqa: E402
 from dist_harness import free_port  # noqa: E402
 
 from pyro_bll import make_family  # noqa: E402
-from pyro_bll.config import ConfigError, RunConfig  # noqa: E402
+from pyro_bll.config import ConfigError  # noqa: E402
 from pyro_bll.core.noise import NoiseKey, block_noise  # noqa: E402
 from pyro_bll.core.step_cache import StepCache
 from pyro_bll.distributed.group import (  # noqa: E402
@@ -27,6 +27,7 @@ from pyro_bll.distributed.group import (  # noqa: E402
 from pyro_bll.distributed.rank_checkpoints import merge  # noqa: E402
 from pyro_bll.distributed.transport import Spec  # noqa: E402
 from pyro_bll.methods import BLL  # noqa: E402
+from pyro_bll.run.options import RunConfig  # noqa: E402
 from pyro_bll.tasks import S2SReverseTask  # noqa: E402
 
 from utils import assert_close  # noqa: E402

@@ -134,3 +134,13 @@ def test_every_api_page_path_imports():
         except ImportError:
             pass
         assert hasattr(importlib.import_module(module), attr), path
+
+
+def test_the_options_reference_is_generated_from_the_sections():
+    """docs/options.md is what experiments/options_reference.py writes from the option
+    sections (rerun it after changing an option), and the site's nav lists it."""
+    from pyro_bll.run.parser import options_reference
+
+    page = (DOCS / "options.md").read_text(encoding="utf-8")
+    assert page == options_reference(), "run: python experiments/options_reference.py"
+    assert "options.md" in (ROOT / "mkdocs.yml").read_text(encoding="utf-8")

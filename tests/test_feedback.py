@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from pyro_bll import BlockLocalELBO, make_family
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.core.step_cache import StepCache, step_cache
 from pyro_bll.guides import MLPFeedback
 from pyro_bll.methods.bll import BLL
 from pyro_bll.methods.solve import class_mean_prototypes, solve_feedback
 from pyro_bll.run.build import config_for_task
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks import S2SReverseTask
 
 from utils import assert_close, mlp_chain, toy_batch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyro_bll import BlockLocalELBO, make_family
-from pyro_bll.config import RunConfig
+from pyro_bll.run.options import RunConfig
 from pyro_bll.core.lookahead import Lookahead
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.core.step_cache import StepCache
@@ -106,7 +106,7 @@ def test_feature_maps_feed_the_copies_the_draw_on_the_map(message):
     """Channel latents: the next block's copy reads m(alpha_k) shifted per channel by the
     draw's deviation from the channel mean, so a draw at the mean gives the live block's
     prediction from m(alpha_k); locality holds on the ResNet too."""
-    cfg = RunConfig(width=1 / 16, message=message)
+    cfg = RunConfig(task="cifar10", width=1 / 16, message=message)
     chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg).double()
     chain.use_lookahead(Lookahead(depth=1))
     x, y = torch.randn(3, 1, 12, 12, dtype=torch.float64), torch.tensor([1, 4, 7])

@@ -13,9 +13,10 @@ from torch.distributions import MultivariateNormal
 
 from pyro_bll import BlockLocalELBO
 from pyro_bll.analysis.diagnostics import collect, to_inference_data
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.families import FAMILIES, Family, FamilyError, make_family
 from pyro_bll.guides import MeanMessage
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close
@@ -25,7 +26,8 @@ GAUSSIANS = sorted(n for n, c in FAMILIES.items() if c.spatial_mean is not Famil
 
 
 def mean_chain(family="gaussian", **cfg):
-    cfg = RunConfig(width=1 / 16, message="mean", blocks=3, **cfg)
+    cfg = RunConfig(**{"task": "cifar10", "pred_weight": 1.0, "width": 1 / 16, "message": "mean",
+                       "blocks": 3, **cfg})  # fmt: skip
     return build_resnet_chain("resnet18", 1, 10, make_family(family), cfg)
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from pyro_bll import BlockLocalELBO, seed_everything
-from pyro_bll.config import RunConfig
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks import S2SReverseTask
 from pyro_bll.testing.reference import plain_block_losses
 

@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from pyro_bll import BlockLocalELBO, seed_everything
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.core.likelihoods import ConvPooledHead, GridPooledHead
 from pyro_bll.core.step_cache import StepCache
 from pyro_bll.families import FAMILIES, make_family
@@ -14,6 +14,7 @@ from pyro_bll.guides import BroadcastMessage, PoolMessage
 from pyro_bll.models import RESNET_ARCHS, ModelError, resnet_blocks
 from pyro_bll.models.resnet import block_layer_counts, split_units
 from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close
@@ -22,7 +23,8 @@ TINY = 1 / 16  # stage widths (4, 8, 16, 32)
 
 
 def tiny_chain(arch="resnet18", family="gaussian", **cfg):
-    cfg = RunConfig(width=TINY, **cfg)
+    cfg = RunConfig(**{"task": "cifar10", "message": "pool", "pred_weight": 1.0, "width": TINY,
+                       "arch": arch, **cfg})  # fmt: skip
     return build_resnet_chain(arch, 1, 10, make_family(family), cfg)
 
 
@@ -82,7 +84,13 @@ def test_same_function_as_torchvision(arch):
     tv = getattr(torchvision.models, arch)(num_classes=10)
     tv.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
     tv.maxpool = nn.Identity()
-    chain = build_resnet_chain(arch, 3, 10, make_family("gaussian"), RunConfig(pred_weight=0))
+    chain = build_resnet_chain(
+        arch,
+        3,
+        10,
+        make_family("gaussian"),
+        RunConfig(task="cifar10", message="pool", pred_weight=0),
+    )
     ours = [t for b in chain.blocks for t in b.state_dict().values()]
     ours += list(chain.head.state_dict().values())
     theirs = list(tv.state_dict().values())
@@ -183,9 +191,7 @@ def test_bad_input_names_the_fix():
         tiny_chain("resnet50", blocks=17)
     with pytest.raises(ConfigError, match="--blocks must be positive"):
         tiny_chain(blocks=0)
-    with pytest.raises(
-        ConfigError, match="--arch 'resnet34' is unknown; valid: resnet18, resnet50"
-    ):
+    with pytest.raises(ConfigError, match="unknown arch 'resnet34'; valid: resnet18, resnet50"):
         tiny_chain("resnet34")
     for bad, match in (
         ({"arch": "vgg"}, "unknown arch 'vgg'"),
@@ -194,10 +200,10 @@ def test_bad_input_names_the_fix():
         ({"sim_weight": 1.5}, "--sim-weight"),
     ):
         with pytest.raises(ConfigError, match=match):
-            validate(RunConfig(**bad))
-    with pytest.raises(ConfigError, match="unknown --pred-head 'mlp'; valid: linear, conv"):
+            validate(RunConfig(task="cifar10", **bad))
+    with pytest.raises(ConfigError, match="unknown pred head 'mlp'; valid: linear, conv"):
         tiny_chain(pred_head="mlp")
-    with pytest.raises(ConfigError, match="--pred-head applies to the vision tasks; drop it"):
+    with pytest.raises(ConfigError, match="--pred-head applies to the vision tasks .*; drop it"):
         validate(config_for_task("s2s_reverse", pred_head="conv"))
 
 

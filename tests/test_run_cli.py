@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import run  # noqa: E402
 
-from pyro_bll.config import RunConfig  # noqa: E402
+from pyro_bll.run.options import RunConfig  # noqa: E402
 from pyro_bll.run.training import Trainer, TrainingDiverged, main  # noqa: E402
 
 TINY = [
@@ -47,7 +47,9 @@ def test_one_epoch_writes_every_artifact(tmp_path):
     assert set(terms) == {"kl", "likelihood", "pred"} and all(len(v) == 2 for v in terms.values())
     total = [sum(t) for t in zip(*terms.values(), strict=True)]
     assert total == pytest.approx(metrics["history"][0]["block_losses"], rel=1e-5)
-    assert json.loads((out / "config.json").read_text())["layers"] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["stack"]["layers"] == 2 and "vision" not in config  # resolved, applicable
+    assert config["bll"]["likelihood"] == "bound"  # the family's own, not null
     assert (out / "checkpoints" / "epoch_000.pt").exists()
     png = (out / "learning_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
@@ -120,10 +122,18 @@ def test_options_run_end_to_end(tmp_path, extra):
             "MLP blocks take mean or sample",
         ),
         (["--message", "everywhere"], "invalid choice: 'everywhere'"),
+        # an option of a section that does not apply is refused by construction
+        (["--split", "memory"], "--split applies to the vision tasks"),
+        (["--sim-weight", "0.5"], "--sim-weight applies to --method predsim only"),
+        (["--method", "bp", "--ridge", "2"], "--ridge applies to --method bll only"),
+        (["--ridge", "2"], "--ridge applies to --feedback-update solve only"),
+        (["--replicas", "2"], "--replicas applies to --distributed runs only"),
+        (["--task", "fashion_mnist", "--layers", "3"], "--layers applies to the tasks with"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
-    assert run.cli([*TINY, "--out", str(tmp_path / "x"), *argv]) == 2
+    tiny = TINY if "--task" not in argv else [a for a in TINY if a not in ("--seq-len", "4")]
+    assert run.cli([*tiny, "--out", str(tmp_path / "x"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
 
@@ -191,7 +201,7 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
 
 def test_nan_loss_stops_with_block_and_epoch_and_keeps_results(tmp_path, monkeypatch):
     cfg, _ = run.parse_config([*TINY, "--epochs", "3", "--out", str(tmp_path / "nan")])
-    main(RunConfig(**{**cfg.to_dict(), "epochs": 1}), progress=False)
+    main(cfg.replace(epochs=1), progress=False)
     original = Trainer.step
 
     def poisoned(self, x, y, mask):
@@ -200,23 +210,32 @@ def test_nan_loss_stops_with_block_and_epoch_and_keeps_results(tmp_path, monkeyp
 
     monkeypatch.setattr(Trainer, "step", poisoned)
     with pytest.raises(TrainingDiverged, match=r"block 1 local loss is nan in epoch 2"):
-        main(RunConfig(**{**cfg.to_dict(), "resume": True}), progress=False)
+        main(cfg.replace(resume=True), progress=False)
     metrics = json.loads((tmp_path / "nan" / "metrics.json").read_text())
     assert len(metrics["history"]) == 1
     assert (tmp_path / "nan" / "checkpoints" / "epoch_000.pt").exists()
 
 
-def test_the_parser_is_generated_from_the_config_fields():
-    """Every RunConfig field is an option with help text; no option is declared twice."""
+def test_the_parser_is_generated_from_the_sections():
+    """Every option of every section is an option with help text, in its section's group;
+    no option is declared twice; no dataclass of options holds more than 20 fields."""
     import dataclasses
 
-    from pyro_bll.config import RunConfig
+    from pyro_bll.run.options import SECTIONS
 
     parser = run.build_parser()
-    dests = {a.dest for a in parser._actions}
-    for f in dataclasses.fields(RunConfig):
-        assert f.metadata.get("help"), f"RunConfig.{f.name} has no help metadata"
-        assert {"family_args": "family_arg"}.get(f.name, f.name) in dests, f.name
+    groups = {
+        (g.title or "").split(";")[0]: {a.dest for a in g._group_actions}
+        for g in parser._action_groups
+    }
+    for section in SECTIONS:
+        assert len(section.options()) <= 20, section
+        for f in section.options():
+            assert f.metadata.get("help"), f"{section.__name__}.{f.name} has no help metadata"
+            assert f.name in groups[section.title], f.name
+    assert len(dataclasses.fields(RunConfig)) <= 20
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"given", "loaded"}
+    assert {s.name for s in SECTIONS} == fields  # every section has its place
     flags = [s for a in parser._actions for s in a.option_strings]
     assert len(flags) == len(set(flags))
 

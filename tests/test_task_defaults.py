@@ -37,7 +37,7 @@ def test_the_default_run_lowers_its_loss(task, tmp_path):
     cfg, _ = parse_config(argv)
     validate(cfg)
     if task != "s2s_reverse":
-        cfg.batch_size = min(cfg.batch_size, 16)  # tiny files; a full-width ResNet on 1 thread
+        cfg = cfg.replace(batch_size=min(cfg.batch_size, 16))  # tiny files; a ResNet on 1 thread
     trainer = Trainer(cfg)
     batch = next(iter(trainer.task.train_batches(0)))
     x, y, mask = (None if t is None else t.to(trainer.device) for t in batch)

@@ -9,11 +9,12 @@ import pytest
 import torch
 from vision_files import tiny_cifar10, tiny_fashion_mnist, write_idx
 
-from pyro_bll.config import RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.data import DEFAULT_CIFAR10, DEFAULT_FASHION_MNIST, load_fashion_mnist
 from pyro_bll.data import cifar10 as cifar_module
 from pyro_bll.families import make_family
 from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.options import RunConfig
 from pyro_bll.run.training import Trainer
 from pyro_bll.tasks import TASKS
 
@@ -49,8 +50,9 @@ def test_one_epoch_of_every_method_and_arch_on_fashion_mnist(data, tmp_path, met
     assert run.cli(_args(data, "fashion_mnist", out, "--method", method, "--arch", arch)) == 0
     m = _metrics(out)
     assert 0 <= m["test_accuracy"] <= 1 and m["epochs_done"] == 1
-    assert m["config"]["blocks"] == 4 and m["config"]["arch"] == arch
-    assert m["config"]["data_dir"] == str(data["fashion_mnist"])
+    assert m["config"]["network"]["blocks"] == 4 and m["config"]["vision"]["arch"] == arch
+    assert m["config"]["images"]["data_dir"] == str(data["fashion_mnist"])
+    assert "stack" not in m["config"] and "sequence" not in m["config"]  # sections that apply
     losses = m["history"][0]["block_losses"]
     assert len(losses) == (1 if method in ("bp", "fa") else 4)
     assert all(v == v for v in losses)  # finite numbers, no NaN
@@ -79,7 +81,8 @@ def test_conv_predictive_heads_from_the_cli(data, tmp_path, method):
     argv = _args(data, "fashion_mnist", out, "--method", method, "--pred-head", "conv")
     assert run.cli([*argv, "--pred-weight", "4"]) == 0
     m = _metrics(out)
-    assert m["config"]["pred_head"] == "conv" and m["config"]["pred_weight"] == 4
+    assert m["config"]["vision"]["pred_head"] == "conv"
+    assert m["config"]["network"]["pred_weight"] == 4
     state = torch.load(out / "checkpoints" / "epoch_000.pt", weights_only=False)
     names = " ".join(_flat_keys(state))
     assert "pred_heads.0.conv.weight" in names and "pred_heads.2.read.linear.weight" in names
@@ -123,17 +126,16 @@ def test_one_epoch_on_cifar10_with_flips_and_crops(data, tmp_path):
 
 
 def test_task_defaults_and_explicit_options():
-    cfg, _ = run.parse_config(["--task", "cifar10"])
-    assert (cfg.blocks, cfg.data_dir) == (None, None)  # unset: validate fills the task's
-    validate(cfg)
+    cfg, _ = run.parse_config(["--task", "cifar10"])  # resolved once, the task's defaults
     assert (cfg.blocks, cfg.batch_size, cfg.lr, cfg.data_dir) == (4, 128, 4e-3, DEFAULT_CIFAR10)
     assert cfg.pred_weight == 4.0  # chosen on the validation split
     cfg, _ = run.parse_config(["--task", "fashion_mnist", "--batch-size", "7", "--lr", "0.1"])
     validate(cfg)
     assert (cfg.batch_size, cfg.lr, cfg.data_dir) == (7, 0.1, DEFAULT_FASHION_MNIST)
-    cfg, _ = run.parse_config(["--task", "fashion_mnist_mlp", "--no-augment"])
-    validate(cfg)
-    assert (cfg.batch_size, cfg.data_dir, cfg.augment) == (100, DEFAULT_FASHION_MNIST, False)
+    with pytest.raises(ConfigError, match="--no-augment applies to the vision tasks"):
+        run.parse_config(["--task", "fashion_mnist_mlp", "--no-augment"])
+    cfg, _ = run.parse_config(["--task", "fashion_mnist_mlp"])
+    assert (cfg.batch_size, cfg.data_dir, cfg.vision) == (100, DEFAULT_FASHION_MNIST, None)
     assert (cfg.layers, cfg.d_model, cfg.lr) == (3, 256, 1e-3)  # the MLP task's own network
     cfg, _ = run.parse_config([])
     validate(cfg)
@@ -142,7 +144,7 @@ def test_task_defaults_and_explicit_options():
         direct = validate(RunConfig(task=task))
         from_cli, _ = run.parse_config(["--task", task])
         assert direct == validate(from_cli), task
-    assert (direct.blocks, direct.data_dir) == (None, None)  # s2s: one block per layer
+    assert (direct.blocks, direct.images) == (None, None)  # s2s: one block per layer
     assert config_for_task("cifar10", blocks=2).blocks == 2
 
 
@@ -159,7 +161,7 @@ def test_task_defaults_and_explicit_options():
         (["--max-minutes", "0"], "--max-minutes must be positive"),
         (["--val-size", "16"], "--val-size 16 leaves no training images of the 16"),
         (["--val-size", "10"], "--train-size 8 overlaps the --val-size 10 held-out images"),
-        (["--task", "s2s_reverse", "--val-size", "5"], "--val-size applies to the image tasks"),
+        (["--task", "s2s_reverse", "--val-size", "5"], "applies to the image tasks (--task"),
         (["--task", "cifar10", "--data-dir", "MISSING"], "nowhere does not exist; pass --data-dir"),
     ],
 )
@@ -187,7 +189,7 @@ def test_max_minutes_stops_after_the_epoch_that_uses_it_up(data, tmp_path):
     assert run.cli(argv) == 0
     m = _metrics(out)
     assert m["epochs_done"] == 1 and m["budget_exhausted"] is True
-    assert m["elapsed_seconds"] >= 60 * 1e-5 and m["config"]["max_minutes"] == 1e-5
+    assert m["elapsed_seconds"] >= 60 * 1e-5 and m["config"]["run"]["max_minutes"] == 1e-5
     h = m["history"][0]
     assert m["elapsed_seconds"] == pytest.approx(h["train_seconds"] + h["eval_seconds"])
     cfg, _ = run.parse_config(argv)
@@ -237,11 +239,10 @@ def test_amp_autocasts_the_step_to_bf16(data, tmp_path, method):
 
 def _task(name, data, tmp_path):
     fashion = str(tiny_fashion_mnist(tmp_path / "f")) if name == "fashion_mnist_mlp" else None
-    cfg = config_for_task(
-        name, data_dir=fashion or str(data.get(name, "")), width=0.05, layers=2, d_model=8,
-        seq_len=4, train_size=8, test_size=6,
-    )  # fmt: skip
-    validate(cfg)
+    own = {"s2s_reverse": {"layers": 2, "d_model": 8, "seq_len": 4},
+           "fashion_mnist_mlp": {"layers": 2, "d_model": 8, "data_dir": fashion}}.get(
+        name, {"width": 0.05, "data_dir": str(data.get(name, ""))})  # fmt: skip
+    cfg = config_for_task(name, train_size=8, test_size=6, **own)
     return TASKS[name](cfg)
 
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.families import make_family
 from pyro_bll.methods import METHODS
 from pyro_bll.methods.alignment import FAConv2d, FALinear, convert_to_feedback_alignment
 from pyro_bll.methods.predsim import similarity_loss, similarity_matrix
 from pyro_bll.models import RESNET_ARCHS
 from pyro_bll.run.build import config_for_task, validate
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_close, mlp_chain
@@ -103,7 +104,7 @@ def _one_step(chain, method, cfg, x, y):
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("arch", sorted(RESNET_ARCHS))
 def test_one_step_of_every_method_on_every_arch(method, arch):
-    cfg = RunConfig(method=method, width=1 / 16)
+    cfg = RunConfig(task="cifar10", message="pool", pred_weight=1.0, method=method, width=1 / 16)
     chain = build_resnet_chain(arch, 1, 10, make_family("gaussian"), cfg)
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     loss, logs, changed = _one_step(chain, method, cfg, x, y)
@@ -128,7 +129,7 @@ def test_one_step_of_every_method_on_every_arch(method, arch):
 def test_every_method_takes_a_step_under_the_grid_message(method):
     """Under --message grid the feedback is wider than the block (s^2 C): the methods that
     build heads of their own size them by the block's channels, not by the feedback."""
-    cfg = RunConfig(method=method, width=0.125, message="grid")
+    cfg = RunConfig(task="cifar10", pred_weight=1.0, method=method, width=0.125, message="grid")
     chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg, image_size=28)
     x, y = torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,))
     loss, logs, changed = _one_step(chain, method, cfg, x, y)
@@ -138,7 +139,9 @@ def test_every_method_takes_a_step_under_the_grid_message(method):
 
 def test_predsim_blocks_are_local():
     """Block k's parameters (with its Pred-Sim heads) get gradients from l_k only."""
-    cfg = RunConfig(method="predsim", width=1 / 16, blocks=3)
+    cfg = RunConfig(
+        task="cifar10", message="pool", pred_weight=1.0, method="predsim", width=1 / 16, blocks=3
+    )
     chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg).double()
     m = METHODS["predsim"](chain, cfg)
     x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
@@ -172,7 +175,9 @@ def test_methods_that_do_not_apply_say_so():
     seq = mlp_chain(make_family("gaussian"), event_dim=2)  # per-position labels like s2s
     with pytest.raises(ConfigError, match="predsim needs one label per example"):
         METHODS["predsim"](seq, RunConfig(method="predsim", task="s2s_reverse"))
-    cfg = RunConfig(width=1 / 16, feedback_update="solve")
+    cfg = RunConfig(
+        task="cifar10", message="pool", pred_weight=1.0, width=1 / 16, feedback_update="solve"
+    )
     chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg)
     with pytest.raises(ConfigError, match="not feature maps"):
         METHODS["bll"](chain, cfg)
@@ -194,7 +199,7 @@ def test_bll_on_a_tiny_resnet_learns_a_toy_task():
         return x, y
 
     (x, y), (x_test, y_test) = data(1024), data(256)
-    cfg = RunConfig(width=1 / 8)
+    cfg = RunConfig(task="cifar10", message="pool", pred_weight=1.0, width=1 / 8)
     chain = build_resnet_chain("resnet18", 1, 4, make_family("gaussian"), cfg)
     bll = METHODS["bll"](chain, cfg)
     opt = torch.optim.Adam(chain.parameters(), lr=3e-3)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.core.agreement import (
     SCALARS,
     _expand_labels,
@@ -52,7 +52,7 @@ from pyro_bll.core.agreement import (
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.families import Params
 from pyro_bll.methods import METHODS, build_method
-from pyro_bll.run.build import build_from_config, validate
+from pyro_bll.run.build import build_from_config
 from pyro_bll.run.checkpoints import (
     END_OF_EPOCH,
     check_links,
@@ -60,6 +60,7 @@ from pyro_bll.run.checkpoints import (
     list_checkpoints,
     load_checkpoint,
 )
+from pyro_bll.run.options import RunConfig
 from pyro_bll.seed import seed_everything
 
 # config keys that may differ between runs compared as chains (they do not change the
@@ -110,13 +111,13 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _model_config(d: dict[str, Any]) -> dict[str, Any]:
-    full = RunConfig.from_dict(d).to_dict()
+    full = RunConfig.from_dict(d).flat()  # either format, resolved
     return {k: v for k, v in full.items() if k not in FREE_KEYS}
 
 
 def _check_same_config(cfg: RunConfig, other: dict, what: Path, run: Path) -> None:
     a, b = _model_config(cfg.to_dict()), _model_config(other)
-    diff = [k for k in a if a[k] != b[k]]
+    diff = [k for k in a if a[k] != b.get(k)]
     if diff:
         k = diff[0]
         raise ConfigError(
@@ -147,8 +148,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
         history = json.loads((path / "metrics.json").read_text()).get("history", [])
     except (json.JSONDecodeError, TypeError) as e:
         raise ConfigError(f"{path}: unreadable config.json or metrics.json ({e})") from None
-    cfg.device, cfg.resume, cfg.overwrite = device, False, False
-    validate(cfg)
+    cfg = cfg.replace(device=device, resume=None, overwrite=None)
     _, task, chain = build_from_config(cfg)
     build_method(chain, cfg)  # the method's own modules (FA's backward weights, Pred-Sim's heads)
     run = LoadedRun(path, cfg, task, chain.to(device).eval(), ckpts, history)

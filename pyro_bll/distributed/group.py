@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.run.distributed_options import format_sizes as _fmt
+from pyro_bll.run.options import RunConfig
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.distributed.fault import FaultMonitor, connect_store
 from pyro_bll.distributed.group import Layout
 from pyro_bll.distributed.runtime import RankTrainer
 from pyro_bll.distributed.transport import PeerFailure, brief
-from pyro_bll.run.build import validate
 from pyro_bll.run.interrupt import TrainingInterrupted
+from pyro_bll.run.options import RunConfig
 from pyro_bll.run.training import TrainingDiverged, final_line
 
 GRACE = 2.0  # seconds a rank waits for a failed neighbour's own report
@@ -169,7 +169,6 @@ def main(cfg: RunConfig, progress: bool = True, resume_hint: str = "") -> int:
     one line that ends with ``resume_hint``)."""
     env = DistEnv.from_environ()
     try:
-        validate(cfg)
         Layout.make(cfg, env.world_size)  # K stages x R replicas, or a one-line error
         device, backend = select_device(cfg, env)
         _default_threads(cfg, env)

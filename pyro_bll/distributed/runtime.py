@@ -24,7 +24,7 @@ from typing import Any
 import pyro
 import torch.distributed as dist
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.distributed import rank_checkpoints as ckpt
 from pyro_bll.distributed.group import Layout
 from pyro_bll.distributed.replicas import replica_groups, shard_batches
@@ -39,6 +39,7 @@ from pyro_bll.run.checkpoints import (
     load_checkpoint,
 )
 from pyro_bll.run.interrupt import StopSignals, TrainingInterrupted
+from pyro_bll.run.options import RunConfig
 from pyro_bll.run.progress import Progress
 from pyro_bll.run.step import epoch_record
 
@@ -182,7 +183,7 @@ class RankTrainer:
         if self.rank == 0:
             (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
             print(f"{self.cfg.schedule} schedule, {self.layout}", flush=True)
-        self.stage.trainer.history = self.history  # rank 0's: metrics and --max-minutes
+        self.stage.results.history = self.history  # rank 0's: metrics and --max-minutes
         pyro.enable_validation(False)  # shape checks cost time in the hot loop
         trained = None
         try:
@@ -202,14 +203,14 @@ class RankTrainer:
             return None
         if trained is not None and trained in ckpt.complete_epochs(out):
             ckpt.assemble(out, trained)  # all ranks' files are on this filesystem
-        return self.stage.trainer.metrics()
+        return self.stage.results.metrics()
 
     def _check_same_data(self, epoch: int, first: tuple | None) -> bool:
         """All ranks read the same batches (hash of the first); rank 0 decides whether the
         time budget allows another epoch. Returns whether to train this epoch."""
         views: list[Any] = [None] * self.world_size
         mine = (_batch_hash(None if first is None else first[1:]),
-                self.rank == 0 and self.stage.trainer.budget_exhausted())  # fmt: skip
+                self.rank == 0 and self.stage.results.budget_exhausted())  # fmt: skip
         collective("checking the data with", lambda: dist.all_gather_object(views, mine))
         hashes = [v[0] for v in views]
         if len(set(hashes)) > 1:  # the same gathered list on every rank: all raise
@@ -313,7 +314,7 @@ class RankTrainer:
             merged.update(p["state"])
         stage.chain.load_state_dict(merged)  # rank 0 never trains the other ranks' blocks
         t0 = time.perf_counter()
-        with stage.trainer.autocast():
+        with stage.built.autocast():
             metrics = stage.task.evaluate(stage.chain, stage.device)
         eval_seconds = time.perf_counter() - t0
         sums = {k: sum(p["sums"][k] for p in parts) for k in parts[0]["sums"]}
@@ -325,7 +326,7 @@ class RankTrainer:
             rank_wait_seconds=[p["wait"] for p in parts],
         )  # fmt: skip
         self.history.append(record)
-        stage.trainer.write_results(out)
+        stage.results.write_results(out)
         losses = " ".join(f"{v:.3f}" for v in record["block_losses"])
         shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
         busy = " ".join(f"{p['busy'] / max(train_seconds, 1e-9):.0%}" for p in parts)

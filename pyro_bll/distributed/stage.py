@@ -1,19 +1,19 @@
 """One rank's blocks as a pipeline stage: their local losses, their optimiser, their state.
 
-Every rank builds the *full* chain from the run seed (``Trainer``: identical
-initialisation everywhere) and keeps only the parameters of its own blocks a..b-1 in its
-Adam. Per micro-batch ``compute`` evaluates the block-local losses l_a..l_{b-1} through
-the Pyro model and guide (``BLL.loss(..., segment=(a, b))``) from the input message, with
-the step's noise key, so every block draws the same z_k as in one process
-(``pyro_bll.core.noise``), and returns the message for the next rank; ``update`` takes the
-rank's own optimiser step. Adam is elementwise, so per-rank optimisers over disjoint
-parameter sets step exactly like one optimiser over all of them.
+Every rank builds the *full* chain from the run seed (``build_run``, as the
+single-process ``Trainer`` does: identical initialisation everywhere) and keeps only the
+parameters of its own blocks a..b-1 in its Adam. Per micro-batch ``compute`` evaluates
+the block-local losses l_a..l_{b-1} through the Pyro model and guide
+(``BLL.loss(..., segment=(a, b))``) from the input message, with the step's noise key, so
+every block draws the same z_k as in one process (``pyro_bll.core.noise``), and returns
+the message for the next rank; ``update`` takes the rank's own optimiser step. Adam is
+elementwise, so per-rank optimisers over disjoint parameter sets step exactly like one
+optimiser over all of them.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pyro_bll.config import RunConfig
-from pyro_bll.core.noise import NoiseKey
 from pyro_bll.core.step_cache import StepCache
 from pyro_bll.distributed import rank_checkpoints as ckpt
 from pyro_bll.distributed.group import Layout, owned_parameter_index, owned_state_keys
 from pyro_bll.distributed.transport import Message, collective
+from pyro_bll.run.build import build_run
 from pyro_bll.run.checkpoints import (
     CheckpointError,
     check_links,
@@ -35,8 +34,9 @@ from pyro_bll.run.checkpoints import (
     rng_state,
     set_rng_state,
 )
-from pyro_bll.run.step import clip_block_gradients
-from pyro_bll.run.training import Trainer, TrainingDiverged, make_lr_schedule
+from pyro_bll.run.options import RunConfig
+from pyro_bll.run.step import check_finite, clip_block_gradients, step_noise
+from pyro_bll.run.training import RunHistory, make_lr_schedule
 
 
 class RankStage:
@@ -59,22 +59,19 @@ class RankStage:
         self.shard_weights: deque[float] = deque()  # n_r / n of the batches to come
         self._weight = 1.0
         self.cfg = cfg
-        self.trainer = Trainer(replace(cfg, device=device))  # full chain, seeded init
-        self.trainer.cfg = cfg
-        self.chain, self.task, self.method = (
-            self.trainer.chain,
-            self.trainer.task,
-            self.trainer.method,
-        )
-        self.device = self.trainer.device
+        # the full chain, seeded as in one process, on this rank's device
+        self.built = build_run(cfg if device == cfg.device else cfg.replace(device=device))
+        self.chain, self.task, self.method = self.built.chain, self.built.task, self.built.method
+        self.device = self.built.device
+        self.results = RunHistory(cfg)  # rank 0 writes metrics.json from it
         params = list(self.chain.parameters())
         self.param_index = (
             list(range(len(params)))  # one stage (bp): the whole network, head included
             if layout.stages == 1
             else owned_parameter_index(self.chain, self.segment)
         )
+        # this rank's blocks only: nothing here steps another rank's blocks
         self.optimizer = torch.optim.Adam([params[i] for i in self.param_index], lr=cfg.lr)
-        self.trainer.optimizer = self.optimizer  # nothing else may step the others' blocks
         # one optimiser step per training batch, as in one process: the same lr schedule
         self.scheduler = make_lr_schedule(
             self.optimizer, cfg.lr_schedule, cfg.epochs * self.task.steps_per_epoch()
@@ -90,8 +87,8 @@ class RankStage:
     ) -> tuple[Tensor, dict[str, Tensor], Message | None]:
         """Local losses of the segment (summed) and the message for the next rank."""
         cache = StepCache()
-        noise = NoiseKey(self.cfg.seed, self.steps_done)
-        with self.trainer.autocast():  # --amp, as in the single-process step
+        noise = step_noise(self.cfg.seed, self.steps_done)
+        with self.built.autocast():  # --amp, as in the single-process step
             if self.method.local:
                 loss, logs = self.method.loss(
                     self.chain, inp, y, mask, noise=noise, segment=self.segment, cache=cache
@@ -102,14 +99,7 @@ class RankStage:
             self._weight = self.shard_weights.popleft()
             logs = {k: v * self._weight for k, v in logs.items()}
         a, b = self.segment
-        own = logs["loss"][a:b]
-        if not torch.isfinite(own).all():
-            bad = a + int((~torch.isfinite(own)).nonzero()[0])
-            raise TrainingDiverged(
-                f"block {bad} local loss is {logs['loss'][bad].item()} in epoch "
-                f"{self.epoch + 1}; checkpoints up to epoch {self.epoch} are kept; "
-                "try a smaller --lr"
-            )
+        check_finite(logs["loss"][a:b], self.epoch, kept="", first=a)
         return loss, logs, None if self.last else cache.outgoing
 
     def update(self, loss: Tensor) -> None:

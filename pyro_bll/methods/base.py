@@ -9,9 +9,10 @@ step owns ``backward()`` and the optimiser. ``start_epoch`` is called before eve
 epoch (BLL restarts its agreement statistics there).
 
 Adding a method: one file with a ``Method`` subclass and one line in
-``pyro_bll.methods.METHODS``. The options only some methods understand are listed in
-``METHOD_OPTIONS``; a method declares the ones it takes in ``options`` and the
-configuration refuses the others with one line.
+``pyro_bll.methods.METHODS``. A method with options of its own declares them beside its
+code as a section (a frozen dataclass of ``pyro_bll.config.option`` fields, e.g.
+``BLLOptions``) named by ``SECTION``; the configuration (``RunConfig``) holds that
+section only for that method, and refuses its options, with one line, for the others.
 """
 
 from __future__ import annotations
@@ -22,25 +23,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
+from pyro_bll.config import Section
+
 if TYPE_CHECKING:
-    from pyro_bll.config import RunConfig
     from pyro_bll.core.chain import BLLChain
     from pyro_bll.core.noise import NoiseKey
-
-# config field -> its flag; a field left at RunConfig's default counts as not given
-METHOD_OPTIONS: dict[str, str] = {
-    "bll_terms": "--bll-terms",
-    "likelihood": "--likelihood",
-    "feedback_update": "--feedback-update",
-}
+    from pyro_bll.run.options import RunConfig
 
 
 class Method(ABC):
-    """One way of training a ``BLLChain``. Subclasses set ``name`` and ``options``."""
+    """One way of training a ``BLLChain``. Subclasses set ``name`` (and ``SECTION``)."""
 
     name: ClassVar[str]
-    # method-specific config fields (keys of METHOD_OPTIONS) this method reads
-    options: ClassVar[frozenset[str]] = frozenset()
+    # the options only this method reads (``cfg.<SECTION.name>``), or None
+    SECTION: ClassVar[type[Section] | None] = None
     # whether the loss is a sum of block-local losses (``local_losses``, --backward per-block)
     local: ClassVar[bool] = False
     # whether the label-driven feedback network (beta_k) is trained: the agreement

@@ -9,18 +9,71 @@ own stream, so a block draws the same noise in one process as on a rank of its o
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from pyro_bll.config import BLL_TERMS, ConfigError, RunConfig
+from pyro_bll.config import ConfigError, Section, non_negative, option
 from pyro_bll.core.agreement import StepAgreement
-from pyro_bll.core.chain import BLLChain, detach_message
+from pyro_bll.core.chain import LIKELIHOOD_ESTIMATORS, BLLChain, detach_message
 from pyro_bll.core.elbo import BlockLocalELBO, BlockLosses
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.core.step_cache import StepCache, step_cache
 from pyro_bll.methods.base import Method
-from pyro_bll.methods.solve import check_solvable, solve_feedback
+from pyro_bll.methods.solve import FEEDBACK_UPDATES, check_solvable, solve_feedback
+
+if TYPE_CHECKING:
+    from pyro_bll.run.options import RunConfig
+
+# the terms of BLL's local loss l_k that --bll-terms may keep (the output head's
+# likelihood of the last block is always kept): KL(rho_k || alpha_k), the local
+# likelihood -E[log q_k(y | z_k)] of the blocks below the last, the predictive loss
+BLL_TERMS = ("kl", "likelihood", "pred")
+
+
+@dataclass(frozen=True)
+class BLLOptions(Section):
+    """The options of ``--method bll``."""
+
+    name = "bll"
+    title = "--method bll"
+
+    bll_terms: list[str] = option(
+        help="ablation: the terms of the local loss l_k that are optimised, from kl "
+        "(KL(rho_k || alpha_k)), likelihood (the local likelihood q_k of blocks below the "
+        "last) and pred (the predictive loss); the last block's output likelihood is "
+        "always kept (default: kl,likelihood,pred, the full loss; e.g. 'pred' trains "
+        "every block on its predictive head alone)",
+        factory=lambda: list(BLL_TERMS),
+        choices=BLL_TERMS,
+        metavar="T1,T2,...",
+        parse="list[str]",
+    )
+    likelihood: str | None = option(
+        None,
+        "how the local likelihood term E_rho[log q_k(y | z_k)] is estimated: {choices}; "
+        "bound (sampling-free Jensen bound, exact gradients) or sample (at a draw of "
+        "z_k: pathwise, or score function for discrete families); default: the "
+        "family's own (bound for every family, chosen from measurements: "
+        "docs/families.md)",
+        choices=LIKELIHOOD_ESTIMATORS,
+    )
+    feedback_update: str = option(
+        "grad",
+        "{choices}: train the feedback weights by gradient steps, or set them on every "
+        "batch to the closed-form ridge least-squares optimum (linear feedback, "
+        "--family gaussian)",
+        choices=FEEDBACK_UPDATES,
+    )
+    ridge: float = option(1.0, "ridge term of --feedback-update solve", check=non_negative)
+
+    def check(self, cfg: Any) -> None:
+        if "ridge" in cfg.given and not cfg.loaded and self.feedback_update != "solve":
+            raise ConfigError(
+                "--ridge applies to --feedback-update solve only; add it or drop --ridge"
+            )
 
 
 class BLL(Method):
@@ -31,19 +84,20 @@ class BLL(Method):
     """
 
     name = "bll"
-    options = frozenset({"bll_terms", "likelihood", "feedback_update"})
+    SECTION = BLLOptions
     trains_feedback = True
     local = True
 
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         chain.detach = True
         self.elbo = BlockLocalELBO(chain.num_blocks)
-        self.terms = frozenset(cfg.bll_terms)  # --bll-terms: the terms that are optimised
+        opts = cfg.bll
+        self.terms = frozenset(opts.bll_terms)  # --bll-terms: the terms that are optimised
         # forward/feedback agreement for the logs: one per segment of blocks computed at
         # once (the whole chain, one block with --backward per-block, or a rank's blocks)
         self.agreements: dict[tuple[int, int] | None, StepAgreement] = {}
-        self.solve = cfg.feedback_update == "solve"
-        self.ridge = cfg.ridge
+        self.solve = opts.feedback_update == "solve"
+        self.ridge = opts.ridge
         if self.solve:
             try:
                 check_solvable(chain)

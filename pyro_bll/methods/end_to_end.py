@@ -7,14 +7,19 @@ backwards (``pyro_bll.methods.alignment``), so the two share their loss.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.core.likelihoods import masked_cross_entropy
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.methods.alignment import convert_to_feedback_alignment
 from pyro_bll.methods.base import Method
+
+if TYPE_CHECKING:
+    from pyro_bll.run.options import RunConfig
 
 
 class EndToEnd(Method):

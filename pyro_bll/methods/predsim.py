@@ -26,15 +26,35 @@ block. The heads belong to the method; they are attached to the chain as the sub
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError, Section, option, unit_interval
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.core.likelihoods import PooledHead, masked_cross_entropy
 from pyro_bll.methods.base import Method
+
+if TYPE_CHECKING:
+    from pyro_bll.run.options import RunConfig
+
+
+@dataclass(frozen=True)
+class PredSimOptions(Section):
+    """The options of ``--method predsim``."""
+
+    name = "predsim"
+    title = "--method predsim"
+
+    sim_weight: float = option(
+        0.99,
+        "share beta of the similarity-matching loss, (1 - beta) * prediction CE + beta * "
+        "similarity loss (Noekland & Eidnes: 0.99)",
+        check=unit_interval,
+    )
 
 
 def similarity_matrix(u: Tensor) -> Tensor:
@@ -76,6 +96,7 @@ class PredSim(Method):
     """Noekland & Eidnes' local prediction + similarity-matching loss on the chain's blocks."""
 
     name = "predsim"
+    SECTION = PredSimOptions
     local = True
 
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
@@ -88,7 +109,7 @@ class PredSim(Method):
         if spatial not in (0, 2):
             raise ConfigError(f"--method predsim supports vectors and 2-d maps, not {spatial}-d")
         chain.detach = True
-        self.beta = cfg.sim_weight
+        self.beta = cfg.predsim.sim_weight
         self.num_classes = chain.feedback.num_classes
         ref = next(chain.parameters())
         heads = []

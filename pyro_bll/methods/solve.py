@@ -18,6 +18,9 @@ from pyro_bll.core.chain import BLLChain
 from pyro_bll.core.step_cache import StepCache
 from pyro_bll.families import FixedVarianceGaussian
 
+# how --method bll updates the feedback weights: gradient steps, or this closed form
+FEEDBACK_UPDATES = ("grad", "solve")
+
 
 def class_mean_prototypes(
     m: Tensor,

@@ -1,10 +1,13 @@
-"""The training command line, generated from ``RunConfig``'s fields and the registries.
+"""The training command line and the options reference, generated from the sections.
 
 Train a network with block-local learning (BLL) or backprop (BP) and write the results:
 
     python experiments/run.py --task s2s_reverse
     python experiments/run.py --task s2s_reverse --method bp --layers 20 --out runs/bp20
     pyro-bll run --task s2s_reverse
+
+Every option belongs to the section of the part that reads it (``pyro_bll.run.options``);
+an option of a section that does not apply to the chosen task and method is refused.
 """
 
 from __future__ import annotations
@@ -14,13 +17,10 @@ import ast
 import dataclasses
 import shlex
 import sys
+from typing import Any
 
-from pyro_bll.config import COMMON_DEFAULTS, RunConfig
-from pyro_bll.core.likelihoods import PRED_HEADS
-from pyro_bll.families import FAMILIES
-from pyro_bll.guides import FEEDBACKS, MESSAGES
-from pyro_bll.methods import METHODS
-from pyro_bll.models import RESNET_ARCHS
+from pyro_bll.config import Section, choice_names, flag_of
+from pyro_bll.run.options import SECTIONS, RunConfig, users
 from pyro_bll.tasks import TASKS
 
 
@@ -44,70 +44,76 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _per_task(key: str, fallback: object = None) -> str:
-    """An option's default for every task, for the help text: "s2s_reverse 50, ..."."""
-    if fallback is None:
-        fallback = COMMON_DEFAULTS.get(key, "-")
-    return ", ".join(f"{n} {t.DEFAULTS.get(key, fallback)}" for n, t in TASKS.items())
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
-# where a field's metadata says registry="name", its names come from here
-REGISTRIES = {
-    "tasks": TASKS,
-    "methods": METHODS,
-    "families": FAMILIES,
-    "feedbacks": FEEDBACKS,
-    "archs": RESNET_ARCHS,
-    "messages": MESSAGES,
-    "pred_heads": PRED_HEADS,
-}
-# the fields shown under their own heading (block-parallel training)
-DISTRIBUTED = ("distributed", "replicas", "schedule", "rank_blocks", "dist_backend",
-               "dist_timeout", "pipeline_depth")  # fmt: skip
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _task_defaulted(name: str) -> bool:
-    return name in COMMON_DEFAULTS or any(name in t.DEFAULTS for t in TASKS.values())
+def _shown(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
 
 
-def _add_field(p, f: dataclasses.Field) -> None:
-    """One option generated from a RunConfig field and its metadata (``config._opt``)."""
-    meta = dict(f.metadata)
-    flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-    kwargs: dict = {"metavar": meta.get("metavar")}
-    names = list(REGISTRIES[meta["registry"]]) if "registry" in meta else None
-    help_text = meta["help"].replace("{choices}", ", ".join(names or []))
-    if _task_defaulted(f.name) and "(default" not in help_text:
-        help_text += f" (default: {_per_task(f.name)})"
-    if names is not None and not meta.get("validated_later"):
-        kwargs["choices"] = sorted(names)
-    elif "choices" in meta:
-        kwargs["choices"] = list(meta["choices"])
+def default_text(f: dataclasses.Field) -> str:
+    """An option's default, with the tasks that set another one: "50 (cifar10 128, ...)"."""
+    own = [f"{n} {_shown(t.DEFAULTS[f.name])}" for n, t in TASKS.items() if f.name in t.DEFAULTS]
+    text = _shown(_default(f))
+    return f"{text} ({', '.join(own)})" if own else text
+
+
+def help_text(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    names = choice_names(meta["choices"]) if meta.get("choices") is not None else []
+    return meta["help"].replace("{choices}", ", ".join(names))
+
+
+def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
+    """One option generated from a section field and its metadata (``config.option``)."""
+    meta = f.metadata
+    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+    help_ = help_text(f)
+    parse = meta.get("parse")
     typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if f.name == "family_args":
-        kwargs.update(action="append", type=_key_value, default=[], dest="family_arg")
-    elif typ == "bool":  # a flag that flips the default (--no-augment for augment=True)
-        kwargs = {"action": "store_false" if default else "store_true", "dest": f.name}
-    elif typ == "list[str]":
-        kwargs.update(type=_names, default=default)
-    elif typ.startswith("list[int]"):
-        kwargs.update(type=_int_list, default=default)
+    if typ == "bool":  # a flag that flips the default (--no-augment for augment=True)
+        kwargs["action"] = "store_false" if _default(f) else "store_true"
     else:
-        base = typ.split("|")[0].strip()
-        kwargs.update(default=default, type={"int": int, "float": float}.get(base))
-    kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "default"}
-    p.add_argument(flag, help=help_text, **kwargs)
+        help_ += f" (default: {default_text(f)})"
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        if parse == "key=value":
+            kwargs.update(action="append", type=_key_value)
+        elif parse == "list[str]":
+            kwargs["type"] = _names
+        elif parse == "list[int]":
+            kwargs["type"] = _int_list
+        else:
+            kwargs["type"] = {"int": int, "float": float}.get(typ.split("|")[0].strip())
+            if meta.get("choices") is not None and not meta.get("validated_later"):
+                names = choice_names(meta["choices"])  # a registry's sorted, a tuple's in order
+                kwargs["choices"] = names if isinstance(meta["choices"], tuple) else sorted(names)
+    group.add_argument(flag_of(f), help=help_, **kwargs)
+
+
+def _group_title(section: type[Section]) -> str:
+    return f"{section.title}; applies to {users(section)}"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, generated from ``RunConfig``'s fields (help, choices, metavar)."""
+    """The command line: one group per section, generated from the sections' fields."""
     p = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    dist = p.add_argument_group(
-        "block-parallel training (launch with torchrun --nproc_per_node=K ... --distributed)"
-    )
-    for f in dataclasses.fields(RunConfig):
-        _add_field(dist if f.name in DISTRIBUTED else p, f)
+    for section in SECTIONS:
+        group = p.add_argument_group(_group_title(section), section.__doc__)
+        for f in section.options():
+            _add_option(group, f)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--diagnostics",
@@ -118,22 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
-    ns = build_parser().parse_args(argv)
-    skip = ("family_arg", "no_progress", "diagnostics")
-    fields = {k: v for k, v in vars(ns).items() if k not in skip}
-    # options left unset (None) get the task's defaults in validate, as from Python
-    cfg = RunConfig(**fields, family_args=dict(ns.family_arg))
-    return cfg, not ns.no_progress
+    """The resolved configuration of a command line (ConfigError: one line) and whether
+    to show the progress bar."""
+    ns = vars(build_parser().parse_args(argv))
+    progress = not ns.pop("no_progress")
+    ns.pop("diagnostics")
+    if "family_args" in ns:
+        ns["family_args"] = dict(ns["family_args"])
+    return RunConfig(**ns), progress
 
 
 def resume_command(argv: list[str] | None) -> str:
@@ -142,3 +141,34 @@ def resume_command(argv: list[str] | None) -> str:
     if "--resume" not in args:
         args.append("--resume")
     return shlex.join(["python", "experiments/run.py", *args])
+
+
+def options_reference() -> str:
+    """docs/options.md: every option of every section, generated from the declarations
+    (``python experiments/options_reference.py`` writes it; a test compares)."""
+    lines = [
+        "# Options reference",
+        "",
+        "<!-- generated by experiments/options_reference.py from the option sections; "
+        "do not edit -->",
+        "",
+        "Every option is declared by the part of the package that reads it, in a section "
+        "(a frozen dataclass beside its code). A run's configuration holds the sections "
+        "that apply to its task and method; an option of another section is refused. "
+        "`config.json` records the resolved values of those sections.",
+    ]
+    for section in SECTIONS:
+        lines += ["", f"## {section.title}", "", f"Section `{section.name}` "
+                  f"(`{section.__module__}.{section.__qualname__}`), applies to "
+                  f"{users(section)}. {section.__doc__}", "",
+                  "| option | default | description |", "| --- | --- | --- |"]  # fmt: skip
+        for f in section.options():
+            text = help_text(f).replace("|", "\\|")
+            default = "off" if f.type == "bool" and not _default(f) else default_text(f)
+            if f.type == "bool" and _default(f):
+                default = "on"
+            lines.append(f"| `{flag_of(f)}` | {default.replace('|', chr(92) + '|')} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["build_parser", "options_reference", "parse_config", "resume_command"]

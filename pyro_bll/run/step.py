@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,40 @@ import torch
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.methods import Method
+
+# --backward: one backward per block (freeing its graph), or one over the summed losses
+BACKWARD_MODES = ("per-block", "joint")
+# --lr-schedule: the per-step learning-rate factor at step t of total_steps
+LR_SCHEDULES: dict[str, Callable[[int], Callable[[int], float]]] = {
+    "constant": lambda total_steps: lambda t: 1.0,
+    "cosine": lambda total_steps: (
+        lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
+    ),
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """A local loss became NaN or infinite."""
+
+
+def step_noise(seed: int, steps_done: int) -> NoiseKey:
+    """The noise key of the optimiser step after ``steps_done`` steps of run ``seed``: the
+    same in one process and on every rank (``pyro_bll.core.noise``)."""
+    return NoiseKey(seed, steps_done)
+
+
+def check_finite(losses: torch.Tensor, epoch: int, kept: str, first: int = 0) -> None:
+    """TrainingDiverged naming the first block whose local loss is NaN or infinite.
+
+    ``losses`` are blocks ``first..`` of a step's per-block losses; ``kept`` says where the
+    results of the epochs before ``epoch`` are (an empty string: nowhere named)."""
+    if torch.isfinite(losses).all():
+        return
+    bad = int((~torch.isfinite(losses)).nonzero()[0])
+    raise TrainingDiverged(
+        f"block {first + bad} local loss is {losses[bad].item()} in epoch {epoch + 1}; "
+        f"metrics and checkpoints up to epoch {epoch} are kept{kept}; try a smaller --lr"
+    )
 
 
 def backward_pass(

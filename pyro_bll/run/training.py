@@ -24,11 +24,9 @@ import numpy as np
 import pyro
 import torch
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.core.chain import BLLChain
-from pyro_bll.core.noise import NoiseKey
-from pyro_bll.methods import build_method
-from pyro_bll.run.build import build_from_config, validate
+from pyro_bll.run.build import build_run
 from pyro_bll.run.checkpoints import (
     check_links,
     checkpoint_path,
@@ -42,13 +40,18 @@ from pyro_bll.run.checkpoints import (
     set_rng_state,
 )
 from pyro_bll.run.interrupt import StopSignals, TrainingInterrupted
+from pyro_bll.run.options import RunConfig
 from pyro_bll.run.progress import Progress
-from pyro_bll.run.step import EpochState, backward_pass, clip_block_gradients, epoch_record
-from pyro_bll.seed import seed_everything
-
-
-class TrainingDiverged(RuntimeError):
-    """A local loss became NaN or infinite."""
+from pyro_bll.run.step import (
+    LR_SCHEDULES,
+    EpochState,
+    TrainingDiverged,
+    backward_pass,
+    check_finite,
+    clip_block_gradients,
+    epoch_record,
+    step_noise,
+)
 
 
 def make_lr_schedule(
@@ -56,11 +59,7 @@ def make_lr_schedule(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step learning-rate factor: ``constant`` 1, or ``cosine``
     0.5 * (1 + cos(pi * t / total_steps)), which decays from 1 to 0 over the run."""
-    schedules = {
-        "constant": lambda t: 1.0,
-        "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps)),
-    }
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[kind])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LR_SCHEDULES[kind](total_steps))
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -94,38 +93,79 @@ def prepare_out_dir(cfg: RunConfig) -> Path:
     return out
 
 
-class Trainer:
-    """Builds task, family, chain and method from a config and trains them."""
+class RunHistory:
+    """A run's epoch records and the results written from them (``metrics.json`` and the
+    learning curve): the single-process ``Trainer``'s and rank 0's of a block-parallel run."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        validate(cfg)
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(
-                "--device cuda requested but no CUDA device is available; use --device cpu"
-            )
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)
-        self.family, self.task, chain = build_from_config(cfg)
-        self.chain: BLLChain = chain.to(self.device)
-        if cfg.channels_last:
-            self.chain.to(memory_format=torch.channels_last)
-        self.amp = cfg.amp  # bf16 autocast of forward passes and losses (self.autocast)
-        self.method = build_method(self.chain, cfg)  # before the optimiser: it may add modules
+        self.history: list[dict[str, Any]] = []
+
+    def elapsed_seconds(self) -> float:
+        """Training plus evaluation time of all epochs so far (resumed ones included)."""
+        return sum(h["train_seconds"] + h.get("eval_seconds", 0.0) for h in self.history)
+
+    def budget_exhausted(self) -> bool:
+        return self.cfg.max_minutes is not None and (
+            self.elapsed_seconds() >= 60 * self.cfg.max_minutes
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {"test_accuracy": math.nan}
+        return {
+            **{k: v for k, v in last.items() if k.startswith(("test_", "val_"))},
+            "epochs_done": len(self.history),
+            "elapsed_seconds": self.elapsed_seconds(),
+            "budget_exhausted": self.budget_exhausted(),  # --max-minutes ended the run
+            "seconds_per_epoch": (
+                float(np.mean([h["train_seconds"] for h in self.history]))
+                if self.history
+                else math.nan
+            ),
+            "config": self.cfg.to_dict(),
+            "history": self.history,
+        }
+
+    def write_results(self, out: Path) -> None:
+        (out / "metrics.json").write_text(json.dumps(self.metrics(), indent=2))
+        from pyro_bll.run.plots import plot_learning_curve
+
+        plot_learning_curve(
+            self.history,
+            out / "learning_curve.png",
+            title=f"{self.cfg.task} {self.cfg.method} ({self.cfg.num_blocks} blocks)",
+        )
+
+
+class Trainer(RunHistory):
+    """Trains the run ``build_run`` makes of a config, with one Adam over all of it."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self.built = build_run(cfg)  # family, task, chain and method, as on every rank
+        self.family, self.task, self.method = self.built.family, self.built.task, self.built.method
+        self.chain: BLLChain = self.built.chain
+        self.device = self.built.device
         self.optimizer = torch.optim.Adam(self.chain.parameters(), lr=cfg.lr)
         self.scheduler = make_lr_schedule(
             self.optimizer, cfg.lr_schedule, cfg.epochs * self.task.steps_per_epoch()
         )
-        self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.partial: EpochState | None = None  # a mid-epoch checkpoint's progress
         self.steps_done = 0  # optimiser steps so far; names each step's noise (noise.py)
 
+    @property
+    def amp(self) -> bool:
+        """bf16 autocast of forward passes and losses (``--amp``; tests switch it on CPU)."""
+        return self.built.amp
+
+    @amp.setter
+    def amp(self, value: bool) -> None:
+        self.built.amp = value
+
     def autocast(self) -> torch.autocast:
-        """bf16 autocast on the run's device while ``amp`` is on; a no-op context otherwise."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        """bf16 autocast on the run's device with ``--amp``; a no-op context otherwise."""
+        return self.built.autocast()
 
     # ---- one step ----------------------------------------------------------------------
     def step(self, x, y, mask) -> dict[str, torch.Tensor]:
@@ -136,7 +176,7 @@ class Trainer:
         activations are alive at a time; ``joint``: one backward over the summed loss.
         Both give the same gradients (the blocks' inputs are detached either way).
         """
-        noise = NoiseKey(self.cfg.seed, self.steps_done)
+        noise = step_noise(self.cfg.seed, self.steps_done)
         self.optimizer.zero_grad(set_to_none=True)
         logs = backward_pass(
             self.method, self.chain, x, y, mask, noise,
@@ -257,13 +297,7 @@ class Trainer:
             mask = None if mask is None else mask.to(self.device)
             logs = self.step(x.to(self.device), y.to(self.device), mask)
             per_block = logs["loss"]
-            if not torch.isfinite(per_block).all():
-                bad = int((~torch.isfinite(per_block)).nonzero()[0])
-                raise TrainingDiverged(
-                    f"block {bad} local loss is {per_block[bad].item()} in epoch {epoch + 1}; "
-                    f"metrics and checkpoints up to epoch {epoch} are kept in {out}; "
-                    "try a smaller --lr"
-                )
+            check_finite(per_block, epoch, kept=f" in {out}")
             state.add(logs)
             bar.set_postfix(loss=f"{per_block.sum().item():.3f}")
             every = cfg.checkpoint_every
@@ -294,45 +328,9 @@ class Trainer:
         )
         return path
 
-    def elapsed_seconds(self) -> float:
-        """Training plus evaluation time of all epochs so far (resumed ones included)."""
-        return sum(h["train_seconds"] + h.get("eval_seconds", 0.0) for h in self.history)
-
-    def budget_exhausted(self) -> bool:
-        return self.cfg.max_minutes is not None and (
-            self.elapsed_seconds() >= 60 * self.cfg.max_minutes
-        )
-
-    def metrics(self) -> dict[str, Any]:
-        last = self.history[-1] if self.history else {"test_accuracy": math.nan}
-        return {
-            **{k: v for k, v in last.items() if k.startswith(("test_", "val_"))},
-            "epochs_done": len(self.history),
-            "elapsed_seconds": self.elapsed_seconds(),
-            "budget_exhausted": self.budget_exhausted(),  # --max-minutes ended the run
-            "seconds_per_epoch": (
-                float(np.mean([h["train_seconds"] for h in self.history]))
-                if self.history
-                else math.nan
-            ),
-            "config": self.cfg.to_dict(),
-            "history": self.history,
-        }
-
-    def write_results(self, out: Path) -> None:
-        (out / "metrics.json").write_text(json.dumps(self.metrics(), indent=2))
-        from pyro_bll.run.plots import plot_learning_curve
-
-        plot_learning_curve(
-            self.history,
-            out / "learning_curve.png",
-            title=f"{self.cfg.task} {self.cfg.method} ({self.cfg.num_blocks} blocks)",
-        )
-
 
 def main(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Validate, train and return the final metrics (also written to ``cfg.out``)."""
-    validate(cfg)
+    """Train and return the final metrics (also written to ``cfg.out``)."""
     trainer = Trainer(cfg)  # data, family and network first: a refused run creates nothing
     out = prepare_out_dir(cfg)
     return trainer.fit(out, progress=progress)
@@ -346,3 +344,6 @@ def final_line(metrics: dict[str, Any], out: str) -> str:
         if k.startswith(("test_", "val_")) and not math.isnan(v)
     )
     return f"final {shown}; results in {out}"
+
+
+__all__ = ["RunHistory", "Trainer", "TrainingDiverged", "final_line", "main", "make_lr_schedule"]

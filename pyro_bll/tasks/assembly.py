@@ -9,14 +9,16 @@ the same way for all of them here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from pyro_bll.config import RunConfig
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.families import Family
 from pyro_bll.guides import FEEDBACKS
+
+if TYPE_CHECKING:
+    from pyro_bll.run.options import RunConfig
 
 
 def assemble_chain(
@@ -59,7 +61,8 @@ def assemble_chain(
         pred_heads=preds,
         pred_weight=cfg.pred_weight,
         propagate=cfg.propagate,
-        likelihood=cfg.likelihood or family.default_likelihood,
+        # --likelihood is BLL's (resolved to the family's own); the others never read it
+        likelihood=family.default_likelihood if cfg.bll is None else cfg.bll.likelihood,
         register_params=False,
         **chain_options,
     )

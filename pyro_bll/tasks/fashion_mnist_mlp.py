@@ -9,21 +9,25 @@ accuracy is on the full 10,000-image test set unless ``--test-size`` is given.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.core.likelihoods import CategoricalHead
 from pyro_bll.data import DEFAULT_FASHION_MNIST, DataError, load_fashion_mnist
 from pyro_bll.families import Family
 from pyro_bll.tasks.base import (
-    check_blocks_divide_layers,
+    ImageOptions,
+    LayerStackOptions,
     check_diagnostic_size,
     evaluation_split,
-    refuse_vision_options,
 )
+
+if TYPE_CHECKING:
+    from pyro_bll.run.options import RunConfig
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
 
@@ -33,6 +37,7 @@ class FashionMNISTMLPTask:
 
     # 3 blocks of width 256, 3 epochs at batch 100 and Adam 1e-3: the network and budget of
     # the families benchmark (docs/results.md)
+    SECTIONS = (LayerStackOptions, ImageOptions)
     DEFAULTS = {
         # on the validation split (seed 0, last 10,000 training images): gated 85.95 %,
         # the paper's Gaussian 82.23 %, BP 87.00 % (docs/results.md)
@@ -46,11 +51,10 @@ class FashionMNISTMLPTask:
     }
     event_dim = 1
     num_classes = 10
+    params_propagation = False  # MLP blocks read means or draws
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
-        check_blocks_divide_layers(cfg)
-        refuse_vision_options(cfg, images=True)
         if cfg.propagate == "params":
             raise ConfigError(
                 "--propagate params: MLP blocks take mean or sample; drop it or use "
@@ -58,7 +62,7 @@ class FashionMNISTMLPTask:
             )
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg.fill_defaults(self.DEFAULTS)  # unset options: this task's defaults
+        self.cfg = cfg
         try:
             directory = cfg.data_dir or DEFAULT_FASHION_MNIST
             x_train, y_train = load_fashion_mnist(directory, "train")

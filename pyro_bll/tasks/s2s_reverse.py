@@ -14,19 +14,20 @@ and reports token accuracy and whole-sequence accuracy.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from pyro_bll.config import RunConfig
+from pyro_bll.config import Section, option, positive
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.core.likelihoods import CategoricalHead
 from pyro_bll.families import Family
-from pyro_bll.tasks.base import (
-    check_blocks_divide_layers,
-    check_diagnostic_size,
-    refuse_vision_options,
-)
+from pyro_bll.tasks.base import LayerStackOptions, check_diagnostic_size
+
+if TYPE_CHECKING:
+    from pyro_bll.run.options import RunConfig
 
 TEST_SEED = 2_305_149_74  # the held-out set is the same for every run
 
@@ -45,20 +46,31 @@ def make_sequences(perms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return seq[:, :-1], seq[:, 1:], mask.expand(b, -1)
 
 
+@dataclass(frozen=True)
+class SequenceOptions(Section):
+    """The sequences of ``--task s2s_reverse``."""
+
+    name = "sequence"
+    title = "sequence reversal (s2s_reverse)"
+    applies_to = "--task s2s_reverse"
+
+    seq_len: int = option(10, "length n of the permutation to reverse", check=positive)
+
+
 class S2SReverseTask:
     """Data, network and evaluation for ``--task s2s_reverse``."""
 
-    DEFAULTS: dict = {}  # COMMON_DEFAULTS are this task's (the paper's 20 layers, 5 epochs)
+    SECTIONS = (LayerStackOptions, SequenceOptions)
+    DEFAULTS: dict = {}  # the options' own defaults are this task's (the paper's)
     event_dim = 2  # latents are [B, T, D]
     params_propagation = True  # blocks can read alpha's unconstrained parameters
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
-        check_blocks_divide_layers(cfg)
-        refuse_vision_options(cfg)
+        """Nothing beyond the sections' own checks (blocks divide layers)."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg.fill_defaults(self.DEFAULTS)  # unset options: this task's defaults
+        self.cfg = cfg
         self.n = cfg.seq_len
         self.train_size = cfg.train_size or 10_000
         self.test_size = cfg.test_size or 1_000

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from pyro_bll.config import ConfigError, RunConfig
+from pyro_bll.config import ConfigError, Section, option, positive
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.core.likelihoods import PRED_HEADS, PooledHead
 from pyro_bll.data import (
@@ -45,9 +46,72 @@ from pyro_bll.data.device_data import Augmentation
 from pyro_bll.families import Family, FamilyError
 from pyro_bll.guides import MESSAGES, MeanMessage
 from pyro_bll.models.errors import ModelError
-from pyro_bll.models.resnet import block_map_sizes, memory_split, resnet_blocks
+from pyro_bll.models.resnet import RESNET_ARCHS, block_map_sizes, memory_split, resnet_blocks
 from pyro_bll.tasks.assembly import assemble_chain
-from pyro_bll.tasks.base import check_diagnostic_size, evaluation_split
+from pyro_bll.tasks.base import ImageOptions, check_diagnostic_size, evaluation_split
+
+if TYPE_CHECKING:
+    from pyro_bll.run.options import RunConfig
+
+
+@dataclass(frozen=True)
+class VisionOptions(Section):
+    """The ResNet tasks' network, heads, messages and image pipeline."""
+
+    name = "vision"
+    title = "vision tasks (fashion_mnist, cifar10)"
+    applies_to = "the vision tasks"
+
+    arch: str = option(
+        "resnet18",
+        "{choices}: resnet18 (basic units 2,2,2,2) or resnet50 (bottleneck units "
+        "3,4,6,3), split into --blocks blocks after residual units",
+        choices=RESNET_ARCHS,
+    )
+    split: str = option(
+        "even",
+        "residual units per block: even (as even as possible), memory "
+        "(balance the blocks' activation memory of a training step, measured per unit "
+        "on one image; block 1 otherwise holds most of it), or N1,N2,... explicitly",
+        metavar="even|memory|N1,N2,...",
+    )
+    width: float = option(
+        1.0,
+        "channel multiplier of the stage widths 64,128,256,512 (e.g. "
+        "0.25 for CPU-sized runs; 1 = the full network)",
+        check=positive,
+    )
+    message: str = option(
+        "channel",
+        "how the feedback message beta_k meets a block's feature map ({choices}): "
+        "channel (the paper's: one latent per channel with the channel's spatial mean"
+        " and the family's own variance, so beta_k weighs as much as alpha_k), mean "
+        "(the latent z_k is the law of the spatial mean of the map, per channel, with"
+        " variance sigma^2 / (H W), so beta_k barely acts; Gaussian families), grid "
+        "(channel on every cell of an s x s grid tiling the map: a class template "
+        "per block), pool "
+        "(a potential on the spatial mean of the statistics, beta_k / (H W) at every "
+        "location) or broadcast (beta_k at every location)",
+        choices=MESSAGES,
+    )
+    pred_head: str = option(
+        "linear",
+        "the per-block predictive head of bll and predsim ({choices}): linear (the "
+        "paper's: ReLU, average pool to <= 2048 features, linear) or conv (a 3x3 conv"
+        " C -> 2C with batch norm before that read-out, an auxiliary net with some "
+        "depth)",
+        choices=PRED_HEADS,
+    )
+    channels_last: bool = option(
+        False,
+        "run convolutions and batches in the channels_last memory format (faster on recent GPUs)",
+    )
+    augment: bool = option(
+        True,
+        "no random crop / flip of training batches",
+        flag="--no-augment",
+    )
+
 
 _VISION_DEFAULTS: dict[str, Any] = {
     "blocks": 4,
@@ -57,7 +121,6 @@ _VISION_DEFAULTS: dict[str, Any] = {
     "lr": 4e-3,
     "pred_weight": 4.0,
     "lr_schedule": "cosine",
-    "message": "channel",  # the paper's channel-wise latent (guides/spatial.py; docs/math.md §4)
     # one backward per block: as fast as one joint backward on ResNets (within 1 %), with
     # the activation memory of one block (docs/memory.md)
     "backward": "per-block",
@@ -67,12 +130,14 @@ _VISION_DEFAULTS: dict[str, Any] = {
 class VisionTask(ABC):
     """Shared by the image tasks; subclasses say how to load their splits and augment."""
 
+    SECTIONS = (ImageOptions, VisionOptions)
     DEFAULTS: ClassVar[dict[str, Any]] = _VISION_DEFAULTS
     num_classes = 10
     augmentation = Augmentation()
+    params_propagation = False  # ResNet blocks read means or draws
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg.fill_defaults(self.DEFAULTS)  # unset options: this task's defaults
+        self.cfg = cfg
         try:
             x_train, y_train = self.load(cfg, "train")
             x_test, y_test = self.load(cfg, "test")
@@ -84,7 +149,7 @@ class VisionTask(ABC):
         )
         n_train = cfg.train_size or len(x_train)
         n_test = cfg.test_size or len(x_test)
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        fmt = torch.channels_last if cfg.vision.channels_last else torch.contiguous_format
         self.data = DeviceImageData(
             (x_train[:n_train], y_train[:n_train]),
             (x_test[:n_test], y_test[:n_test]),
@@ -204,10 +269,6 @@ def build_resnet_chain(
     pool to at most 2048 features, then linear, ``GridPooledHead``) and ``cfg.propagate``.
     Inputs are images ``[B, in_channels, image_size, image_size]``, labels ``[B]``.
     """
-    cfg.fill_defaults({})  # options still unset: the common defaults
-
-    if cfg.message not in MESSAGES:
-        raise ConfigError(f"unknown --message {cfg.message!r}; valid: {', '.join(MESSAGES)}")
     if cfg.propagate not in ("mean", "sample"):
         raise ConfigError(f"--propagate {cfg.propagate!r}: ResNet blocks take mean or sample")
     # mean, channel and grid put the latent on a summary of the map (MeanMessage's kind)
@@ -232,8 +293,6 @@ def build_resnet_chain(
     except FamilyError as e:
         raise ConfigError(f"--message {cfg.message}: {e}") from None
     sides = block_map_sizes(blocks, image_size)
-    if cfg.pred_head not in PRED_HEADS:
-        raise ConfigError(f"unknown --pred-head {cfg.pred_head!r}; valid: {', '.join(PRED_HEADS)}")
     head = PRED_HEADS[cfg.pred_head]
     # the feedback writes one potential per latent channel: C, or s * s * C under grid
     widths = [message.latent_width(c, side) for c, side in zip(channels, sides, strict=True)]
