@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from pyro_bll import BlockLocalELBO, make_family
-from pyro_bll.run.options import RunConfig
 from pyro_bll.core.lookahead import Lookahead
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.core.step_cache import StepCache
 from pyro_bll.methods.bll import BLL
 from pyro_bll.run.build import config_for_task
+from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_block_local, assert_close, mlp_chain, toy_batch
@@ -119,3 +119,22 @@ def test_feature_maps_feed_the_copies_the_draw_on_the_map(message):
     assert_close(got, want, atol=1e-10)
     losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
     assert_block_local(chain, losses.per_block)
+
+
+def test_the_command_line_trains_with_the_lookahead_and_refuses_stray_options(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import run
+
+    tiny = ["--task", "s2s_reverse", "--layers", "3", "--d-model", "8", "--seq-len", "4",
+            "--train-size", "32", "--test-size", "8", "--batch-size", "16", "--epochs", "1",
+            "--threads", "1", "--no-progress"]  # fmt: skip
+    out = tmp_path / "la"
+    argv = [*tiny, "--beta", "lookahead", "--lookahead-depth", "2", "--out", str(out)]
+    assert run.cli(argv) == 0
+    assert '"beta": "lookahead"' in (out / "config.json").read_text()
+    assert run.cli([*tiny, "--lookahead-refresh", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "--lookahead-refresh applies to --beta lookahead" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from pyro_bll.config import ConfigError, Section, non_negative, option
+from pyro_bll.config import ConfigError, Section, at_least_one, non_negative, option
 from pyro_bll.core.agreement import StepAgreement
 from pyro_bll.core.chain import LIKELIHOOD_ESTIMATORS, BLLChain, detach_message
 from pyro_bll.core.elbo import BlockLocalELBO, BlockLosses
+from pyro_bll.core.lookahead import Lookahead
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.core.step_cache import StepCache, step_cache
 from pyro_bll.methods.base import Method
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 # likelihood of the last block is always kept): KL(rho_k || alpha_k), the local
 # likelihood -E[log q_k(y | z_k)] of the blocks below the last, the predictive loss
 BLL_TERMS = ("kl", "likelihood", "pred")
+# the backward messages beta_k (docs/math.md §5-6): the paper's label-only feedback, or
+# the local likelihood through frozen copies of the blocks above
+BETA_KINDS = ("label", "lookahead")
+_LOOKAHEAD_OPTIONS = ("lookahead_depth", "lookahead_refresh")
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,41 @@ class BLLOptions(Section):
         choices=FEEDBACK_UPDATES,
     )
     ridge: float = option(1.0, "ridge term of --feedback-update solve", check=non_negative)
+    beta: str = option(
+        "label",
+        "the backward message of every block, {choices}: label (the paper's: the feedback "
+        "sees only the label, with the tied prototype likelihood) or lookahead (the local "
+        "likelihood of block k through frozen copies of the blocks above it and their "
+        "read-out; docs/math.md section 6)",
+        choices=BETA_KINDS,
+    )
+    lookahead_depth: int = option(
+        1,
+        "--beta lookahead: L, the blocks above block k its likelihood reads (blocks near "
+        "the top read the ones that remain)",
+        check=at_least_one,
+    )
+    lookahead_refresh: int = option(
+        1,
+        "--beta lookahead: T, copy the weights of the blocks above every T training steps "
+        "(1: every step; larger T moves fewer bytes, with copies up to T - 1 steps stale)",
+        check=at_least_one,
+    )
 
     def check(self, cfg: Any) -> None:
         if "ridge" in cfg.given and not cfg.loaded and self.feedback_update != "solve":
             raise ConfigError(
                 "--ridge applies to --feedback-update solve only; add it or drop --ridge"
+            )
+        if self.beta != "lookahead" and not cfg.loaded:
+            for name in _LOOKAHEAD_OPTIONS:
+                if name in cfg.given:
+                    flag = "--" + name.replace("_", "-")
+                    raise ConfigError(f"{flag} applies to --beta lookahead; add it or drop {flag}")
+        if self.beta == "lookahead" and getattr(cfg, "dist", None) is not None:
+            raise ConfigError(
+                "--beta lookahead is not available with --distributed yet (a rank holds no "
+                "current copy of the other ranks' blocks); train it in one process"
             )
 
 
@@ -111,6 +146,11 @@ class BLL(Method):
                     "--feedback-update grad"
                 )
             chain.feedback.requires_grad_(False)
+        if opts.beta == "lookahead":
+            try:
+                chain.use_lookahead(Lookahead(opts.lookahead_depth, opts.lookahead_refresh))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     def loss(
         self,
