@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from torch.distributions import constraints
+from torch.distributions import kl_divergence
 
-from pyro_bll import FamilyError, make_family
+from pyro_bll import FAMILIES, FamilyError, make_family
 
 from utils import assert_close
 
@@ -24,40 +24,16 @@ def _potential(family, *batch):
 
 
 def _support_points(family, alpha, rho):
-    """Points z ``[G, *latent]`` covering the support of alpha and rho, with a rule.
+    """Points z ``[G, *latent]`` covering the support of alpha and rho, with a rule: the
+    family's own grid (``Family.quadrature``, read from its ``domain``).
 
     Finite supports are enumerated and counts summed up to a far tail (``rule`` None).
-    Continuous supports are integrated with the trapezoid rule in an unbounded coordinate
-    u (z = u, exp(u) or sigmoid(u)); ``rule = (u, dz/du)``.
+    Continuous supports are integrated with the trapezoid rule in a coordinate u
+    (z = u, exp(u) or sigmoid(u); the circle's [-pi, pi]); ``rule = (u, dz/du)``.
     """
-    d_a, d_r = family.distribution(alpha), family.distribution(rho)
-    support = d_a.support
-    shape = d_a.batch_shape
-    if family.discrete:
-        if isinstance(support, constraints.integer_interval):
-            grid = torch.arange(support.lower_bound, support.upper_bound + 1)
-        elif support is constraints.boolean:
-            grid = torch.tensor([0, 1])
-        else:  # counts
-            hi = int(max(d_a.mean.max(), d_r.mean.max()) * 5 + 60)
-            grid = torch.arange(hi + 1)
-        z = grid.to(torch.float64).reshape(-1, *[1] * len(shape)).expand(-1, *shape)
-        return z, None
-    t = torch.linspace(0, 1, 40001, dtype=torch.float64).reshape(-1, *[1] * len(shape))
-    if support is constraints.unit_interval:
-        # sigmoid(36) < 1 in float64; on the left z stays positive much further, and a
-        # shape near its floor leaves a tail of about exp(shape * u) beyond the grid
-        u = -80 + 116 * t.expand(-1, *shape)
-        z = torch.sigmoid(u)
-        return z, (u, z * (1 - z))
-    if support in (constraints.positive, constraints.nonnegative):
-        hi = torch.maximum(d_a.mean + 40 * d_a.stddev, d_r.mean + 40 * d_r.stddev).log()
-        u = -40 + (hi + 40) * t
-        return u.exp(), (u, u.exp())
-    lo = torch.minimum(d_a.mean - 15 * d_a.stddev, d_r.mean - 15 * d_r.stddev)
-    hi = torch.maximum(d_a.mean + 15 * d_a.stddev, d_r.mean + 15 * d_r.stddev)
-    u = lo + (hi - lo) * t
-    return u, (u, torch.ones_like(u))
+    grid = family.quadrature(alpha, rho)
+    assert grid is not None, f"{family.name}: no quadrature grid on {family.domain!r}"
+    return grid
 
 
 def test_params_have_the_documented_shapes_and_lie_in_support(family):
@@ -102,31 +78,41 @@ def test_exponential_family_log_prob_matches_torch(family):
 
 
 def test_posterior_matches_numerical_normalisation(family):
-    """rho = F(eta(alpha) + beta) vs alpha(z) exp(<beta, T(z)>) normalised numerically."""
+    """rho = F(eta(alpha) + beta) vs alpha(z) exp(<beta, T(z)>) normalised numerically,
+    over the family's own integration domain (``Family.quadrature``)."""
     alpha = _params(family, 4)
     beta = _potential(family, 4)
     rho = family.posterior(alpha, beta)
     family.check_params(rho)
-    if family.event_dims:
+    if family.quadrature(alpha, rho) is None:  # e.g. a simplex: Monte Carlo
         return _check_posterior_of_a_vector_family(family, alpha, beta, rho)
     z, rule = _support_points(family, alpha, rho)
     d_alpha, d_rho = family.distribution(alpha), family.distribution(rho)
     log_unnorm = d_alpha.log_prob(z) + family.inner(beta, family.sufficient_stats(z))
-    if rule is not None:
+    stats = family.sufficient_stats(z)
+    extra = [1] * family.stat_dims  # statistic axes beyond the latent's
+
+    def integrate(f):  # f [G, *latent, *stat]
+        if rule is None:
+            return f.sum(0)
         u, jac = rule
-        log_norm = torch.trapezoid(log_unnorm.exp() * jac, u, dim=0).log()
-        mean = torch.trapezoid(log_unnorm.exp() * jac * z, u, dim=0) / log_norm.exp()
-    else:
-        log_norm = torch.logsumexp(log_unnorm, dim=0)
-        mean = ((log_unnorm - log_norm).exp() * z).sum(0)
+        w = jac.reshape(jac.shape + (1,) * (f.dim() - jac.dim()))
+        return torch.trapezoid(
+            f * w, u.reshape(u.shape + (1,) * (f.dim() - u.dim())).expand_as(f), dim=0
+        )
+
+    log_norm = integrate(log_unnorm.exp()).log()
     # the normaliser is exp(A(eta + beta) - A(eta)) and the normalised density is rho
     exact = family.log_normalizer(family.natural(rho)) - family.log_normalizer(
         family.natural(alpha)
     )
     assert_close(log_norm, exact, atol=1e-5, rtol=1e-6)
     assert_close(log_unnorm - log_norm, d_rho.log_prob(z), atol=1e-4, rtol=1e-5)
-    if not isinstance(d_rho.support, constraints.integer_interval):
-        assert_close(mean, d_rho.mean, atol=1e-5, rtol=1e-5)
+    # and its expected statistics are grad A(eta(rho)) (the bound and the Bregman KL use them)
+    density = (log_unnorm - log_norm).exp()
+    for got, t in zip(family.expected_stats(family.natural(rho)), stats, strict=True):
+        want = integrate(density.reshape(density.shape + tuple(extra)) * t.to(density.dtype))
+        assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_zero_potential_leaves_alpha_unchanged(family):
@@ -151,6 +137,70 @@ def test_kl_matches_monte_carlo_and_reaches_both_arguments(family):
     kl.sum().backward()
     assert raw_p.grad is not None and raw_p.grad.abs().sum() > 0
     assert raw_q.grad is not None and raw_q.grad.abs().sum() > 0
+
+
+def _two_laws(family):
+    raw_p = torch.randn(2, family.raw_size(C), dtype=torch.float64, requires_grad=True)
+    raw_q = torch.randn(2, family.raw_size(C), dtype=torch.float64, requires_grad=True)
+    return raw_p, raw_q, family.params(raw_p), family.params(raw_q)
+
+
+def _grads(value, *inputs):
+    return torch.autograd.grad(value.sum(), inputs, retain_graph=True)
+
+
+def test_bregman_kl_equals_the_familys_kl_in_value_and_gradient(family):
+    """The generic KL from the log-normaliser, A(eta_q) - A(eta_p) - <eta_q - eta_p,
+    grad A(eta_p)>, is the closed form every family with one uses (torch's, or the
+    Bernoulli's from the logits), with the same gradients for both arguments."""
+    raw_p, raw_q, p, q = _two_laws(family)
+    bregman, kl = family.bregman_kl(p, q), family.kl(p, q)
+    assert bregman.shape == kl.shape == family.distribution(p).batch_shape
+    assert (bregman > 0).all()
+    assert_close(bregman, kl, atol=1e-9, rtol=1e-9)
+    for gb, gk in zip(_grads(bregman, raw_p, raw_q), _grads(kl, raw_p, raw_q), strict=True):
+        assert gb.abs().sum() > 0
+        assert_close(gb, gk, atol=1e-9, rtol=1e-9)
+
+
+# torch's closed forms next to each family's distribution (torch, not pyro, classes)
+TORCH_LAWS = {
+    "gaussian": lambda p: torch.distributions.Normal(*p),
+    "gaussian_learned": lambda p: torch.distributions.Normal(*p),
+    "gaussian_gated": lambda p: torch.distributions.Normal(*p),
+    "bernoulli": lambda p: torch.distributions.Bernoulli(logits=p[0]),
+    "categorical": lambda p: torch.distributions.Categorical(logits=p[0]),
+    "poisson": lambda p: torch.distributions.Poisson(p[0]),
+    "gamma": lambda p: torch.distributions.Gamma(*p),
+    "beta": lambda p: torch.distributions.Beta(*p),
+    "dirichlet": lambda p: torch.distributions.Dirichlet(p[0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_LAWS))
+def test_bregman_kl_matches_torchs_closed_form(name):
+    family = make_family(name, **FAMILIES[name].example_options)
+    raw_p, raw_q, p, q = _two_laws(family)
+    law = TORCH_LAWS[name]
+    bregman, torch_kl = family.bregman_kl(p, q), kl_divergence(law(p), law(q))
+    assert_close(bregman, torch_kl, atol=1e-9, rtol=1e-9)
+    gb, gt = _grads(bregman, raw_p, raw_q), _grads(torch_kl, raw_p, raw_q)
+    for a, b in zip(gb, gt, strict=True):
+        assert a.abs().sum() > 0
+        assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_the_von_mises_kl_is_the_bregman_one_registered_with_torch():
+    """torch has no von Mises KL: the family registers the Bregman KL, so torch's
+    ``kl_divergence`` (and the ELBO's analytic KL) returns it; concentrated laws too."""
+    family = make_family("vonmises")
+    raw_p, raw_q, p, q = _two_laws(family)
+    got = kl_divergence(family.distribution(p), family.distribution(q))
+    assert_close(got, family.bregman_kl(p, q), atol=0, rtol=0)
+    # point masses far apart: KL ~ kappa (1 - cos(mu_p - mu_q)), finite and positive
+    eta = torch.tensor([[50.0, 0.0]], dtype=torch.float64)
+    kl = family.bregman_kl((eta,), (-eta,))
+    assert torch.isfinite(kl).all() and kl.item() == pytest.approx(100.0, rel=0.02)
 
 
 def test_wrong_block_width_is_a_clear_error(family):

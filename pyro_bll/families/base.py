@@ -31,24 +31,37 @@ sampling-free bound (``pyro_bll.core.likelihoods.PrototypeBound``, docs/likeliho
 needs only the log-normaliser and the expected statistics E_eta[T(z)] = grad A(eta)
 (``expected_stats``).
 
-Writing a new family: set the class variables documented on ``Family``, implement the
-abstract methods, make ``feedback_potential`` keep eta(alpha) + beta_y + beta_c valid for
-any two potentials (the bound evaluates A there), and add one line to ``FAMILIES``. The
-generic tests in tests/test_families.py then run on it.
+KL(p || q) between two members is torch's closed form where one is registered for the
+family's distribution class, else the Bregman divergence of the log-normaliser
+(``Family.bregman_kl``); ``register_bregman_kl`` hands the latter to torch's
+``kl_divergence`` (and so to ``BlockLocalELBO``'s analytic KL) for a distribution class
+torch has none for.
+
+Writing a new family (docs/families.md, "Adding a family"): set the class variables
+documented on ``Family``, implement the abstract methods, make ``feedback_potential`` keep
+eta(alpha) + beta_y + beta_c valid for any two potentials (the bound evaluates A there),
+and add one line to ``FAMILIES`` (or advertise the class under the ``pyro_bll.families``
+entry-point group from another package). The generic tests in tests/test_families.py then
+run on it.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Distribution, kl_divergence, register_kl
 
 Params = tuple[Tensor, ...]
 Natural = tuple[Tensor, ...]
+# points z and, for a continuous domain, (u, dz/du) for the trapezoid rule in u
+Quadrature = tuple[Tensor, tuple[Tensor, Tensor] | None]
+
+DOMAINS = ("real", "positive", "unit_interval", "circle", "binary", "finite", "counts", "simplex")
 
 
 def bounded_below(raw: Tensor, floor: float) -> Tensor:
@@ -75,6 +88,28 @@ def inverse_softplus(y: Tensor, offset: float = 0.0) -> Tensor:
     """
     x = (y - offset).clamp_min(torch.finfo(y.dtype).eps * max(offset, 1.0))
     return x + torch.log(-torch.expm1(-x))
+
+
+def register_bregman_kl(
+    dist_cls: type[Distribution], family: Family, params_of: Callable[[Distribution], Params]
+) -> None:
+    """Register ``family.bregman_kl`` as torch's KL between two ``dist_cls`` distributions.
+
+    For a family whose distribution class has no KL in torch: ``kl_divergence`` (and with
+    it ``BlockLocalELBO``'s analytic KL, which would otherwise fall back to a single-sample
+    estimate) then returns the Bregman divergence of the family's log-normaliser.
+    ``params_of`` reads a distribution's family parameters back (e.g. ``lambda d:
+    (d.loc, d.concentration)``). Register it for a subclass of your own, as
+    ``pyro_bll.families.vonmises`` does, not for a torch class other code shares.
+    """
+
+    def _kl(p: Distribution, q: Distribution) -> Tensor:
+        return family.bregman_kl(params_of(p), params_of(q))
+
+    _kl.__doc__ = (
+        f"KL({dist_cls.__name__} || {dist_cls.__name__}): {type(family).__name__}'s Bregman KL"
+    )
+    register_kl(dist_cls, dist_cls)(_kl)
 
 
 class FamilyError(ValueError):
@@ -127,10 +162,17 @@ class Family(ABC):
     zero_potential_tol: ClassVar[float] = 0.0
     # the default of --likelihood for this family, chosen from measurements (docs/families.md)
     default_likelihood: ClassVar[str] = "bound"
-    # what the next block consumes on the transformer by default: "params" (unconstrained
-    # coordinates) keeps a deep stack of bounded or positive means from squashing the
-    # residual stream at every block (docs/results.md); the Gaussians use their mean
-    default_propagate: ClassVar[str] = "params"
+    # what the next block consumes by default on tasks that let the family choose (the
+    # transformer): "mean" (m(alpha), which every family has) or "params" (alpha's
+    # unconstrained coordinates, which keep a deep stack of bounded or positive means from
+    # squashing the residual stream at every block, docs/results.md). "params" needs
+    # ``unconstrained``: a class that declares it without one is refused when defined
+    default_propagate: ClassVar[str] = "mean"
+    # where a latent variable lives, for the generic checks that integrate over it
+    # (``quadrature``): "real", "positive", "unit_interval", "circle" ([-pi, pi)),
+    # "binary", "finite" (an integer_interval support), "counts" (0, 1, 2, ...), or
+    # "simplex" (no grid: the checks use Monte Carlo)
+    domain: ClassVar[str] = "real"
     # True where ``unconstrained(params(raw)) == raw`` (the coordinates the block wrote);
     # the transformer then starts its input projection as [I, 0], continuing the stream
     unconstrained_is_raw: ClassVar[bool] = True
@@ -141,6 +183,35 @@ class Family(ABC):
     # options that fit the family to a latent of 6 channels: the generic tests build every
     # family with them (e.g. a categorical's group size must divide the channel count)
     example_options: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def check_class(cls) -> None:
+        """Raise ``FamilyError`` (one line naming the fix) where the class variables do not
+        fit together; ``make_family`` and the plugin loader call it."""
+        where = (
+            f"family {getattr(cls, 'name', cls.__name__)!r} ({cls.__module__}.{cls.__qualname__})"
+        )
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:
+            raise FamilyError(f"{where} does not implement {', '.join(missing)}")
+        for var in ("name", "n_raw", "n_feedback"):
+            if not hasattr(cls, var):
+                raise FamilyError(f"{where} does not set the class variable {var}")
+        if cls.default_propagate not in ("mean", "params", "sample"):
+            raise FamilyError(
+                f"{where}: default_propagate must be mean, params or sample, "
+                f"got {cls.default_propagate!r}"
+            )
+        if cls.default_propagate == "params" and cls.unconstrained is Family.unconstrained:
+            raise FamilyError(
+                f"{where}: default_propagate 'params' needs an unconstrained() method; "
+                "implement it or set default_propagate = 'mean'"
+            )
+        if cls.domain not in DOMAINS and cls.quadrature is Family.quadrature:
+            raise FamilyError(
+                f"{where}: unknown domain {cls.domain!r}; use one of {', '.join(DOMAINS)} "
+                "or override quadrature()"
+            )
 
     # ---- parameter layout -------------------------------------------------------------
     def split_raw(self, raw: Tensor, n: int, what: str) -> tuple[Tensor, ...]:
@@ -280,8 +351,28 @@ class Family(ABC):
         return self.from_natural(tuple(a + b for a, b in zip(eta, beta, strict=True)))
 
     def kl(self, p: Params, q: Params) -> Tensor:
-        """KL(F(p) || F(q)) per channel, ``[..., C]``, differentiable in both arguments."""
-        return kl_divergence(self.distribution(p), self.distribution(q))
+        """KL(F(p) || F(q)) per latent variable (``[..., C]``), differentiable in both
+        arguments: torch's ``kl_divergence`` where one is registered for the family's
+        distribution class (a closed form, or the Bregman KL that ``register_bregman_kl``
+        registered), else ``bregman_kl``."""
+        try:
+            return kl_divergence(self.distribution(p), self.distribution(q))
+        except NotImplementedError:
+            return self.bregman_kl(p, q)
+
+    def bregman_kl(self, p: Params, q: Params) -> Tensor:
+        """KL(F(p) || F(q)) from the log-normaliser alone: the Bregman divergence of A,
+
+            KL = A(eta_q) - A(eta_p) - <eta_q - eta_p, grad A(eta_p)>,
+
+        with grad A(eta_p) = E_p[T(z)] (``expected_stats``). Exact for every exponential
+        family, differentiable in both arguments (through ``log_normalizer`` and
+        ``expected_stats``); per latent variable, ``[..., C]``.
+        """
+        eta_p, eta_q = self.natural(p), self.natural(q)
+        diff = tuple(b - a for a, b in zip(eta_p, eta_q, strict=True))
+        mu_p = self.expected_stats(eta_p)
+        return self.log_normalizer(eta_q) - self.log_normalizer(eta_p) - self.inner(diff, mu_p)
 
     def log_prob(self, params: Params, z: Tensor) -> Tensor:
         """log F(z; params) via the exponential-family form, ``[..., C]``."""
@@ -309,6 +400,52 @@ class Family(ABC):
     def class_log_normalizer(self, prototypes: Natural) -> Tensor:
         """sum over channels of A(eta_ref + beta_c), ``[num_classes]``."""
         return self.log_normalizer(self.class_natural(prototypes)).flatten(1).sum(-1)
+
+    def quadrature(self, *laws: Params, points: int = 40001) -> Quadrature | None:
+        """Points covering the support of the laws ``laws`` (all of one batch shape), for
+        checks by numerical integration (tests/test_families.py, tests/test_estimators.py).
+
+        Returns ``(z, None)`` for a discrete domain, whose points ``z [G, *batch]`` are
+        summed over (counts up to a far tail), ``(z, (u, dz_du))`` for a continuous one,
+        integrated with the trapezoid rule in the coordinate ``u [G, *batch]`` (z = u,
+        exp(u) or sigmoid(u); the circle's grid is [-pi, pi] itself, where the trapezoid
+        rule is the periodic one), and None where no grid covers the domain ("simplex").
+        Read from ``domain``; a family on another domain overrides this.
+        """
+        ds = [self.distribution(p) for p in laws]
+        shape = ds[0].batch_shape
+        ones = [1] * len(shape)
+        if self.domain in ("binary", "finite", "counts"):
+            if self.domain == "binary":
+                grid = torch.tensor([0, 1])
+            elif self.domain == "finite":
+                support = ds[0].support
+                grid = torch.arange(support.lower_bound, support.upper_bound + 1)
+            else:
+                hi = int(max(d.mean.max() for d in ds) * 5 + 60)
+                grid = torch.arange(hi + 1)
+            z = grid.to(torch.float64).reshape(-1, *ones).expand(-1, *shape)
+            return z, None
+        if self.domain == "simplex":
+            return None
+        t = torch.linspace(0, 1, points, dtype=torch.float64).reshape(-1, *ones)
+        if self.domain == "circle":
+            u = (-math.pi + 2 * math.pi * t).expand(-1, *shape)
+            return u, (u, torch.ones_like(u))
+        if self.domain == "unit_interval":
+            # sigmoid(36) < 1 in float64; on the left z stays positive much further, and a
+            # shape near its floor leaves a tail of about exp(shape * u) beyond the grid
+            u = -80 + 116 * t.expand(-1, *shape)
+            z = torch.sigmoid(u)
+            return z, (u, z * (1 - z))
+        if self.domain == "positive":
+            hi = torch.stack([(d.mean + 40 * d.stddev).log() for d in ds]).amax(0)
+            u = -40 + (hi + 40) * t
+            return u.exp(), (u, u.exp())
+        lo = torch.stack([d.mean - 15 * d.stddev for d in ds]).amin(0)
+        hi = torch.stack([d.mean + 15 * d.stddev for d in ds]).amax(0)
+        u = lo + (hi - lo) * t
+        return u, (u, torch.ones_like(u))
 
     def zero_potential(self, params: Params) -> Natural:
         """The uninformative potential (rho = alpha) for parameters ``params``."""

@@ -49,6 +49,8 @@ class Dirichlet(Family):
     stat_dims = 1
     event_dims = 1
     example_options = {"group_size": 3}
+    domain = "simplex"  # no quadrature grid: the generic checks use Monte Carlo
+    default_propagate = "params"
 
     def __post_init__(self) -> None:
         check_group_size(self.name, self.group_size)

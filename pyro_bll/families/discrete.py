@@ -57,6 +57,8 @@ def _check_finite(name: str, what: str, t: Tensor) -> None:
 class _Logits(Family):
     """Families whose parameters are their natural parameters: logits, any real value."""
 
+    default_propagate = "params"
+
     def check_params(self, params: Params) -> None:
         _check_finite(self.name, "logits", params[0])
 
@@ -81,6 +83,7 @@ class Bernoulli(_Logits):
     n_raw = 1
     n_feedback = 1
     discrete = True
+    domain = "binary"
 
     def params(self, raw: Tensor) -> Params:
         return self.split_raw(raw, 1, "block output")
@@ -128,6 +131,7 @@ class GroupedCategorical(_Logits):
     n_feedback = 1
     stat_dims = 1
     discrete = True
+    domain = "finite"
 
     def __post_init__(self) -> None:
         check_group_size(self.name, self.group_size)
@@ -179,6 +183,8 @@ class Poisson(Family):
     n_raw = 1
     n_feedback = 1
     discrete = True
+    domain = "counts"
+    default_propagate = "params"
 
     def __post_init__(self) -> None:
         if not self.min_rate >= 0:

@@ -43,6 +43,7 @@ class _TwoPositive(Family):
     min_param: float = 0.5
     n_raw = 2
     n_feedback = 2
+    default_propagate = "params"
 
     def __post_init__(self) -> None:
         if not self.min_param > 0:
@@ -72,6 +73,7 @@ class Gamma(_TwoPositive):
     """
 
     name = "gamma"
+    domain = "positive"
     link_version = 2  # 1: (shape, rate) = softplus + min_param, up to commit 3b35e2d
 
     def params(self, raw: Tensor) -> Params:
@@ -144,6 +146,7 @@ class Beta(_TwoPositive):
     """
 
     name = "beta"
+    domain = "unit_interval"
 
     # the shapes, not a location, are the block's stream, so the next block reads their
     # logs through a fresh projection: handed on unchanged, the stream grew without bound
