@@ -48,6 +48,7 @@ from pyro_bll.core.step_cache import StepCache, active_cache
 from pyro_bll.families import Family, Natural, Params
 
 if TYPE_CHECKING:
+    from pyro_bll.core.critic import Critic
     from pyro_bll.core.lookahead import Lookahead
     from pyro_bll.guides.spatial import SpatialMessage
 
@@ -171,6 +172,7 @@ class BLLChain(nn.Module):
         self.detach = detach
         self.register_params = register_params
         self.lookahead: Lookahead | None = None  # use_lookahead: the backward message
+        self.critic: Critic | None = None  # use_critic: the backward message
         kinds = "-".join(dict.fromkeys(f.name for f in self.families))
         self.name = f"bll_chain_{n}_{kinds}" if name is None else name
 
@@ -385,6 +387,13 @@ class BLLChain(nn.Module):
         self.lookahead = lookahead
         lookahead.refresh(self)
 
+    def use_critic(self, critic: Critic) -> None:
+        """Evaluate every block's local likelihood through the critic of the block above
+        it (``pyro_bll.core.critic``); block j owns critic j, which the training method
+        fits to block j's read-out."""
+        self.local_likelihoods = list(critic.likelihoods(self))
+        self.critic = critic  # a submodule: its parameters train with the chain's
+
     # ---- block ownership --------------------------------------------------------------
     def block_modules(self, k: int) -> list[nn.Module]:
         """The modules whose parameters belong to block k (theta_k, phi_k and heads)."""
@@ -399,6 +408,9 @@ class BLLChain(nn.Module):
                 mods.append(self.local_likelihoods[k])
         if k == self.num_blocks - 1:
             mods.append(self.head)
+        critic = None if self.critic is None else self.critic.module_of(k)
+        if critic is not None:
+            mods.append(critic)
         return mods
 
     def block_parameters(self, k: int) -> list[nn.Parameter]:

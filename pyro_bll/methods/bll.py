@@ -18,6 +18,7 @@ from torch import Tensor
 from pyro_bll.config import ConfigError, Section, at_least_one, non_negative, option
 from pyro_bll.core.agreement import StepAgreement
 from pyro_bll.core.chain import LIKELIHOOD_ESTIMATORS, BLLChain, detach_message
+from pyro_bll.core.critic import Critic, critic_widths
 from pyro_bll.core.elbo import BlockLocalELBO, BlockLosses
 from pyro_bll.core.lookahead import Lookahead
 from pyro_bll.core.noise import NoiseKey
@@ -34,8 +35,12 @@ if TYPE_CHECKING:
 BLL_TERMS = ("kl", "likelihood", "pred")
 # the backward messages beta_k (docs/math.md §5-6): the paper's label-only feedback, or
 # the local likelihood through frozen copies of the blocks above
-BETA_KINDS = ("label", "lookahead")
-_LOOKAHEAD_OPTIONS = ("lookahead_depth", "lookahead_refresh")
+BETA_KINDS = ("label", "lookahead", "critic")
+_KIND_OPTIONS = {
+    "lookahead_depth": "lookahead",
+    "lookahead_refresh": "lookahead",
+    "critic_refresh": "critic",
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,8 @@ class BLLOptions(Section):
         "the backward message of every block, {choices}: label (the paper's: the feedback "
         "sees only the label, with the tied prototype likelihood) or lookahead (the local "
         "likelihood of block k through frozen copies of the blocks above it and their "
-        "read-out; docs/math.md section 6)",
+        "read-out) or critic (through a linear model of block k+1's read-out that block "
+        "k+1 learns and sends back); docs/math.md section 6",
         choices=BETA_KINDS,
     )
     lookahead_depth: int = option(
@@ -94,20 +100,25 @@ class BLLOptions(Section):
         check=at_least_one,
     )
 
+    critic_refresh: int = option(
+        1,
+        "--beta critic: T, the blocks below copy the critics every T training steps",
+        check=at_least_one,
+    )
+
     def check(self, cfg: Any) -> None:
         if "ridge" in cfg.given and not cfg.loaded and self.feedback_update != "solve":
             raise ConfigError(
                 "--ridge applies to --feedback-update solve only; add it or drop --ridge"
             )
-        if self.beta != "lookahead" and not cfg.loaded:
-            for name in _LOOKAHEAD_OPTIONS:
-                if name in cfg.given:
-                    flag = "--" + name.replace("_", "-")
-                    raise ConfigError(f"{flag} applies to --beta lookahead; add it or drop {flag}")
-        if self.beta == "lookahead" and getattr(cfg, "dist", None) is not None:
+        for name, kind in _KIND_OPTIONS.items():
+            if self.beta != kind and name in cfg.given and not cfg.loaded:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} applies to --beta {kind}; add it or drop {flag}")
+        if self.beta != "label" and getattr(cfg, "dist", None) is not None:
             raise ConfigError(
-                "--beta lookahead is not available with --distributed yet (a rank holds no "
-                "current copy of the other ranks' blocks); train it in one process"
+                f"--beta {self.beta} is not available with --distributed yet (its backward "
+                "traffic does not travel over the transport); train it in one process"
             )
 
 
@@ -146,11 +157,14 @@ class BLL(Method):
                     "--feedback-update grad"
                 )
             chain.feedback.requires_grad_(False)
-        if opts.beta == "lookahead":
-            try:
+        try:
+            if opts.beta == "lookahead":
                 chain.use_lookahead(Lookahead(opts.lookahead_depth, opts.lookahead_refresh))
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            elif opts.beta == "critic":
+                classes = chain.feedback.num_classes
+                chain.use_critic(Critic(critic_widths(chain), classes, opts.critic_refresh))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def loss(
         self,
@@ -167,19 +181,38 @@ class BLL(Method):
         message, other blocks log zeros) and ``cache.outgoing`` receives m(alpha_{b-1})."""
         cache = StepCache() if cache is None else cache
         cache.noise = noise
+        step = None if noise is None else noise.step
         if chain.lookahead is not None:  # the copies of the blocks above: every T steps
-            chain.lookahead.maybe_refresh(chain, None if noise is None else noise.step)
+            chain.lookahead.maybe_refresh(chain, step)
+        if chain.critic is not None:
+            chain.critic.maybe_refresh(step)
         if self.solve:
             blocks = None if segment is None else range(*segment)
             solve_feedback(chain, x, y, mask, self.ridge, cache, blocks)
         with step_cache(cache):  # guide and model share the step's messages
             losses = self.elbo.block_losses(chain.model, chain.guide, x, y, mask, segment=segment)
-        per_block = self.optimised(losses) / y.shape[0]
+        per_block = self.optimised(losses)
+        terms = dict(losses.terms)
+        if chain.critic is not None:  # block j fits its critic (logged with "pred")
+            fit = self._critic_fit(chain, x, y, mask, cache, segment)
+            per_block, terms["pred"] = per_block + fit, terms["pred"] + fit
+        per_block = per_block / y.shape[0]
         logs = {"loss": per_block.detach()}
-        logs.update({k: v.detach() / y.shape[0] for k, v in losses.terms.items()})
+        logs.update({k: v.detach() / y.shape[0] for k, v in terms.items()})
         agreement = self.agreements.setdefault(segment, StepAgreement())
         logs.update(agreement(chain, cache, y, mask))  # agreement_*: no grad
         return per_block.sum(), logs
+
+    @staticmethod
+    def _critic_fit(chain, x, y, mask, cache: StepCache, segment) -> Tensor:
+        """``[N]``: block j's least-squares fit of its critic (blocks j >= 1 of the segment)."""
+        n = chain.num_blocks
+        a, b = (0, n) if segment is None else segment
+        fit = [torch.zeros((), device=y.device)] * n
+        for j in range(max(a, 1), b):
+            h = x if j == a else chain.families[j - 1].mean(cache.alpha[j - 1])
+            fit[j] = chain.critic.regression(chain, j, h, cache.alpha[j], y, mask).sum()
+        return torch.stack(fit)
 
     def start_epoch(self) -> None:
         for agreement in self.agreements.values():
