@@ -9,7 +9,7 @@ variant, one step = forward, backward and an Adam update, measured after a warm-
 
 * activations: the peak bytes that autograd holds for backward during the step
   (``pyro_bll.measure.memory.SavedTensorMeter``, checked against hand-counted bytes in
-  tests/test_memory.py), and per block (per-block variants: the bytes block k holds when
+  tests/measure/test_memory.py), and per block (per-block variants: the bytes block k holds when
   its backward starts);
 * state: parameters, gradients and Adam's moments (``pyro_bll.measure.memory.state_bytes``);
 * time: the median of ``--repeats`` steps without the meter; variants interleaved per

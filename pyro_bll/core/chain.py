@@ -117,8 +117,8 @@ class BLLChain(nn.Module):
             Training with a torch optimiser does not need it.
         name: the chain's prefix in the param store; the default comes from the
             structure (``bll_chain_<N>_<families>``), so a chain rebuilt the same way finds
-            the parameters of a loaded param store. Two chains in one store need two names:
-            registering over another chain's live parameters is an error, not a silent share.
+            the parameters of a loaded param store. Two chains that train side by side in
+            one store need two names: the chain that registers last owns the entries.
     """
 
     def __init__(
@@ -275,19 +275,18 @@ class BLLChain(nn.Module):
 
     def _register(self) -> None:
         """``pyro.module`` with ``update_module_params``: values loaded into the param store
-        (``param_store.load``) flow into this chain; another chain's are refused."""
+        (``param_store.load``) flow into this chain. Entries that another chain built in
+        this process registered under the same name are replaced by this chain's own
+        parameters, so the chain that runs is the chain that trains."""
         if not self.register_params:
             return
         store = pyro.get_param_store()
         mine = {id(p) for p in self.parameters()}
         for pname, _ in self.named_parameters():
-            held = store._params.get(param_with_module_name(self.name, pname))
+            key = param_with_module_name(self.name, pname)
+            held = store._params.get(key)
             if held is not None and id(held) not in mine and _registered_elsewhere(held):
-                raise ValueError(
-                    f"the param store already holds the parameters of another chain named "
-                    f"{self.name!r}; build this one with BLLChain(..., name=...) or call "
-                    "pyro.clear_param_store() first"
-                )
+                del store[key]
         pyro.module(self.name, self, update_module_params=True)
         _REGISTERED.update((id(p), weakref.ref(p)) for p in self.parameters())
 

@@ -41,7 +41,7 @@ Writing a new family (docs/families.md, "Adding a family"): set the class variab
 documented on ``Family``, implement the abstract methods, make ``feedback_potential`` keep
 eta(alpha) + beta_y + beta_c valid for any two potentials (the bound evaluates A there),
 and add one line to ``FAMILIES`` (or advertise the class under the ``pyro_bll.families``
-entry-point group from another package). The generic tests in tests/test_families.py then
+entry-point group from another package). The generic tests in tests/families/test_families.py then
 run on it.
 """
 
@@ -403,7 +403,8 @@ class Family(ABC):
 
     def quadrature(self, *laws: Params, points: int = 40001) -> Quadrature | None:
         """Points covering the support of the laws ``laws`` (all of one batch shape), for
-        checks by numerical integration (tests/test_families.py, tests/test_estimators.py).
+        checks by numerical integration (tests/families/test_families.py,
+        tests/core/test_estimators.py).
 
         Returns ``(z, None)`` for a discrete domain, whose points ``z [G, *batch]`` are
         summed over (counts up to a far tail), ``(z, (u, dz_du))`` for a continuous one,

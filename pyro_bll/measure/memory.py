@@ -10,7 +10,7 @@ graph, or when the graph is garbage). ``peak`` is the largest total seen during 
 Parameters (saved by the layers that use them) are not activations and are skipped.
 
 On a CPU, where torch keeps no allocator statistics, this is the measurement of
-``experiments/bench_memory.py``; ``tests/test_memory.py`` checks it against byte counts
+``experiments/bench_memory.py``; ``tests/measure/test_memory.py`` checks it against byte counts
 worked out by hand. On a GPU the benchmark also reports torch.cuda.max_memory_allocated.
 
 ``balanced_split`` cuts a sequence of per-unit costs into contiguous groups with the

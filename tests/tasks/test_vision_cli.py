@@ -18,7 +18,7 @@ from pyro_bll.run.options import RunConfig
 from pyro_bll.run.training import Trainer
 from pyro_bll.tasks import TASKS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import run  # noqa: E402
 from common import finished_metrics  # noqa: E402
 

@@ -2,10 +2,10 @@
 
 Each case trains one tiny epoch through ``experiments/run.py`` and records every block's
 local loss per epoch, the test accuracy and a SHA-256 of the final parameters. The stored
-reference (``tests/data/fixed_seed.json``) was written by this file's script mode:
+reference (``tests/fixtures/fixed_seed.json``) was written by this file's script mode:
 
-    python tests/test_fixed_seed.py --write    # record the reference
-    python tests/test_fixed_seed.py            # compare: exit 0 only if bit-identical
+    python tests/run/test_fixed_seed.py --write    # record the reference
+    python tests/run/test_fixed_seed.py            # compare: exit 0 only if bit-identical
 
 The script compares bit for bit (the same machine and torch build); the test compares the
 losses to a relative 1e-5 so that it holds on other CPUs too, while any change of
@@ -26,13 +26,13 @@ os.environ.setdefault("PYRO_BLL_NO_ONEDNN", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT / "tests"))
 import run  # noqa: E402
 from vision_files import tiny_cifar10, tiny_fashion_mnist  # noqa: E402
 
-REFERENCE = ROOT / "tests" / "data" / "fixed_seed.json"
+REFERENCE = ROOT / "tests" / "fixtures" / "fixed_seed.json"
 METHODS = ("bll", "bp", "fa", "predsim")
 COMMON = ["--threads", "1", "--no-progress", "--epochs", "1", "--seed", "3"]
 TASK_ARGS = {

@@ -15,7 +15,7 @@ from pyro_bll.run.build import validate
 from pyro_bll.run.training import Trainer
 from pyro_bll.tasks import TASKS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 from run import parse_config  # noqa: E402
 from vision_files import tiny_cifar10, tiny_fashion_mnist  # noqa: E402
 
@@ -53,7 +53,7 @@ def test_family_and_method_defaults_agree_between_python_and_the_command_line():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
     import run
 
     from pyro_bll.families import FAMILIES

@@ -134,16 +134,19 @@ def test_the_param_store_round_trips_into_a_new_chain(tmp_path):
     assert not torch.equal(first, fresh.blocks[0][0].weight)  # it keeps training
 
 
-def test_a_second_chain_under_the_same_name_is_refused():
+def test_a_second_chain_under_the_same_name_trains_its_own_parameters():
+    """Not the first chain's: the chain that registers last owns the store entries."""
     x, y = toy_batch()
     family = make_family("gaussian")
     first = mlp_chain(family)
     BlockLocalELBO(3).loss(first.model, first.guide, x, y)
     second = mlp_chain(family)
-    with pytest.raises(ValueError, match="another chain named 'bll_chain_3_gaussian'"):
-        BlockLocalELBO(3).loss(second.model, second.guide, x, y)
-    renamed = mlp_chain(family, name="second")
-    BlockLocalELBO(3).loss(renamed.model, renamed.guide, x, y)
+    svi = SVI(second.model, second.guide, pyro.optim.Adam({"lr": 0.05}), BlockLocalELBO(3))
+    before = [p.detach().clone() for p in second.parameters()]
+    frozen = [p.detach().clone() for p in first.parameters()]
+    svi.step(x, y)
+    assert any(not torch.equal(b, p) for b, p in zip(before, second.parameters(), strict=True))
+    assert all(torch.equal(f, p) for f, p in zip(frozen, first.parameters(), strict=True))
 
 
 def test_predictive_samples_labels_and_posterior_latents():

@@ -16,7 +16,7 @@ from pyro_bll.tasks.vision import build_resnet_chain
 
 from utils import assert_close
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 from run import parse_config  # noqa: E402
 
 

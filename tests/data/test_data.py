@@ -11,7 +11,7 @@ import pytest
 
 from pyro_bll.data import DataError, load_fashion_mnist, read_idx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import run  # noqa: E402
 
 

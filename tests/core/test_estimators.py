@@ -67,7 +67,7 @@ def test_local_estimator_is_unbiased(family):
             feedback,
             CategoricalHead(c, V),
             pred_heads=None,
-            likelihood="sample",  # the bound is deterministic: tests/test_likelihood_bound.py
+            likelihood="sample",  # the bound is deterministic: tests/core/test_likelihood_bound.py
             register_params=False,
         )
         label = 1

@@ -18,7 +18,7 @@ from vision_files import tiny_fashion_mnist
 from pyro_bll.families import FAMILIES
 from pyro_bll.guides import MESSAGES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import run  # noqa: E402
 
 DATA = Path(tempfile.mkdtemp(prefix="pyro_bll_fuzz_")) / "fashion"

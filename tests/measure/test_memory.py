@@ -13,7 +13,7 @@ from torch import nn
 from pyro_bll.measure.memory import SavedTensorMeter, balanced_split, state_bytes
 from pyro_bll.models.resnet import memory_split, unit_activation_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import bench_memory  # noqa: E402
 import run  # noqa: E402
 

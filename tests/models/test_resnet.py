@@ -123,7 +123,7 @@ def test_every_family_on_a_tiny_resnet(name, arch):
 
 
 def test_locality_of_the_resnet_chain():
-    """As tests/test_locality.py: block k's parameters get gradients from l_k only."""
+    """As tests/core/test_locality.py: block k's parameters get gradients from l_k only."""
     chain = tiny_chain("resnet18", blocks=3).double()
     x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
     losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)

@@ -125,7 +125,7 @@ def test_the_command_line_trains_with_the_lookahead_and_refuses_stray_options(tm
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
     import run
 
     tiny = ["--task", "s2s_reverse", "--layers", "3", "--d-model", "8", "--seq-len", "4",

@@ -23,7 +23,7 @@ from pyro_bll.run.checkpoints import (
     set_rng_state,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import run  # noqa: E402
 
 TINY = ["--layers", "2", "--d-model", "16", "--seq-len", "4", "--train-size", "64",

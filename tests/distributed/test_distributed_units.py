@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 
 import run  # noqa: E402
 from dist_harness import free_port  # noqa: E402
@@ -274,7 +274,7 @@ def test_bench_pipeline_refit_rewrites_predictions_from_stored_inputs(tmp_path, 
     import bench_pipeline
 
     stored = json.loads(
-        (Path(__file__).resolve().parents[1] / "results/bench_pipeline_resnet18.json").read_text()
+        (Path(__file__).resolve().parents[2] / "results/bench_pipeline_resnet18.json").read_text()
     )
     stored["predicted_samples_per_second"] = {n: 1.0 for n in stored["samples_per_second"]}
     path = tmp_path / "old.json"

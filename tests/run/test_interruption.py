@@ -17,7 +17,7 @@ from pyro_bll.run.interrupt import TrainingInterrupted
 from pyro_bll.run.progress import Progress
 from pyro_bll.run.training import Trainer, prepare_out_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 import run  # noqa: E402
 

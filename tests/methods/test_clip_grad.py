@@ -16,7 +16,7 @@ from pyro_bll.run.training import Trainer
 
 from utils import assert_close, mlp_chain, toy_batch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import run  # noqa: E402
 
 S2S = ["--layers", "3", "--d-model", "12", "--seq-len", "4", "--train-size", "48",
