@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from pyro_bll.core.step_cache import StepCache
 
 
+LOOKAHEAD_READS = ("sample", "mean")
+
+
 class Lookahead:
     """Frozen copies of the blocks and read-outs every block looks ahead through.
 
@@ -51,9 +54,16 @@ class Lookahead:
         depth: L, the number of later blocks each block evaluates its likelihood through
             (blocks near the top look through the blocks that remain).
         refresh: T, copy the live weights every T training steps (1: every step).
+        read: what the copies read: "sample" (the guide's draw z_k ~ rho_k, a Monte Carlo
+            estimate of E_rho[log q_k]) or "mean" (m(alpha_k), the block's forward message
+            itself: the plug-in estimate log q_k(y | m(alpha_k)), deterministic; the term
+            then trains the forward block only, not the feedback).
     """
 
-    def __init__(self, depth: int = 1, refresh: int = 1) -> None:
+    def __init__(self, depth: int = 1, refresh: int = 1, read: str = "sample") -> None:
+        if read not in LOOKAHEAD_READS:
+            raise ValueError(f"look-ahead input must be one of {LOOKAHEAD_READS}, got {read!r}")
+        self.read = read
         if depth < 1:
             raise ValueError(f"look-ahead depth must be at least 1, got {depth}")
         if refresh < 1:
@@ -109,7 +119,12 @@ class Lookahead:
             raise RuntimeError("the look-ahead copies are empty: call refresh(chain) first")
         n = chain.num_blocks
         last = min(k + self.depth, n - 1)
-        inp: Any = _input(chain, k, z, alpha)
+        if self.read == "mean":
+            if alpha is None:
+                raise ValueError("the look-ahead of the mean needs block k's forward message")
+            inp: Any = chain.families[k].mean(alpha)
+        else:
+            inp = _input(chain, k, z, alpha)
         for j in range(k + 1, last + 1):
             alpha = chain.families[j].params(self.blocks[j](inp))
             inp = alpha if chain.propagate == "params" else chain.families[j].mean(alpha)

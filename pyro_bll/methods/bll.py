@@ -20,7 +20,7 @@ from pyro_bll.core.agreement import StepAgreement
 from pyro_bll.core.chain import LIKELIHOOD_ESTIMATORS, BLLChain, detach_message
 from pyro_bll.core.critic import Critic, critic_widths
 from pyro_bll.core.elbo import BlockLocalELBO, BlockLosses
-from pyro_bll.core.lookahead import Lookahead
+from pyro_bll.core.lookahead import LOOKAHEAD_READS, Lookahead
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.core.step_cache import StepCache, step_cache
 from pyro_bll.methods.base import Method
@@ -38,6 +38,7 @@ BLL_TERMS = ("kl", "likelihood", "pred")
 BETA_KINDS = ("label", "lookahead", "critic")
 _KIND_OPTIONS = {
     "lookahead_depth": "lookahead",
+    "lookahead_input": "lookahead",
     "lookahead_refresh": "lookahead",
     "critic_refresh": "critic",
 }
@@ -100,6 +101,13 @@ class BLLOptions(Section):
         check=at_least_one,
     )
 
+    lookahead_input: str = option(
+        "sample",
+        "--beta lookahead: what the copies read, {choices}: sample (a draw z_k ~ rho_k: "
+        "the Monte Carlo estimate of E_rho[log q_k]) or mean (m(alpha_k): the plug-in "
+        "estimate log q_k(y | m(alpha_k)), deterministic)",
+        choices=LOOKAHEAD_READS,
+    )
     critic_refresh: int = option(
         1,
         "--beta critic: T, the blocks below copy the critics every T training steps",
@@ -159,7 +167,9 @@ class BLL(Method):
             chain.feedback.requires_grad_(False)
         try:
             if opts.beta == "lookahead":
-                chain.use_lookahead(Lookahead(opts.lookahead_depth, opts.lookahead_refresh))
+                chain.use_lookahead(
+                    Lookahead(opts.lookahead_depth, opts.lookahead_refresh, opts.lookahead_input)
+                )
             elif opts.beta == "critic":
                 classes = chain.feedback.num_classes
                 chain.use_critic(Critic(critic_widths(chain), classes, opts.critic_refresh))

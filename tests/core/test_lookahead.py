@@ -138,3 +138,25 @@ def test_the_command_line_trains_with_the_lookahead_and_refuses_stray_options(tm
     assert run.cli([*tiny, "--lookahead-refresh", "3", "--out", str(tmp_path / "x")]) == 2
     assert "--lookahead-refresh applies to --beta lookahead" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_plug_in_read_uses_the_forward_message():
+    """read="mean": log q_k(y | m(alpha_k)) through the copies; the term trains block k's
+    forward layers and leaves the feedback alone."""
+    family = make_family("gaussian", sigma=0.5)
+    chain = mlp_chain(family, register_params=False, widths=(6, 6, 6)).double()
+    chain.use_lookahead(Lookahead(depth=2, read="mean"))
+    x, y = toy_batch()
+    x = x.double()
+    cache = StepCache()
+    alpha = chain.forward_message(0, x, cache)
+    got = chain.local_likelihoods[0](chain, 0, torch.zeros(16, 6, dtype=torch.float64), cache)
+    want = _by_hand(chain, 0, family.mean(alpha), 2).log_softmax(-1)
+    assert_close(got.logits, want, atol=1e-12)
+    losses = BlockLocalELBO(chain.num_blocks).block_losses(chain.model, chain.guide, x, y)
+    lik = losses.terms["likelihood"][0]
+    fb = list(chain.feedback.block_module(0).parameters())
+    assert all(g is None for g in torch.autograd.grad(lik, fb, retain_graph=True,
+                                                      allow_unused=True))  # fmt: skip
+    grads = torch.autograd.grad(lik, list(chain.blocks[0].parameters()))
+    assert sum(g.abs().sum() for g in grads) > 0
