@@ -120,7 +120,15 @@ def _trapezoid_log_weights(lo: Tensor, hi: Tensor, points: int) -> tuple[Tensor,
     return u, torch.log(w * (hi - lo) / (points - 1))
 
 
-def reference_grid(name: str, *etas: tuple[Tensor, ...], points: int = 4001) -> Grid:
+def _sinh_log_weights(lo: Tensor, hi: Tensor, centre: Tensor, points: int):
+    """u = centre + sinh(t) from lo to hi, t evenly spaced, and log(trapezoid weight * du/dt):
+    a grid dense near the centre whose tails grow exponentially, so that integrands that
+    decay only like exp(-a |u|) (a shape a near zero) are covered with few points."""
+    t, log_w = _trapezoid_log_weights(torch.asinh(lo - centre), torch.asinh(hi - centre), points)
+    return centre + torch.sinh(t), log_w + torch.log(torch.cosh(t))
+
+
+def reference_grid(name: str, *etas: tuple[Tensor, ...], points: int = 2001) -> Grid:
     """A grid covering the laws with natural parameters ``etas`` (one batch shape), each
     element with its own range (the laws' parameters are read back per the docstring
     conventions only to place the grid). Continuous grids integrate to about 1e-12."""
@@ -171,7 +179,8 @@ def reference_grid(name: str, *etas: tuple[Tensor, ...], points: int = 4001) -> 
 
         lo, _ = over_laws(lambda e: ends(e)[0])
         _, hi = over_laws(lambda e: ends(e)[1])
-        u, log_w = _trapezoid_log_weights(lo, hi, points)
+        centre = torch.stack([torch.log((e[0] + 1) / -e[1]) for e in etas]).mean(0)
+        u, log_w = _sinh_log_weights(lo, hi, centre, points)
         return Grid(u.exp(), (u, u.exp()), torch.zeros_like(u), log_w + u)
     if domain == "unit_interval":  # Beta(a, b): eta = (a - 1, b - 1); u = logit z
 
@@ -182,7 +191,8 @@ def reference_grid(name: str, *etas: tuple[Tensor, ...], points: int = 4001) -> 
 
         lo, _ = over_laws(lambda e: ends(e)[0])
         _, hi = over_laws(lambda e: ends(e)[1])
-        u, log_w = _trapezoid_log_weights(lo, hi, points)
+        centre = torch.stack([torch.log((e[0] + 1) / (e[1] + 1)) for e in etas]).mean(0)
+        u, log_w = _sinh_log_weights(lo, hi, centre, points)
         log_z, log_1mz = F.logsigmoid(u), F.logsigmoid(-u)  # exact where z rounds to 1
         return Grid(torch.sigmoid(u), (log_z, log_1mz), torch.zeros_like(u),
                     log_w + log_z + log_1mz)  # fmt: skip
@@ -193,11 +203,11 @@ def reference_grid(name: str, *etas: tuple[Tensor, ...], points: int = 4001) -> 
 
 def _simplex_grid(etas, latent, points: int) -> Grid:
     """Dirichlet(a), eta = a - 1 ``[*latent, K]``: stick breaking in logit coordinates,
-    z_j = v_j prod_{i<j} (1 - v_i), z_K = prod_{i<K} (1 - v_i), v_j = sigmoid(u_j), a
-    product grid of n points per axis (n^(K-1) in all, n = min(points, 240));
-    dz/du = prod_j v_j (1 - v_j) prod_{i<j} (1 - v_i)."""
+    z_j = v_j prod_{i<j} (1 - v_i), z_K = prod_{i<K} (1 - v_i), v_j = sigmoid(u_j), with
+    dz/du = prod_j v_j (1 - v_j) prod_{i<j} (1 - v_i); a product grid of n = min(points,
+    120) points per axis in u_j = mode + sinh(t) (n^(K-1) points in all)."""
     k = etas[0][0].shape[-1]
-    n = min(points, 240)
+    n = min(points, 120)
     us, log_ws = [], []
     for j in range(k - 1):
 
@@ -209,7 +219,9 @@ def _simplex_grid(etas, latent, points: int) -> Grid:
 
         lo = torch.stack([ends(e)[0] for e in etas]).amin(0)
         hi = torch.stack([ends(e)[1] for e in etas]).amax(0)
-        u, log_w = _trapezoid_log_weights(lo, hi, n)  # [n, *latent]
+        centre = torch.stack([torch.log((e[0][..., j] + 1) / (e[0][..., j + 1 :] + 1).sum(-1))
+                              for e in etas]).mean(0)  # the laws' modes in u_j  # fmt: skip
+        u, log_w = _sinh_log_weights(lo, hi, centre, n)  # [n, *latent]
         shape = [1] * (k - 1)
         shape[j] = n
         us.append(u.reshape(*shape, *latent))
