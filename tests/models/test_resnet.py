@@ -17,7 +17,13 @@ from pyro_bll.run.build import config_for_task, validate
 from pyro_bll.run.options import RunConfig
 from pyro_bll.tasks.vision import build_resnet_chain
 
-from utils import assert_block_local, assert_close
+from utils import (
+    assert_block_local,
+    assert_close,
+    reference_inner,
+    reference_log_normalizer,
+    reference_stats,
+)
 
 TINY = 1 / 16  # stage widths (4, 8, 16, 32)
 
@@ -155,24 +161,39 @@ def test_pool_is_broadcast_of_beta_over_hw_and_a_potential_on_mean_statistics(na
             assert_close(o, offsets[0], atol=1e-9, rtol=1e-9)
 
 
+# eta_ref of the class-conditional laws, from the families' docstrings
+CLASS_REFERENCE = {"gaussian": (0.0, 0.0), "categorical": (0.0,), "gamma": (0.0, -1.0)}
+
+
 @pytest.mark.parametrize("message", ["pool", "broadcast"])
-@pytest.mark.parametrize("name", ["gaussian", "categorical", "gamma"])
+@pytest.mark.parametrize("name", sorted(CLASS_REFERENCE))
 def test_prototype_logits_on_the_map(message, name):
-    """pool: the prototype classifier on spatially averaged statistics; broadcast: the
-    product over locations of the per-location class densities."""
+    """PrototypeLikelihood's logits on a map, written out from its docstring: at every
+    location l_c(z_hw) = <beta_c, T(z_hw)> - A(eta_ref + beta_c), summed over the map
+    (broadcast: a product of per-location class densities) or averaged (pool: the
+    prototype classifier on spatially averaged statistics). T and eta_ref from the
+    family's docstring, A by summation or quadrature (``utils.reference_log_normalizer``),
+    a loop over the locations, float64."""
     chain = tiny_chain("resnet18", name, message=message)
     fam = chain.families[0]
     x = torch.randn(4, 1, 6, 6)
     z = fam.distribution(chain.forward_message(0, x)).sample()  # [4, 6, 6, C(/K)]
-    protos = chain.class_potentials(0)  # [V, C(/K)(, K)]
-    stats = [s.flatten(3) for s in fam.sufficient_stats(z)]  # [B, H, W, C']
-    reduce = {"pool": lambda t: t.mean((1, 2)), "broadcast": lambda t: t.sum((1, 2))}[message]
-    n = {"pool": 1, "broadcast": 36}[message]
-    hand = sum(reduce(s) @ p.flatten(1).T for s, p in zip(stats, protos, strict=True))
-    hand = hand - n * fam.log_normalizer(fam.class_natural(protos)).flatten(1).sum(-1)  # [B, V]
+    protos = tuple(p.double() for p in chain.class_potentials(0))  # [V, C(/K)(, K)]
+    v = protos[0].shape[0]
+    classes = tuple(p + r for p, r in zip(protos, CLASS_REFERENCE[name], strict=True))
+    a_ref = reference_log_normalizer(name, classes).sum(-1)  # [V]: A summed over channels
+    stats = reference_stats(name, z, getattr(fam, "group_size", None))  # [4, 6, 6, ...]
+    b, h, w = z.shape[:3]
+    hand = torch.zeros(b, v, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            at = tuple(t[:, i, j].unsqueeze(1) for t in stats)  # [B, 1, C(/K)(, K)]
+            hand += reference_inner(name, protos, at).sum(-1) - a_ref  # [B, V]
+    if message == "pool":
+        hand /= h * w
     q = chain.local_likelihoods[0](chain, 0, z)
     assert q.batch_shape == (4,)
-    assert_close(q.logits, torch.log_softmax(hand, -1), atol=1e-4, rtol=1e-5)
+    assert_close(q.logits, torch.log_softmax(hand, -1).float(), atol=1e-4, rtol=1e-5)
 
 
 def test_bad_input_names_the_fix():
