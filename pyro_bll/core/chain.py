@@ -430,7 +430,12 @@ def _prototype(chain: BLLChain, k: int, z: Tensor, cache: StepCache | None = Non
     if chain.likelihood == "bound" and cache is not None:
         rho = cache.rho.get(k)
     return PrototypeLikelihood().distribution(
-        chain.families[k], z, chain.class_potentials(k), chain.spatial_message, rho=rho
+        chain.families[k],
+        z,
+        chain.class_potentials(k),
+        chain.spatial_message,
+        rho=rho,
+        label_shape=z.shape[: 1 + chain.label_event_dim],  # [B] or [B, T]
     )
 
 

@@ -180,19 +180,51 @@ def prototype_bound(
     return mean_logit - log_norm
 
 
-class PrototypeCategorical(dist.Categorical):
+class PrototypeCategorical(dist.TorchDistribution):
     """q(y | z) as a Categorical over the prototype logits that also offers the
     sampling-free ``expected_log_prob`` (``prototype_bound`` under the rho it was built
-    with), which ``BlockLocalELBO`` uses in place of a draw."""
+    with), which ``BlockLocalELBO`` uses in place of a draw.
 
-    def __init__(self, logits: Tensor, bound: Callable[[Tensor], Tensor]) -> None:
-        super().__init__(logits=logits)
-        self._bound = bound
+    The logits at the draw z are computed only when something reads them (``log_prob``,
+    ``sample``, ``logits``): a step that evaluates the bound never builds them.
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(
+        self,
+        logits: Callable[[], Tensor],
+        bound: Callable[[Tensor], Tensor],
+        batch_shape: torch.Size,
+        num_classes: int,
+    ) -> None:
+        self._logits_fn, self._bound, self._num_classes = logits, bound, num_classes
+        self._categorical: dist.Categorical | None = None
+        super().__init__(torch.Size(batch_shape), torch.Size(), validate_args=False)
+
+    def _at_draw(self) -> dist.Categorical:
+        if self._categorical is None:
+            self._categorical = dist.Categorical(logits=self._logits_fn()).expand(self.batch_shape)
+        return self._categorical
+
+    @property
+    def logits(self) -> Tensor:
+        return self._at_draw().logits
+
+    @property
+    def support(self):
+        return dist.constraints.integer_interval(0, self._num_classes - 1)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return self._at_draw().log_prob(value)
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> Tensor:
+        return self._at_draw().sample(torch.Size(sample_shape))
 
     def expand(self, batch_shape, _instance=None):
-        new = super().expand(batch_shape, _instance or type(self).__new__(type(self)))
-        new._bound = self._bound
-        return new
+        return PrototypeCategorical(
+            self._logits_fn, self._bound, torch.Size(batch_shape), self._num_classes
+        )
 
     def expected_log_prob(self, value: Tensor, rho: Distribution | None = None) -> Tensor:
         """The bound on E_rho[log q(value | z)], label-shaped; rho is the one it was built with."""
@@ -222,13 +254,19 @@ class PrototypeLikelihood:
         class_potentials: tuple,
         message=None,
         rho: Params | None = None,
+        label_shape: torch.Size | None = None,
     ) -> Distribution:
         # z: [..., C]; class_potentials: tuple of [num_classes, C]; logits: [..., num_classes]
-        logits = family.potential_logits(z, class_potentials)
-        if message is not None:
-            logits = message.reduce_logits(logits)  # [B, H, W, V] -> [B, V]
+        def logits() -> Tensor:
+            out = family.potential_logits(z, class_potentials)
+            if message is not None:
+                out = message.reduce_logits(out)  # [B, H, W, V] -> [B, V]
+            return out
+
         if rho is None:
-            return dist.Categorical(logits=logits)
+            return dist.Categorical(logits=logits())
+        if label_shape is None:
+            raise ValueError("the bound's distribution needs the labels' batch shape")
         weight, spatial = 1.0, 0
         if message is not None:
             spatial = message.bound_spatial_dims()
@@ -238,6 +276,8 @@ class PrototypeLikelihood:
             lambda y: prototype_bound(
                 family, rho, class_potentials, y, weight=weight, spatial_dims=spatial
             ),
+            label_shape,
+            class_potentials[0].shape[0],
         )
 
 

@@ -8,11 +8,12 @@ batch (independent draws) and over repeats, compared within 5 standard errors.
 """
 
 import torch
-from test_families import _support_points
 from torch import nn
 
 from pyro_bll import BLLChain, BlockLocalELBO, CategoricalHead
 from pyro_bll.guides import LinearFeedback
+
+from utils import reference_grid, reference_name
 
 V = 3  # label classes
 
@@ -29,16 +30,23 @@ class Const(nn.Module):
 
 
 def _exact_expected_log_lik(family, raw, beta, protos, label):
+    """E_rho[log q(label | z)] by enumeration or quadrature on the test's own grid
+    (``utils.reference_grid``), differentiable in ``raw`` through rho's density."""
     alpha = family.params(raw[None])
     rho = family.posterior(alpha, beta)
-    z, rule = _support_points(family, alpha, rho)  # [S, 1, latent...]
-    log_rho = family.distribution(rho).log_prob(z).flatten(1).sum(-1)  # [S]
-    log_q = torch.log_softmax(family.potential_logits(z[:, 0], protos), -1)[:, label]  # [S]
-    if rule is None:
-        return (log_rho.exp() * log_q).sum()
-    u, jac = rule
-    integrand = log_rho.exp() * log_q * jac.flatten(1).prod(-1)
-    return torch.trapezoid(integrand, u.flatten(1)[:, 0], dim=0)
+    grid = reference_grid(reference_name(family), family.natural(alpha), family.natural(rho))
+    z = grid.z.to(raw.dtype)  # [G, 1, latent...]
+    log_w = grid.log_w.flatten(1).sum(-1)  # one latent element: its weight
+
+    def terms(z):
+        log_rho = family.distribution(rho).log_prob(z).flatten(1).sum(-1)  # [G]
+        log_q = torch.log_softmax(family.potential_logits(z[:, 0], protos), -1)[:, label]
+        return log_rho, log_q
+
+    with torch.no_grad():  # grid points that round onto the support's edge carry no mass
+        keep = torch.stack([t.isfinite() for t in terms(z)]).all(0)
+    log_rho, log_q = terms(z[keep])
+    return ((log_w[keep] + log_rho).exp() * log_q).sum()
 
 
 def _score_function_gradient(family, raw, beta, protos, label, n=400_000):
