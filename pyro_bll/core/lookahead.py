@@ -52,7 +52,8 @@ class Lookahead:
 
     Args:
         depth: L, the number of later blocks each block evaluates its likelihood through
-            (blocks near the top look through the blocks that remain).
+            (blocks near the top look through the blocks that remain); 0: every block
+            above, up to the output head.
         refresh: T, copy the live weights every T training steps (1: every step).
         read: what the copies read: "sample" (the guide's draw z_k ~ rho_k, a Monte Carlo
             estimate of E_rho[log q_k]) or "mean" (m(alpha_k), the block's forward message
@@ -64,8 +65,8 @@ class Lookahead:
         if read not in LOOKAHEAD_READS:
             raise ValueError(f"look-ahead input must be one of {LOOKAHEAD_READS}, got {read!r}")
         self.read = read
-        if depth < 1:
-            raise ValueError(f"look-ahead depth must be at least 1, got {depth}")
+        if depth < 0:
+            raise ValueError(f"look-ahead depth must be >= 0 (0: to the top), got {depth}")
         if refresh < 1:
             raise ValueError(f"look-ahead refresh period must be at least 1 step, got {refresh}")
         self.depth = depth
@@ -73,6 +74,10 @@ class Lookahead:
         self.blocks: list[nn.Module] = []  # frozen copies, indexed like chain.blocks
         self.readouts: dict[int, nn.Module] = {}  # frozen read-out after block j
         self.refreshed_at: int | None = None
+
+    def last(self, k: int, num_blocks: int) -> int:
+        """The last block block k looks through (its read-out follows it)."""
+        return num_blocks - 1 if self.depth == 0 else min(k + self.depth, num_blocks - 1)
 
     def likelihoods(self, chain: BLLChain) -> list[LookaheadLikelihood]:
         """One local likelihood per block below the last (``BLLChain.local_likelihoods``)."""
@@ -106,7 +111,7 @@ class Lookahead:
         total = 0
         n = chain.num_blocks
         for k in range(n - 1):
-            last = min(k + self.depth, n - 1)
+            last = self.last(k, n)
             mods = [chain.blocks[j] for j in range(k + 1, last + 1)]
             mods.append(chain.head if last == n - 1 else chain.pred_heads[last])  # type: ignore[index]
             total += sum(_bytes(m) for m in mods)
@@ -117,8 +122,7 @@ class Lookahead:
         block k's forward message, needed on feature maps)."""
         if not self.blocks:
             raise RuntimeError("the look-ahead copies are empty: call refresh(chain) first")
-        n = chain.num_blocks
-        last = min(k + self.depth, n - 1)
+        last = self.last(k, chain.num_blocks)
         if self.read == "mean":
             if alpha is None:
                 raise ValueError("the look-ahead of the mean needs block k's forward message")
@@ -155,7 +159,8 @@ def check_lookahead(chain: BLLChain, depth: int) -> None:
             "parameters under propagate='params'; use propagate='mean' or 'sample'"
         )
     n = chain.num_blocks
-    if chain.pred_heads is None and any(k + depth < n - 1 for k in range(n - 1)):
+    short = depth > 0 and any(k + depth < n - 1 for k in range(n - 1))
+    if chain.pred_heads is None and short:
         raise ValueError(
             f"a look-ahead of depth {depth} ends below the last block, whose read-out is "
             "a predictive head: switch the predictive heads on, or look ahead to the top"

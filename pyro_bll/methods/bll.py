@@ -91,8 +91,8 @@ class BLLOptions(Section):
     lookahead_depth: int = option(
         1,
         "--beta lookahead: L, the blocks above block k its likelihood reads (blocks near "
-        "the top read the ones that remain)",
-        check=at_least_one,
+        "the top read the ones that remain; 0: every block above, up to the output head)",
+        check=non_negative,
     )
     lookahead_refresh: int = option(
         1,

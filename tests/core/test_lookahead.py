@@ -35,9 +35,10 @@ def _by_hand(chain, k, z, depth):
     return head(inp)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 5])
+@pytest.mark.parametrize("depth", [1, 2, 5, 0])
 def test_the_likelihood_reads_the_blocks_above_through_their_copies(depth):
     chain = _chain(depth=depth)
+    depth = depth or chain.num_blocks  # 0: to the top
     z = torch.randn(5, 6, dtype=torch.float64)
     for k in range(chain.num_blocks - 1):
         got = chain.local_likelihoods[k](chain, k, z).logits
@@ -97,8 +98,8 @@ def test_refusals_are_one_line():
     with pytest.raises(ValueError, match="switch the predictive heads on"):
         bare.use_lookahead(Lookahead(depth=1))
     bare.use_lookahead(Lookahead(depth=5))  # to the top: the output head reads it
-    with pytest.raises(ValueError, match="depth must be at least 1"):
-        Lookahead(depth=0)
+    with pytest.raises(ValueError, match="depth must be >= 0"):
+        Lookahead(depth=-1)
 
 
 @pytest.mark.parametrize("message", ["channel", "pool"])
