@@ -61,7 +61,8 @@ def test_bench_families_smoke_and_restart_reuses_finished_runs(tmp_path):
             *_tiny(tmp_path, "runs")]  # fmt: skip
     _script("bench_families.py", *args, cwd=tmp_path)
     table = (tmp_path / "res" / "families.md").read_text()
-    for row in ["| gaussian |", "| bernoulli |", "| gaussian + feedback solve (kl, pred) |", "| BP on"]:
+    rows = ["| gaussian |", "| bernoulli |", "| gaussian + feedback solve (kl, pred) |", "| BP on"]
+    for row in rows:
         assert row in table
     ckpt = tmp_path / "runs" / "s2s_reverse_gaussian_seed0" / "checkpoints" / "epoch_000.pt"
     before = ckpt.stat().st_mtime_ns
