@@ -48,6 +48,7 @@ import socket
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -205,6 +206,106 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return max(ys[0] - slope * xs[0], 0.0), max(slope, 0.0)
 
 
+@dataclass
+class _Costs:
+    """The fitted costs ``cost_model`` combines, for P groups of blocks (seconds).
+
+    ``groups[j]``: intercept and slope in the batch of group j's step c_j(b);
+    ``grads[j]``: its gradient bytes; ``forwards[j]``: its forward part f_j at the
+    predicted batch; ``bp``: intercept and slope of one group's share of a one-process BP
+    step c_bp(b); ``latency`` and ``inv_bandwidth``: of one ring all-reduce hop;
+    ``p2p``: intercept and slope in bytes of one message; ``message``: the message's bytes
+    per example; ``slow``: the contention factor every compute time is multiplied by.
+    """
+
+    groups: list[tuple[float, float]]
+    grads: list[float]
+    forwards: list[float]
+    bp: tuple[float, float]
+    latency: float
+    inv_bandwidth: float
+    p2p: tuple[float, float]
+    message: float
+    slow: float
+
+    def allreduce(self, n_bytes: float, r: int) -> float:
+        """a_R(n) = 2 (R - 1) latency + 2 (R - 1) / R n / bandwidth; 0 for R = 1."""
+        if r == 1:
+            return 0.0
+        return 2 * (r - 1) * self.latency + 2 * (r - 1) / r * n_bytes * self.inv_bandwidth
+
+    def group(self, j: int, b: float) -> float:
+        """Group j's step at batch b on a busy process: slow c_j(b)."""
+        return self.slow * (self.groups[j][0] + self.groups[j][1] * b)
+
+    def send(self, b: float) -> float:
+        """p(message(b)): one message of b examples to the next stage."""
+        return self.p2p[0] + self.p2p[1] * self.message * b
+
+    def bp_step(self, batch: int, replicas: int) -> float:
+        """BP data parallel: slow P c_bp(B / R) + a_R(all grads), with R = P replicas."""
+        b = batch / replicas
+        p_ = len(self.groups)
+        return self.slow * p_ * (self.bp[0] + self.bp[1] * b) + self.allreduce(
+            sum(self.grads), replicas
+        )
+
+    def bll_step(self, batch: int, stages: int, replicas: int, schedule: str) -> float:
+        """BLL S x R: stage s owns P / S consecutive groups G_s, each at B / R examples;
+        the pipelined step takes the slowest stage and one message, the sync step the
+        longest chain of forwards and messages before a stage and that stage's step."""
+        b = batch / replicas
+        per = len(self.groups) // stages
+        owned = [range(s * per, (s + 1) * per) for s in range(stages)]
+        stage = [sum(self.group(j, b) for j in g)
+                 + self.allreduce(sum(self.grads[j] for j in g), replicas)
+                 for g in owned]  # fmt: skip
+        send = self.send(b) if stages > 1 else 0.0
+        if schedule == "sync":
+            return max(
+                self.slow * sum(self.forwards[:s]) + s * send + stage[s] for s in range(stages)
+            )
+        return max(stage) + send
+
+
+def _group_fits(m: dict, k: int, batch: int, p_: int) -> tuple[list, list, list]:
+    """Per group j of ``p_``: the line c_j(b) through the measured batch sizes, gradient
+    bytes and forward seconds f_j at ``batch``; for ``p_`` != ``k`` every group is the
+    mean of the ``k`` measured ones."""
+    blk = m["block_seconds_by_batch"]
+    sizes = sorted(int(b) for b in blk)
+    fits = [_fit(sizes, [blk[str(b)][j] for b in sizes]) for j in range(k)]
+    mean_fit = _fit(sizes, [statistics.mean(blk[str(b)]) for b in sizes])
+    grad_bytes = m["sizes"]["block_grad_bytes"]
+    fwd_scale = batch / max(sizes)  # forwards were measured at the largest batch
+    if p_ == k:  # the measured groups, each with its own cost
+        return fits, list(grad_bytes), [f * fwd_scale for f in m["forward_seconds"]]
+    fwds = [statistics.mean(m["forward_seconds"]) * fwd_scale] * p_
+    return [mean_fit] * p_, [statistics.mean(grad_bytes)] * p_, fwds
+
+
+def _fitted_costs(m: dict, k: int, batch: int, p_: int) -> _Costs:
+    """``_Costs`` of ``p_`` groups from the measurements ``m`` of ``k`` ranks: the ring
+    all-reduce fit T(n) = 2 (k - 1) latency + 2 (k - 1) / k n / bandwidth gives latency
+    and 1 / bandwidth; one-process BP is shared evenly by the k groups."""
+    groups, grads, fwds = _group_fits(m, k, batch, p_)
+    bp_sizes = sorted(int(b) for b in m["bp_seconds_by_batch"])
+    bp = _fit(bp_sizes, [m["bp_seconds_by_batch"][str(b)] / k for b in bp_sizes])
+    comm = m["comm"]
+    ar0, ar1 = _fit(comm["bytes"], comm["allreduce"])
+    return _Costs(
+        groups=groups,
+        grads=grads,
+        forwards=fwds,
+        bp=bp,
+        latency=ar0 / (2 * (k - 1)) if k > 1 else 0.0,
+        inv_bandwidth=ar1 * k / (2 * (k - 1)) if k > 1 else 0.0,
+        p2p=_fit(comm["bytes"], comm["p2p"]),
+        message=m["sizes"]["message_bytes_per_example"],
+        slow=m.get("contention", 1.0),  # compute on busy processes / alone (1: not measured)
+    )
+
+
 def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[str, float]:
     """Predicted samples per second of every variant (``variant_specs``) for ``workers``
     processes (default k, the measured setting).
@@ -228,50 +329,13 @@ def cost_model(m: dict, k: int, batch: int, workers: int | None = None) -> dict[
         BP data parallel:      P c_bp(B / P) + a_P(all grads), c_bp per group
     """
     p_ = workers or k
-    slow = m.get("contention", 1.0)  # compute on busy processes / alone (1: not measured)
-    blk = m["block_seconds_by_batch"]
-    sizes = sorted(int(b) for b in blk)
-    fits = [_fit(sizes, [blk[str(b)][j] for b in sizes]) for j in range(k)]
-    mean_fit = _fit(sizes, [statistics.mean(blk[str(b)]) for b in sizes])
-    grad_bytes = m["sizes"]["block_grad_bytes"]
-    fwd_scale = batch / max(sizes)  # forwards were measured at the largest batch
-    if p_ == k:  # the measured groups, each with its own cost
-        costs, grads = fits, list(grad_bytes)
-        fwds = [f * fwd_scale for f in m["forward_seconds"]]
-    else:
-        costs, grads = [mean_fit] * p_, [statistics.mean(grad_bytes)] * p_
-        fwds = [statistics.mean(m["forward_seconds"]) * fwd_scale] * p_
-    bp_sizes = sorted(int(b) for b in m["bp_seconds_by_batch"])
-    bp0, bp1 = _fit(bp_sizes, [m["bp_seconds_by_batch"][str(b)] / k for b in bp_sizes])
-    comm = m["comm"]
-    ar0, ar1 = _fit(comm["bytes"], comm["allreduce"])
-    lat = ar0 / (2 * (k - 1)) if k > 1 else 0.0
-    inv_bw = ar1 * k / (2 * (k - 1)) if k > 1 else 0.0
-    p2p0, p2p1 = _fit(comm["bytes"], comm["p2p"])
-    msg = m["sizes"]["message_bytes_per_example"]
-
-    def allreduce(n_bytes: float, r: int) -> float:
-        return 0.0 if r == 1 else 2 * (r - 1) * lat + 2 * (r - 1) / r * n_bytes * inv_bw
-
-    def group(j: int, b: float) -> float:
-        return slow * (costs[j][0] + costs[j][1] * b)
-
+    costs = _fitted_costs(m, k, batch, p_)
     out = {}
     for name, (method, stages, replicas, schedule) in variant_specs(p_).items():
-        b = batch / replicas
         if method == "bp":
-            out[name] = batch / (slow * p_ * (bp0 + bp1 * b) + allreduce(sum(grads), replicas))
-            continue
-        per = p_ // stages
-        owned = [range(s * per, (s + 1) * per) for s in range(stages)]
-        stage = [sum(group(j, b) for j in g) + allreduce(sum(grads[j] for j in g), replicas)
-                 for g in owned]  # fmt: skip
-        send = (p2p0 + p2p1 * msg * b) if stages > 1 else 0.0
-        if schedule == "sync":
-            step = max(slow * sum(fwds[:s]) + s * send + stage[s] for s in range(stages))
+            out[name] = batch / costs.bp_step(batch, replicas)
         else:
-            step = max(stage) + send
-        out[name] = batch / step
+            out[name] = batch / costs.bll_step(batch, stages, replicas, schedule)
     return out
 
 
@@ -398,7 +462,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -424,10 +488,12 @@ def main() -> None:
                    help="measure nothing: recompute the cost model's predictions from the "
                    "inputs and rates stored in JSON (an earlier OUT.json) and rewrite it "
                    "and its .md")  # fmt: skip
-    args = p.parse_args()
-    if args.refit is not None:
-        refit(Path(args.refit))
-        return
+    return p
+
+
+def _checked_backend(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The process-group backend of ``args``, after checking that K ranks can run them
+    (exits through ``p.error`` if not)."""
     if args.task == "s2s_reverse" and args.layers % args.ranks:
         p.error(f"--ranks {args.ranks} must divide --layers {args.layers}")
     if args.task == "fashion_mnist" and args.blocks % args.ranks:
@@ -437,30 +503,55 @@ def main() -> None:
     if cuda and backend == "nccl" and torch.cuda.device_count() < args.ranks:
         p.error(f"NCCL needs {args.ranks} GPUs, found {torch.cuda.device_count()}; "
                 "use --dist-backend gloo to share one")  # fmt: skip
-    pyro.enable_validation(False)
-    cfg = _config(args)
+    return backend
+
+
+class _Ranks:
+    """The K worker processes (``_worker``), one command queue each and one result queue."""
+
+    def __init__(self, cfg: RunConfig, args: argparse.Namespace, backend: str) -> None:
+        """Start the ranks and wait until all are warm; ``comm`` holds rank 0's
+        communication times (``_comm_times``)."""
+        cuda = args.device.startswith("cuda")
+        k = args.ranks
+        # CPU: fork the ranks before this process runs any parallel region (cheap start-up,
+        # imports shared); CUDA: spawn, so that no CUDA state is inherited
+        if not cuda:
+            torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo once
+        ctx = mp.get_context("spawn" if cuda else "fork")
+        self.commands = [ctx.Queue() for _ in range(k)]
+        self.results = ctx.Queue()
+        port = _free_port()
+        job = (k, port, cfg, args.steps, args.warmup, backend, self.commands, self.results)
+        self.workers = [ctx.Process(target=_worker, args=(r, *job)) for r in range(k)]
+        for w in self.workers:
+            w.start()
+        ready = self.collect()  # no timing while the ranks start up (warm-up)
+        self.comm = next(g[2] for g in ready if g[1] == 0)
+
+    def run(self, cmd: str) -> list:
+        """Send ``cmd`` to every rank; the K answers."""
+        for q in self.commands:
+            q.put(cmd)
+        return self.collect()
+
+    def collect(self) -> list:
+        """One answer from every rank (``_collect``)."""
+        return _collect(self.results, self.workers, len(self.workers))
+
+    def stop(self) -> None:
+        for q in self.commands:
+            q.put("stop")
+        for w in self.workers:
+            w.join(timeout=60)
+
+
+def _timed_rounds(
+    cfg: RunConfig, args: argparse.Namespace, ranks: _Ranks
+) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Seconds of every variant per round (single-process ones here, the K-process ones
+    the slowest rank's), and each K-process variant's per-rank answers per round."""
     k = args.ranks
-
-    # CPU: fork the ranks before this process runs any parallel region (cheap start-up,
-    # imports shared); CUDA: spawn, so that no CUDA state is inherited
-    if not cuda:
-        torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo once
-    ctx = mp.get_context("spawn" if cuda else "fork")
-    commands = [ctx.Queue() for _ in range(k)]
-    results = ctx.Queue()
-    port = _free_port()
-    workers = [
-        ctx.Process(
-            target=_worker,
-            args=(r, k, port, cfg, args.steps, args.warmup, backend, commands, results),
-        )  # fmt: skip
-        for r in range(k)
-    ]
-    for w in workers:
-        w.start()
-    ready = _collect(results, workers, k)  # no timing while the ranks start up (warm-up)
-    comm = next(g[2] for g in ready if g[1] == 0)
-
     seconds: dict[str, list[float]] = {}
     rank_stats: dict[str, list] = {}
     variants = {
@@ -474,21 +565,20 @@ def main() -> None:
             seconds.setdefault(name, []).append(fn())
         torch.set_num_threads(1)  # idle while the ranks run
         for name in variant_specs(k):
-            for q in commands:
-                q.put(name)
-            got = _collect(results, workers, k)
+            got = ranks.run(name)
             seconds.setdefault(name, []).append(max(g[2] for g in got))
             rank_stats.setdefault(name, []).append(sorted(got))
         print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
             f"{n} {args.steps * args.batch_size / s[-1]:.0f}/s" for n, s in seconds.items()
         ), flush=True)  # fmt: skip
-    for q in commands:  # the same BP step on every rank at once (cores shared)
-        q.put(CONTENTION)
-    contended = statistics.mean(g[2] for g in _collect(results, workers, k))
-    for q in commands:
-        q.put("stop")
-    for w in workers:
-        w.join(timeout=60)
+    return seconds, rank_stats
+
+
+def _model_inputs(cfg: RunConfig, args: argparse.Namespace, comm: dict, contended: float) -> dict:
+    """What ``cost_model`` reads, measured in this process with 1 thread: block and BP
+    step times at every shard size, forward times, ``comm`` and the network's sizes, and
+    the contention (``contended`` BP seconds on K busy ranks / the same step alone)."""
+    k = args.ranks
     forward: list[float] = []
     blocks = block_times(cfg, k, args.steps, args.warmup, forward=forward)
     shard_sizes = sorted({args.batch_size // r for _, r in factorisations(k)} | {args.batch_size})
@@ -514,7 +604,35 @@ def main() -> None:
         cfg, args.steps, args.warmup, args.batch_size
     )
     measured["contention"] = contended / alone
+    return measured
 
+
+def _best_bll_over_bp_ddp(rate: dict[str, float], k: int) -> float:
+    """The fastest K-process BLL variant's samples per second over BP data parallel's."""
+    return (
+        max(
+            r
+            for n, r in rate.items()
+            if n.startswith(("bll_", f"{k}_ranks_pipelined"))
+            and n != "bll_1_thread"
+            and not n.startswith(f"bll_{k}_threads")
+        )
+        / rate[f"bp_ddp_{k}"]
+    )
+
+
+def _result(
+    args: argparse.Namespace,
+    cfg: RunConfig,
+    backend: str,
+    measured: dict,
+    seconds: dict[str, list[float]],
+    rank_stats: dict[str, list],
+) -> dict:
+    """The contents of OUT.json: rates of the best rounds, speed-ups, the cost model's
+    predictions and its inputs, and the settings."""
+    k = args.ranks
+    blocks = measured["block_seconds_by_batch"][str(args.batch_size)]  # at the full batch
     samples = args.steps * args.batch_size
     rate = {n: samples / min(s) for n, s in seconds.items()}
     base = rate["bll_1_thread"]
@@ -522,21 +640,14 @@ def main() -> None:
     pipe = rate[f"{k}_ranks_pipelined"]
     best = {n: rank_stats[n][seconds[n].index(min(seconds[n]))] for n in rank_stats}
     predicted = cost_model(measured, k, args.batch_size)
-    result = {
+    return {
         "model_inputs": measured,
         "predicted_samples_per_second": predicted,
         "predicted_over_measured": {n: predicted[n] / rate[n] for n in predicted},
         "model_extrapolation": {
             str(p_): cost_model(measured, k, args.batch_size, workers=p_) for p_ in (8, 32)
         },
-        "best_bll_over_bp_ddp": max(
-            r
-            for n, r in rate.items()
-            if n.startswith(("bll_", f"{k}_ranks_pipelined"))
-            and n != "bll_1_thread"
-            and not n.startswith(f"bll_{k}_threads")
-        )
-        / rate[f"bp_ddp_{k}"],
+        "best_bll_over_bp_ddp": _best_bll_over_bp_ddp(rate, k),
         "samples_per_second": rate,
         "speedup_over_bll_1_thread": {n: r / base for n, r in rate.items()},
         "block_seconds_per_step": blocks,
@@ -548,9 +659,35 @@ def main() -> None:
         },  # fmt: skip
         "all_rounds_seconds": seconds,
         "config": {**vars(args), "backend": backend, "train_config": cfg.to_dict()},
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name(0)}" if cuda else ""),
+        "machine": _machine(args.device.startswith("cuda")),
     }
+
+
+def _machine(cuda: bool) -> str:
+    """Processor, cores, torch version and (on CUDA) the GPU, for the report."""
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name(0)}" if cuda else "")
+    )
+
+
+def main() -> None:
+    p = _parser()
+    args = p.parse_args()
+    if args.refit is not None:
+        refit(Path(args.refit))
+        return
+    backend = _checked_backend(p, args)
+    pyro.enable_validation(False)
+    cfg = _config(args)
+    ranks = _Ranks(cfg, args, backend)
+    seconds, rank_stats = _timed_rounds(cfg, args, ranks)
+    # the same BP step on every rank at once (cores shared)
+    contended = statistics.mean(g[2] for g in ranks.run(CONTENTION))
+    ranks.stop()
+    measured = _model_inputs(cfg, args, ranks.comm, contended)
+    result = _result(args, cfg, backend, measured, seconds, rank_stats)
+    k = args.ranks
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
