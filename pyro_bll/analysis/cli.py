@@ -116,27 +116,29 @@ def default_out(runs: list[str]) -> Path:
     return Path(os.path.commonpath(paths)) / "diagnostics"
 
 
-def diagnose(args: argparse.Namespace) -> dict:
-    import arviz as az
-
-    from pyro_bll.analysis import diagnostic_plots as plots
-
-    t0 = time.perf_counter()
+def _check_positive(args: argparse.Namespace) -> None:
+    """ConfigError unless every count option (--batch, --draws, ...) is positive."""
     for name in ("batch", "draws", "epoch_draws", "examples", "positions", "channels"):
         if getattr(args, name) <= 0:
             raise ConfigError(
                 f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
             )
-    runs = [load_run(d) for d in args.runs]
-    require_trained_feedback(runs)
-    check_comparable(runs)
+
+
+def _chain_names(runs: list) -> list[str]:
+    """The runs' names, prefixed ``i:`` by position when two runs share a name."""
     names = [r.name for r in runs]
     if len(set(names)) < len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
-    x, y, mask = diagnostic_batch(runs[0].task, args.batch)
-    out = default_out(args.runs) if args.out is None else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return names
 
+
+def _statistics(
+    args: argparse.Namespace, runs: list, names: list[str], x, y, mask
+) -> tuple[dict[str, dict[int, dict[str, list[float | None]]]], list]:
+    """Per run: the point statistics of every checkpoint (``curves[name][epoch]``; only
+    the last with --last-only), and the Monte Carlo draws of the last one (``collect``,
+    seed ``args.seed + i`` for run i)."""
     curves: dict[str, dict[int, dict[str, list[float | None]]]] = {n: {} for n in names}
     results = []
     bar = tqdm(
@@ -155,7 +157,12 @@ def diagnose(args: argparse.Namespace) -> dict:
         opts = dict(examples=args.examples, positions=args.positions, channels=args.channels)
         results.append(collect(run.chain, x, y, mask, draws=args.draws, seed=args.seed + i, **opts))
     bar.close()
-    attrs = {
+    return curves, results
+
+
+def _run_attrs(runs: list, names: list[str], y) -> dict:
+    """The InferenceData's attributes: which runs, epochs, configuration and batch size."""
+    return {
         "runs": names,
         "run_dirs": [str(r.path) for r in runs],
         "epochs": [r.epoch for r in runs],
@@ -163,9 +170,13 @@ def diagnose(args: argparse.Namespace) -> dict:
         "batch": int(y.shape[0]),
         "statistics": "pyro_bll/core/agreement.py",
     }
-    idata = to_inference_data(results, y, mask, attrs)
-    idata.to_netcdf(str(out / "diagnostics.nc"))
-    t_stats = time.perf_counter() - t0
+
+
+def _summary(idata, y, mask) -> pd.DataFrame:
+    """``az.summary`` (R-hat, ESS across runs) of the latent statistics of the blocks that
+    have a latent, the local accuracy of every block, and the per-class statistics of the
+    classes among the batch's valid labels."""
+    import arviz as az
 
     # per-class rows only for the classes that occur among the valid labels of the batch
     labels = y if mask is None else y[mask.bool()]
@@ -180,20 +191,47 @@ def diagnose(args: argparse.Namespace) -> dict:
         agreement[["proto_msd_class"]].sel({"class": present, "block": latent}),
     ]
     with np.errstate(divide="ignore", invalid="ignore"):  # R-hat of constant statistics
-        summary = pd.concat([az.summary(part, round_to="none") for part in parts])
-    summary.to_csv(out / "summary.csv")
-    n_blocks = idata.agreement.sizes["block"]
-    (out / "summary.md").write_text(_markdown(summary, names, n_blocks))
-    (out / "curves.json").write_text(json.dumps(curves, indent=1))
+        return pd.concat([az.summary(part, round_to="none") for part in parts])
 
+
+def _plot_all(plots, idata, curves: dict, runs: list, names: list[str], out: Path) -> bool:
+    """Every figure of the module docstring into ``out`` (``plots``: the module
+    ``diagnostic_plots``); whether metrics.json had training-time agreement to plot."""
     plots.plot_densities(idata, out / "densities.png")
     plots.plot_kl_forest(idata, out / "forest_kl.png")
     plots.plot_by_block(curves, out / "agreement_by_block.png")
     plots.plot_epochs(curves, out / "agreement_epochs.png")
     plots.plot_runs(idata, names, out / "runs_side_by_side.png")
-    trained = plots.plot_training(
+    return plots.plot_training(
         {n: r.history for n, r in zip(names, runs, strict=True)}, out / "training_agreement.png"
     )
+
+
+def diagnose(args: argparse.Namespace) -> dict:
+    from pyro_bll.analysis import diagnostic_plots as plots  # before the clock starts
+
+    t0 = time.perf_counter()
+    _check_positive(args)
+    runs = [load_run(d) for d in args.runs]
+    require_trained_feedback(runs)
+    check_comparable(runs)
+    names = _chain_names(runs)
+    x, y, mask = diagnostic_batch(runs[0].task, args.batch)
+    out = default_out(args.runs) if args.out is None else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    curves, results = _statistics(args, runs, names, x, y, mask)
+    idata = to_inference_data(results, y, mask, _run_attrs(runs, names, y))
+    idata.to_netcdf(str(out / "diagnostics.nc"))
+    t_stats = time.perf_counter() - t0
+
+    summary = _summary(idata, y, mask)
+    summary.to_csv(out / "summary.csv")
+    n_blocks = idata.agreement.sizes["block"]
+    (out / "summary.md").write_text(_markdown(summary, names, n_blocks))
+    (out / "curves.json").write_text(json.dumps(curves, indent=1))
+
+    trained = _plot_all(plots, idata, curves, runs, names, out)
     total = time.perf_counter() - t0
     print(
         f"{len(runs)} run(s), {n_blocks} blocks, batch {y.shape[0]}, {args.draws} draws: "
