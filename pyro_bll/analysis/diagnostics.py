@@ -210,6 +210,108 @@ class RunDiagnostics:
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # [D, N, ...]
 
 
+@dataclass
+class _Kept:
+    """What ``z`` keeps: ``draws`` draws of the first ``examples`` examples, at the
+    flattened sites ``positions[k]`` of block k ([P] each) and its first ``channels``
+    values per site."""
+
+    draws: int
+    examples: int
+    positions: list[Tensor]
+    channels: int
+
+
+def _values_per_site(chain: BLLChain, laws: list[Params]) -> list[int]:
+    """Values of one draw of z_k per site, for every block: channels C, groups
+    (categorical) or groups x K (Dirichlet): the distribution's last batch dim times its
+    event size."""
+    widths = []
+    for k, law in enumerate(laws):
+        d = chain.families[k].distribution(law)
+        widths.append(d.batch_shape[-1] * math.prod(d.event_shape))
+    return widths
+
+
+def _valid_sites(chain: BLLChain, laws: list[Params], labels_valid: Tensor) -> list[Tensor]:
+    """Per block, which sites of example 0 (flattened over the axes between batch and
+    channel, [S_k]) carry a valid label; all of them if example 0 has none."""
+    sites = [
+        a[0].shape[1 : a[0].dim() - 1 - chain.families[k].stat_dims] for k, a in enumerate(laws)
+    ]
+    valid0 = [_expand_labels(labels_valid[:1], (1, *s))[0].flatten() for s in sites]
+    return [v if v.any() else torch.ones_like(v) for v in valid0]  # example 0 unlabelled
+
+
+def _spread(valid: Tensor, n: int) -> Tensor:
+    """``n`` indices of the true entries of ``valid`` spread evenly: of the m true
+    entries, those at (i + 1/2) m / n for i < n."""
+    idx = valid.nonzero().flatten()
+    return idx[((torch.arange(n) + 0.5) * idx.numel() / n).long()]
+
+
+def _kept(
+    chain: BLLChain,
+    laws: list[Params],
+    labels_valid: Tensor,
+    *,
+    draws: int,
+    examples: int,
+    positions: int,
+    channels: int,
+) -> _Kept:
+    """At most ``positions`` valid sites of example 0 and ``channels`` values per site,
+    as many for every block (the fewest any block has)."""
+    k_keep = min(channels, *_values_per_site(chain, laws))
+    valid0 = _valid_sites(chain, laws, labels_valid)
+    p_keep = min(positions, *(int(v.sum()) for v in valid0))
+    return _Kept(draws, examples, [_spread(v, p_keep) for v in valid0], k_keep)
+
+
+def _block_draws(
+    chain: BLLChain,
+    k: int,
+    law: Params,
+    y: Tensor,
+    mask: Tensor | None,
+    keep: _Kept,
+    feedback: bool,
+) -> tuple[Tensor | None, Tensor]:
+    """Block k's kept draws of z_k ~ rho_k (None without ``feedback``) and of
+    z_k ~ alpha_k (``law``): [D, E, P, C] each, float; NaN for a block without a latent."""
+    e, idx = keep.examples, keep.positions[k]
+    if not chain.has_latent(k):  # no site z_k: no draws, NaN in both groups
+        blank = torch.full((keep.draws, e, idx.numel(), keep.channels), math.nan)
+        return (blank if feedback else None), blank
+    fam = chain.families[k]
+    a_e = tuple(t[:e] for t in law)
+    m_e = None if mask is None else mask[:e]
+
+    def kept_sample(params: Params) -> Tensor:
+        z = fam.distribution(params).sample((keep.draws,))  # [D, E, *S, C(, K)]
+        z = z.flatten(-1 - fam.event_dims) if fam.event_dims else z  # [D, E, *S, C]
+        return z.reshape(keep.draws, e, -1, z.shape[-1])[:, :, idx, : keep.channels].float()
+
+    rho = None
+    if feedback:
+        rho = kept_sample(fam.posterior(a_e, chain.feedback_message(k, y[:e], m_e, a_e)))
+    return rho, kept_sample(a_e)
+
+
+def _bootstrapped_statistics(sums: list, weights: Tensor) -> dict[str, np.ndarray]:
+    """``summarise`` of every block's sums under the bootstrap ``weights``: [D, N, ...]
+    per statistic; ``kl_channel`` NaN-padded to the widest block."""
+    width = [s.kl.shape[-1] for s in sums]
+    stats: dict[str, list[np.ndarray]] = {}
+    for s in sums:
+        for name, v in summarise(s, weights).items():
+            v = v.float()
+            if name == "kl_channel":  # pad to the widest block
+                v = torch.nn.functional.pad(v, (0, max(width) - v.shape[-1]), value=np.nan)
+            stats.setdefault(name, []).append(v.numpy())
+    return {name: np.stack(v, 1) for name, v in stats.items()}
+
+
 @torch.no_grad()
 def collect(
     chain: BLLChain,
@@ -236,62 +338,28 @@ def collect(
     g = torch.Generator().manual_seed(seed)
     alphas = forward_messages(chain, x) if alphas is None else alphas
     weights = bootstrap_weights(y.shape[0], draws, g)
-    e = min(examples, y.shape[0])
     labels_valid = torch.ones_like(y, dtype=torch.bool) if mask is None else mask.bool()
     sums = (
         [block_sums(chain, k, a, y, mask, draws, per_class=True) for k, a in enumerate(alphas)]
         if feedback
         else []
     )
-    width = [s.kl.shape[-1] for s in sums]
     laws = [chain.latent_params(k, a) for k, a in enumerate(alphas)]  # the laws of z_k
-    # values of one draw per site: channels, groups (categorical) or group x K (Dirichlet)
-    z_width = []
+    keep = _kept(
+        chain, laws, labels_valid, draws=draws, examples=min(examples, y.shape[0]),
+        positions=positions, channels=channels,
+    )  # fmt: skip
+    z_rho, z_alpha = [], []
     for k, law in enumerate(laws):
-        d = chain.families[k].distribution(law)
-        z_width.append(d.batch_shape[-1] * math.prod(d.event_shape))
-    k_keep = min(channels, *z_width)
-    sites = [
-        a[0].shape[1 : a[0].dim() - 1 - chain.families[k].stat_dims] for k, a in enumerate(laws)
-    ]
-    valid0 = [_expand_labels(labels_valid[:1], (1, *s))[0].flatten() for s in sites]
-    valid0 = [v if v.any() else torch.ones_like(v) for v in valid0]  # example 0 unlabelled
-    p_keep = min(positions, *(int(v.sum()) for v in valid0))
-    z_rho, z_alpha, pos = [], [], []
-    for k, alpha in enumerate(laws):
-        fam = chain.families[k]
-        a_e = tuple(t[:e] for t in alpha)
-        m_e = None if mask is None else mask[:e]
-        idx = valid0[k].nonzero().flatten()
-        idx = idx[((torch.arange(p_keep) + 0.5) * idx.numel() / p_keep).long()]
-        pos.append(idx)
-        if not chain.has_latent(k):  # no site z_k: no draws, NaN in both groups
-            blank = torch.full((draws, e, p_keep, k_keep), math.nan)
-            z_alpha.append(blank)
-            if feedback:
-                z_rho.append(blank)
-            continue
-        laws_k = [(a_e, z_alpha)]
+        rho, alpha = _block_draws(chain, k, law, y, mask, keep, feedback)
+        z_alpha.append(alpha)
         if feedback:
-            rho = fam.posterior(a_e, chain.feedback_message(k, y[:e], m_e, a_e))
-            laws_k.insert(0, (rho, z_rho))
-        for params, out in laws_k:
-            z = fam.distribution(params).sample((draws,))  # [D, E, *S, C(, K)]
-            z = z.flatten(-1 - fam.event_dims) if fam.event_dims else z  # [D, E, *S, C]
-            z = z.reshape(draws, e, -1, z.shape[-1])[:, :, idx, :k_keep]
-            out.append(z.float())
-    stats: dict[str, list[np.ndarray]] = {}
-    for s in sums:
-        for name, v in summarise(s, weights).items():
-            v = v.float()
-            if name == "kl_channel":  # pad to the widest block
-                v = torch.nn.functional.pad(v, (0, max(width) - v.shape[-1]), value=np.nan)
-            stats.setdefault(name, []).append(v.numpy())
+            z_rho.append(rho)
     return RunDiagnostics(
         z_rho=torch.stack(z_rho, 1).numpy() if feedback else None,
         z_alpha=torch.stack(z_alpha, 1).numpy(),
-        position_index=torch.stack(pos).numpy(),
-        stats={name: np.stack(v, 1) for name, v in stats.items()},
+        position_index=torch.stack(keep.positions).numpy(),
+        stats=_bootstrapped_statistics(sums, weights),
     )
 
 
