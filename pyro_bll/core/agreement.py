@@ -152,6 +152,95 @@ def _spatial_axes(chain: BLLChain) -> tuple[int, ...] | None:
     return tuple(range(1, 1 + message.spatial_dims))
 
 
+@dataclass
+class _PrototypeTerms:
+    """m(alpha_k) against the label's prototype mean m(pi_y), per site compared with the
+    prototype: ``[B, *S]``, or ``[B]`` for a pooling spatial message with per-example
+    labels (the spatial means are compared)."""
+
+    valid: Tensor  # which sites are valid (the fraction of valid sites when pooled)
+    labels: Tensor  # the label of each site (0 where not valid)
+    msd: Tensor  # mean over channels of (m(alpha) - m(pi_y))^2
+    cos: Tensor  # cosine of m(alpha) and m(pi_y)
+    feedback_weight: Tensor  # <m(rho) - m(alpha), m(pi_y) - m(alpha)> / ||m(pi_y) - m(alpha)||^2
+
+
+def _prototype_terms(
+    chain: BLLChain, m_a: Tensor, m_r: Tensor, valid: Tensor, y_safe: Tensor, protos: Tensor
+) -> _PrototypeTerms:
+    """``proto_msd``, ``proto_cos`` and ``feedback_weight`` at every site from the means
+    m(alpha_k), m(rho_k) ``[B, *S, C']``, the valid sites ``[B, *S]``, the labels
+    ``[B, *L]`` (valid ones) and the prototype means ``protos`` ``[V, C']``."""
+    pooled = _spatial_axes(chain)
+    m_ap, m_rp, p_valid = m_a, m_r, valid
+    if pooled is not None and y_safe.dim() == 1:
+        m_ap, m_rp, p_valid = m_a.mean(pooled), m_r.mean(pooled), valid.mean(pooled)
+    y_sites = _expand_labels(y_safe, m_ap.shape[:-1])
+    fb_weight = _feedback_weight(m_ap, m_rp, protos[y_sites])
+    diff_p = m_ap - protos[y_sites]
+    return _PrototypeTerms(
+        valid=p_valid,
+        labels=y_sites,
+        msd=diff_p.pow(2).mean(-1),
+        cos=F.cosine_similarity(m_ap, protos[y_sites], dim=-1, eps=1e-12),
+        feedback_weight=fb_weight,
+    )
+
+
+def _local_hits(
+    chain: BLLChain,
+    k: int,
+    alpha: Params,
+    site: Params,
+    y: Tensor,
+    labels_valid: Tensor,
+    lab: Tensor,
+    *,
+    draws: int,
+    chunk: int,
+    per_class: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Correct predictions of q_k(y | z_k) at ``draws`` draws z_k ~ alpha_k (``site``, the
+    law of z_k), ``chunk`` at a time folded into the batch axis: per chunk of n draws,
+    the valid labels hit per example ``[B, n]`` and, with ``per_class``, per true class
+    ``[B, V, n]`` (``lab``: the one-hot valid labels ``[B, *L, V]``)."""
+    b = y.shape[0]
+    correct, correct_class = [], []
+    dist_a = chain.families[k].distribution(site)
+    for start in range(0, draws, chunk):
+        n = min(chunk, draws - start)
+        z = dist_a.sample((n,))  # [n, B, *S, C], folded into the batch axis below
+        alpha_n = tuple(p.repeat(n, *([1] * (p.dim() - 1))) for p in alpha)
+        logits = local_logits(chain, k, alpha_n, z.reshape(n * b, *z.shape[2:]))
+        hit = ((logits.argmax(-1).reshape(n, *y.shape) == y) & labels_valid).to(lab.dtype)
+        correct.append(_per_example(hit.movedim(0, -1), keep=1))  # [B, n]
+        if per_class:  # [B, V, n]
+            correct_class.append(
+                _per_example(lab.unsqueeze(-1) * hit.movedim(0, -1).unsqueeze(-2), keep=2)
+            )
+    return correct, correct_class
+
+
+def _add_class_sums(
+    sums: BlockSums, proto: _PrototypeTerms, lab: Tensor, correct_class: list[Tensor]
+) -> None:
+    """Fill the per-true-class fields of ``sums`` (``[B, V]``, ``[B, V, D]``)."""
+    num_classes = lab.shape[-1]
+    onehot = F.one_hot(proto.labels, num_classes).to(lab.dtype) * proto.valid.unsqueeze(-1)
+    sums.class_sites = _per_example(onehot, keep=1)
+    sums.proto_msd_class = _per_example(onehot * proto.msd.unsqueeze(-1), keep=1)
+    sums.class_labels = _per_example(lab, keep=1)
+    sums.correct_class = torch.cat(correct_class, dim=-1)
+
+
+def _blank_latent_statistics(sums: BlockSums) -> None:
+    """NaN for every statistic of ``LATENT_STATISTICS`` (a block without z_k and rho_k)."""
+    for name in LATENT_STATISTICS:
+        value = getattr(sums, name)
+        if value is not None:
+            setattr(sums, name, torch.full_like(value, float("nan")))
+
+
 def block_sums(
     chain: BLLChain,
     k: int,
@@ -168,65 +257,36 @@ def block_sums(
     for the local-likelihood accuracy (``chunk`` at a time, folded into the batch axis).
     """
     fam = chain.families[k]
-    b = y.shape[0]
     labels_valid = torch.ones_like(y, dtype=torch.bool) if mask is None else mask.bool()
     site = chain.latent_params(k, alpha)  # the law of z_k (alpha, or its spatial mean)
-    beta = chain.feedback_message(k, y, mask, site)
-    rho = fam.posterior(site, beta)
+    rho = fam.posterior(site, chain.feedback_message(k, y, mask, site))
     kl = fam.kl(rho, site)  # [B, *S, C]
     valid = _expand_labels(labels_valid, kl.shape[:-1]).to(kl.dtype)  # [B, *S]
     m_a, m_r = fam.mean(site), fam.mean(rho)  # [B, *S, C']
 
     protos = prototype_means(chain, k).to(m_a.dtype)  # [V, C']
-    num_classes = protos.shape[0]
     y_safe = torch.where(labels_valid, y, torch.zeros_like(y))
-    pooled = _spatial_axes(chain)
-    m_ap, m_rp, p_valid = m_a, m_r, valid
-    if pooled is not None and y.dim() == 1:
-        m_ap, m_rp, p_valid = m_a.mean(pooled), m_r.mean(pooled), valid.mean(pooled)
-    y_sites = _expand_labels(y_safe, m_ap.shape[:-1])
-    fb_weight = _feedback_weight(m_ap, m_rp, protos[y_sites])
-    diff_p = m_ap - protos[y_sites]
-    proto_sq = diff_p.pow(2).mean(-1)
-    proto_cos = F.cosine_similarity(m_ap, protos[y_sites], dim=-1, eps=1e-12)
-
-    lab = F.one_hot(y_safe, num_classes).to(kl.dtype) * labels_valid.unsqueeze(-1)  # [B,*L,V]
-    correct, correct_class = [], []
-    dist_a = fam.distribution(site)
-    for start in range(0, draws, chunk):
-        n = min(chunk, draws - start)
-        z = dist_a.sample((n,))  # [n, B, *S, C], folded into the batch axis below
-        alpha_n = tuple(p.repeat(n, *([1] * (p.dim() - 1))) for p in alpha)
-        logits = local_logits(chain, k, alpha_n, z.reshape(n * b, *z.shape[2:]))
-        hit = ((logits.argmax(-1).reshape(n, *y.shape) == y) & labels_valid).to(kl.dtype)
-        correct.append(_per_example(hit.movedim(0, -1), keep=1))  # [B, n]
-        if per_class:  # [B, V, n]
-            correct_class.append(
-                _per_example(lab.unsqueeze(-1) * hit.movedim(0, -1).unsqueeze(-2), keep=2)
-            )
+    proto = _prototype_terms(chain, m_a, m_r, valid, y_safe, protos)
+    lab = F.one_hot(y_safe, protos.shape[0]).to(kl.dtype) * labels_valid.unsqueeze(-1)  # [B,*L,V]
+    correct, correct_class = _local_hits(
+        chain, k, alpha, site, y, labels_valid, lab, draws=draws, chunk=chunk, per_class=per_class
+    )
     sums = BlockSums(
         sites=_per_example(valid),
         labels=_per_example(labels_valid.to(kl.dtype)),
         kl=_per_example(kl * valid.unsqueeze(-1), keep=1),
         mean_msd=_per_example((m_r - m_a).pow(2).mean(-1) * valid),
         mean_cos=_per_example(F.cosine_similarity(m_r, m_a, dim=-1, eps=1e-12) * valid),
-        proto_sites=_per_example(p_valid),
-        proto_msd=_per_example(proto_sq * p_valid),
-        proto_cos=_per_example(proto_cos * p_valid),
-        feedback_weight=_per_example(fb_weight * p_valid),
-        correct=torch.cat(correct, dim=1) if correct else kl.new_zeros(b, 0),
+        proto_sites=_per_example(proto.valid),
+        proto_msd=_per_example(proto.msd * proto.valid),
+        proto_cos=_per_example(proto.cos * proto.valid),
+        feedback_weight=_per_example(proto.feedback_weight * proto.valid),
+        correct=torch.cat(correct, dim=1) if correct else kl.new_zeros(y.shape[0], 0),
     )
     if per_class:
-        onehot = F.one_hot(y_sites, num_classes).to(kl.dtype) * p_valid.unsqueeze(-1)
-        sums.class_sites = _per_example(onehot, keep=1)
-        sums.proto_msd_class = _per_example(onehot * proto_sq.unsqueeze(-1), keep=1)
-        sums.class_labels = _per_example(lab, keep=1)
-        sums.correct_class = torch.cat(correct_class, dim=-1)
+        _add_class_sums(sums, proto, lab, correct_class)
     if not chain.has_latent(k):  # no z_k, no rho_k: only the head's accuracy is defined
-        for name in LATENT_STATISTICS:
-            value = getattr(sums, name)
-            if value is not None:
-                setattr(sums, name, torch.full_like(value, float("nan")))
+        _blank_latent_statistics(sums)
     return sums
 
 
