@@ -21,12 +21,13 @@ from common import run_seeds
 
 from pyro_bll.config import ConfigError
 from pyro_bll.run.build import config_for_task
+from pyro_bll.run.options import RunConfig
 from pyro_bll.run.plots import plot_sweep
 from pyro_bll.tasks import TASKS
 from pyro_bll.tasks.vision import VisionTask
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -50,47 +51,45 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs-dir", default="runs/sweep_blocks")
     p.add_argument("--results", default="results")
-    args = p.parse_args()
+    return p
+
+
+def _configs(args: argparse.Namespace, vision: bool) -> dict[tuple[str, int], RunConfig]:
+    """The run configuration of every (method, N blocks); ConfigError for an N the
+    network cannot be cut into."""
     given = {k: getattr(args, k) for k in ("batch_size", "lr") if getattr(args, k) is not None}
-    vision = issubclass(TASKS[args.task], VisionTask)
-    bases = {}
     # the options of the network's own section: a ResNet's, or a layer stack's
     shape = (
         {"arch": args.arch, "width": args.width, "channels_last": args.channels_last or None}
         if vision
         else {"layers": args.layers}
     )
-    try:
-        for method in args.methods:
-            for n in args.blocks:
-                cfg = config_for_task(
-                    args.task,
-                    **given,
-                    **shape,
-                    method=method,
-                    blocks=n,
-                    epochs=args.epochs,
-                    train_size=args.train_size,
-                    test_size=args.test_size,
-                    max_minutes=args.max_minutes,
-                    data_dir=args.data_dir,
-                    device=args.device,
-                    amp=args.amp,
-                    threads=args.threads,
-                )
-                bases[method, n] = cfg
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
-    tag = f"_{args.task}_{args.arch}" if vision else ""
-    by_method = {
-        method: [
-            run_seeds(bases[method, n], args.seeds, f"{args.runs_dir}{tag}/{method}_N{n}")
-            for n in args.blocks
-        ]
-        for method in args.methods
-    }
+    bases = {}
+    for method in args.methods:
+        for n in args.blocks:
+            bases[method, n] = config_for_task(
+                args.task,
+                **given,
+                **shape,
+                method=method,
+                blocks=n,
+                epochs=args.epochs,
+                train_size=args.train_size,
+                test_size=args.test_size,
+                max_minutes=args.max_minutes,
+                data_dir=args.data_dir,
+                device=args.device,
+                amp=args.amp,
+                threads=args.threads,
+            )
+    return bases
+
+
+def _write_results(
+    args: argparse.Namespace, by_method: dict[str, list[dict]], tag: str, vision: bool
+) -> None:
+    """``sweep_blocks{tag}.json`` (the first method's results, and every method's) and the
+    accuracy-against-N plot ``sweep_blocks{tag}.png`` under --results."""
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     first = by_method[args.methods[0]]
@@ -106,6 +105,26 @@ def main() -> int:
         out / f"sweep_blocks{tag}.png",
         ylabel="test accuracy" if vision else "test token accuracy",
     )
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    vision = issubclass(TASKS[args.task], VisionTask)
+    try:
+        bases = _configs(args, vision)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    tag = f"_{args.task}_{args.arch}" if vision else ""
+    by_method = {
+        method: [
+            run_seeds(bases[method, n], args.seeds, f"{args.runs_dir}{tag}/{method}_N{n}")
+            for n in args.blocks
+        ]
+        for method in args.methods
+    }
+    _write_results(args, by_method, tag, vision)
     for method, rs in by_method.items():
         for n, r in zip(args.blocks, rs, strict=True):
             print(f"{method} N={n}: test acc {100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f}")
