@@ -19,6 +19,7 @@ from common import run_seeds
 
 from pyro_bll.families import FAMILIES
 from pyro_bll.run.build import config_for_task
+from pyro_bll.run.options import RunConfig
 
 TASKS = {
     "s2s_reverse": config_for_task(task="s2s_reverse", layers=5, epochs=5),
@@ -34,7 +35,7 @@ def _cell(r: dict) -> str:
     )
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -59,41 +60,48 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--runs-dir", default="runs/bench_families")
     p.add_argument("--results", default="results")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    results: dict[str, dict[str, dict]] = {}
-    for task in args.tasks:
-        base = TASKS[task].replace(threads=args.threads, data_dir=args.data_dir)
-        if args.epochs:
-            base = base.replace(epochs=args.epochs)
-        if args.train_size:
-            base = base.replace(train_size=args.train_size)
-        if args.likelihood:
-            base = base.replace(likelihood=args.likelihood)
-        if args.layers and task == "s2s_reverse":
-            base = base.replace(layers=args.layers)
-        results[task] = {}
-        for fam in args.families:
-            opts = {"group_size": 4} if fam == "categorical" else {}
-            # propagate=None: the family's own default (the base was filled for the Gaussian)
-            cfg = base.replace(family=fam, family_args=opts, propagate=None)
-            results[task][fam] = run_seeds(cfg, args.seeds, f"{args.runs_dir}/{task}_{fam}")
-        if args.no_references:
-            continue
-        # the solve is the KL's optimum only: the tied prototype likelihood is left out
-        cfg = base.replace(family="gaussian", feedback_update="solve", bll_terms=["kl", "pred"])
-        results[task]["gaussian + feedback solve (kl, pred)"] = run_seeds(
-            cfg, args.seeds, f"{args.runs_dir}/{task}_gaussian_solve"
-        )
-        cfg = base.replace(family="gaussian", method="bp", likelihood=None)
-        results[task]["BP on the same network (reference)"] = run_seeds(
-            cfg, args.seeds, f"{args.runs_dir}/{task}_bp"
-        )
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "families.json").write_text(
-        json.dumps({"args": vars(args), "results": results}, indent=2)
+    return p
+
+
+def _task_config(args: argparse.Namespace, task: str) -> RunConfig:
+    """``TASKS[task]`` with the command line's overrides."""
+    base = TASKS[task].replace(threads=args.threads, data_dir=args.data_dir)
+    if args.epochs:
+        base = base.replace(epochs=args.epochs)
+    if args.train_size:
+        base = base.replace(train_size=args.train_size)
+    if args.likelihood:
+        base = base.replace(likelihood=args.likelihood)
+    if args.layers and task == "s2s_reverse":
+        base = base.replace(layers=args.layers)
+    return base
+
+
+def _task_results(args: argparse.Namespace, task: str, base: RunConfig) -> dict[str, dict]:
+    """Row name -> ``run_seeds`` result on one task: every family, then (unless
+    --no-references) the Gaussian with the feedback solve and BP on the same network."""
+    results = {}
+    for fam in args.families:
+        opts = {"group_size": 4} if fam == "categorical" else {}
+        # propagate=None: the family's own default (the base was filled for the Gaussian)
+        cfg = base.replace(family=fam, family_args=opts, propagate=None)
+        results[fam] = run_seeds(cfg, args.seeds, f"{args.runs_dir}/{task}_{fam}")
+    if args.no_references:
+        return results
+    # the solve is the KL's optimum only: the tied prototype likelihood is left out
+    cfg = base.replace(family="gaussian", feedback_update="solve", bll_terms=["kl", "pred"])
+    results["gaussian + feedback solve (kl, pred)"] = run_seeds(
+        cfg, args.seeds, f"{args.runs_dir}/{task}_gaussian_solve"
     )
+    cfg = base.replace(family="gaussian", method="bp", likelihood=None)
+    results["BP on the same network (reference)"] = run_seeds(
+        cfg, args.seeds, f"{args.runs_dir}/{task}_bp"
+    )
+    return results
+
+
+def _table(results: dict[str, dict[str, dict]]) -> list[str]:
+    """Markdown rows: one per family or reference, one column per task."""
     names = list(next(iter(results.values())))
     rows = [
         "| family | " + " | ".join(f"{t} test acc % (s / epoch)" for t in results) + " |",
@@ -101,6 +109,21 @@ def main() -> None:
     ]
     for name in names:
         rows.append(f"| {name} | " + " | ".join(_cell(results[t][name]) for t in results) + " |")
+    return rows
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict[str, dict[str, dict]] = {}
+    for task in args.tasks:
+        results[task] = _task_results(args, task, _task_config(args, task))
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "families.json").write_text(
+        json.dumps({"args": vars(args), "results": results}, indent=2)
+    )
+    rows = _table(results)
     (out / "families.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 
