@@ -92,6 +92,19 @@ class RankTrainer:
         ``auto_resume`` (a torchrun restart) resumes from the last complete epoch if there
         is one, as ``--resume`` does.
         """
+        # every decision below is taken from the same gathered views on every rank
+        views = self._gather_views(out)
+        start = self._resume_point(out, views, auto_resume)
+        if start is not None:
+            self._resume(out, *start)
+        elif self.cfg.overwrite and self.writes:
+            for p in list_checkpoints(ckpt.rank_dir(out, self.stage.stage)):  # stale ones
+                p.unlink()  # would confuse a later resume
+
+    def _local_view(self, out: Path) -> tuple[str | None, list, str | None]:
+        """This rank's view of ``out``: why its directory cannot be written (None: it
+        can), the (epoch, step) keys of its stage's checkpoints (mid-epoch ones included)
+        and, on rank 0, the newest single-process checkpoint's name if no rank has any."""
         cfg, rank, stage = self.cfg, self.rank, self.stage.stage
         error, keys, other = None, [], None
         try:
@@ -106,13 +119,27 @@ class RankTrainer:
                 other = single[-1].name if single and not keys else None
         except OSError as e:
             error = f"--out {cfg.out!r} cannot be written on rank {rank} ({e.strerror})"
-        # every decision below is taken from the same gathered views on every rank
+        return error, keys, other
+
+    def _gather_views(self, out: Path) -> list[Any]:
+        """Every rank's ``_local_view``, the same list on all ranks; the first rank's error
+        is raised as a ConfigError on every rank."""
         views: list[Any] = [None] * self.world_size
-        mine = (error, keys, other)
+        mine = self._local_view(out)
         collective("listing the checkpoints", lambda: dist.all_gather_object(views, mine))
         first_error = next((v[0] for v in views if v[0] is not None), None)
         if first_error is not None:
             raise ConfigError(first_error)
+        return views
+
+    def _resume_point(
+        self, out: Path, views: list[Any], auto_resume: bool
+    ) -> tuple[int, int] | None:
+        """The (epoch, step) to resume from, the newest that every stage's writer has, with
+        --resume or ``auto_resume``; None: start afresh. ConfigError for --resume without
+        such a checkpoint, and for a run already in ``out`` without --resume or
+        --overwrite."""
+        cfg = self.cfg
         writers = [self.layout.rank_of(s, 0) for s in range(self.layout.stages)]
         per_rank = [{tuple(k) for k in views[r][1]} for r in writers]
         complete = sorted(set.intersection(*per_rank))
@@ -129,32 +156,39 @@ class RankTrainer:
                 f"--out {cfg.out!r} already holds a run ({found}); pass --resume to continue "
                 "it, --overwrite to start it again, or choose another --out"
             )
-        if resume:
-            epoch, step = complete[-1]
-            path = ckpt.rank_checkpoint(out, stage, epoch, None if step == END_OF_EPOCH else step)
-            mismatch, state = None, {"rank_blocks": list(self.stage.groups.sizes)}
-            try:  # read once: checked here, restored by the stage once every rank agrees
-                state = load_checkpoint(path, self.stage.device)
-            except CheckpointError as e:
-                mismatch = f"--resume: {e}"
-            if mismatch is None and state["rank_blocks"] != list(self.stage.groups.sizes):
-                mismatch = (
-                    f"the checkpoints in {out}/rank_*/ were written with blocks per rank "
-                    f"{','.join(map(str, state['rank_blocks']))}, this launch has "
-                    f"{','.join(map(str, self.stage.groups.sizes))}; resume with the same "
-                    "grouping, or assemble them (experiments/assemble_checkpoint.py) and "
-                    "resume in one process"
-                )
-            if mismatch is None:
-                mismatch = self.stage.check_state(state, path)
-            _agree(mismatch)  # one rank's refusal is every rank's (no rank left waiting)
-            self.stage.restore(state)
-            self.history = state["history"]
-            self.partial = state.get("epoch_state")
-            self.start_epoch = epoch if self.partial is not None else epoch + 1
-        elif cfg.overwrite and self.writes:
-            for p in list_checkpoints(ckpt.rank_dir(out, stage)):  # stale ones would confuse
-                p.unlink()  # a later resume
+        return complete[-1] if resume else None
+
+    def _resume(self, out: Path, epoch: int, step: int) -> None:
+        """Restore the stage, the history and a mid-epoch state from this rank's checkpoint
+        of (epoch, step), once every rank found its own usable (``_agree``)."""
+        stage = self.stage.stage
+        path = ckpt.rank_checkpoint(out, stage, epoch, None if step == END_OF_EPOCH else step)
+        state, mismatch = self._read_resume_state(out, path)
+        _agree(mismatch)  # one rank's refusal is every rank's (no rank left waiting)
+        self.stage.restore(state)
+        self.history = state["history"]
+        self.partial = state.get("epoch_state")
+        self.start_epoch = epoch if self.partial is not None else epoch + 1
+
+    def _read_resume_state(self, out: Path, path: Path) -> tuple[dict[str, Any], str | None]:
+        """The checkpoint ``path``, read once (checked here, restored by the stage once every
+        rank agrees), and why it cannot be resumed from (None: it can)."""
+        mismatch, state = None, {"rank_blocks": list(self.stage.groups.sizes)}
+        try:
+            state = load_checkpoint(path, self.stage.device)
+        except CheckpointError as e:
+            mismatch = f"--resume: {e}"
+        if mismatch is None and state["rank_blocks"] != list(self.stage.groups.sizes):
+            mismatch = (
+                f"the checkpoints in {out}/rank_*/ were written with blocks per rank "
+                f"{','.join(map(str, state['rank_blocks']))}, this launch has "
+                f"{','.join(map(str, self.stage.groups.sizes))}; resume with the same "
+                "grouping, or assemble them (experiments/assemble_checkpoint.py) and "
+                "resume in one process"
+            )
+        if mismatch is None:
+            mismatch = self.stage.check_state(state, path)
+        return state, mismatch
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(
