@@ -31,6 +31,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -162,23 +163,22 @@ def _default_threads(cfg: RunConfig, env: DistEnv) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
 
 
-def main(cfg: RunConfig, progress: bool = True, resume_hint: str = "") -> int:
-    """Train this rank; return the exit code (bad input before training raises ConfigError
-    on rank 0; a failure during training ends the process via ``os._exit``; a signal on
-    any rank stops every rank with a checkpoint and exit code 128 + signal, rank 0 printing
-    one line that ends with ``resume_hint``)."""
-    env = DistEnv.from_environ()
+def _build_rank(cfg: RunConfig, env: DistEnv) -> tuple[RankTrainer, str] | None:
+    """This rank's trainer and backend, built before any network traffic; None on a rank
+    other than 0 when the input is bad (rank 0 raises the same ConfigError, once)."""
     try:
         Layout.make(cfg, env.world_size)  # K stages x R replicas, or a one-line error
         device, backend = select_device(cfg, env)
         _default_threads(cfg, env)
-        trainer = RankTrainer(cfg, env.rank, env.world_size, device, backend)
+        return RankTrainer(cfg, env.rank, env.world_size, device, backend), backend
     except ConfigError:
         if env.rank == 0:
             raise  # the same error on every rank: rank 0 says it once
-        return 2
-    rendezvous(env, backend, cfg.dist_timeout)
-    hosts_store = env.rank == 0 and not env.agent_store
+        return None
+
+
+def _start_monitor(cfg: RunConfig, env: DistEnv) -> FaultMonitor:
+    """The heartbeat and failure-verdict monitor of this rank, started."""
     monitor = FaultMonitor(
         dist.PrefixStore(  # a torchrun restart must not see the last attempt's verdict
             f"pyro_bll/fault/{env.restart_count}",
@@ -190,13 +190,34 @@ def main(cfg: RunConfig, progress: bool = True, resume_hint: str = "") -> int:
         store_host="the torchrun agent" if env.agent_store else "rank 0",
     )
     monitor.start()
-    # the store's host lingers after a failure so that the others can read the verdict
-    linger = 3 * monitor.interval if hosts_store else 0.0
-    me = env.rank
-    stop_store = dist.PrefixStore(  # where a signal on one rank reaches the others
+    return monitor
+
+
+def _stop_store(cfg: RunConfig, env: DistEnv) -> dist.Store:
+    """Where a signal on one rank reaches the others (``pyro_bll.distributed.stop``)."""
+    return dist.PrefixStore(
         f"pyro_bll/stop/{env.restart_count}",
         connect_store(env.master_addr, env.master_port, cfg.dist_timeout),
     )
+
+
+def main(cfg: RunConfig, progress: bool = True, resume_hint: str = "") -> int:
+    """Train this rank; return the exit code (bad input before training raises ConfigError
+    on rank 0; a failure during training ends the process via ``os._exit``; a signal on
+    any rank stops every rank with a checkpoint and exit code 128 + signal, rank 0 printing
+    one line that ends with ``resume_hint``)."""
+    env = DistEnv.from_environ()
+    built = _build_rank(cfg, env)
+    if built is None:
+        return 2
+    trainer, backend = built
+    rendezvous(env, backend, cfg.dist_timeout)
+    hosts_store = env.rank == 0 and not env.agent_store
+    monitor = _start_monitor(cfg, env)
+    # the store's host lingers after a failure so that the others can read the verdict
+    linger = 3 * monitor.interval if hosts_store else 0.0
+    me = env.rank
+    stop_store = _stop_store(cfg, env)
     try:
         metrics = trainer.fit(
             Path(cfg.out),
@@ -215,22 +236,36 @@ def main(cfg: RunConfig, progress: bool = True, resume_hint: str = "") -> int:
         _shutdown(monitor, linger)
         return 2
     except PeerFailure as e:
-        # a neighbour (or a collective) broke: prefer the failed rank's own report; a
-        # collective names no peer, then the heartbeats tell who is gone
-        wait = GRACE if e.peer is not None else monitor.timeout + 2 * monitor.interval
-        verdict = monitor.first_failure(wait)
-        if verdict is None:
-            culprit = me if e.peer is None else e.peer
-            verdict = monitor.report(culprit, f"lost (seen by rank {me}: {e})")
-        _stop(f"error: {verdict}; rank {me} stops", linger, monitor)
+        _stop_after_peer_failure(e, me, monitor, linger)
     except BaseException as e:  # noqa: BLE001 - any failure of this rank stops the job
-        monitor.report(me, f"{type(e).__name__}: {e}")
-        detail = "" if isinstance(e, TrainingDiverged) else traceback.format_exc()
-        _stop(f"{detail}error: rank {me} failed: {type(e).__name__}: {e}", linger, monitor)
+        _stop_after_own_failure(e, me, monitor, linger)
     _shutdown(monitor, linger)
     if me == 0 and metrics is not None:
         print(final_line(metrics, cfg.out), flush=True)
     return 0
+
+
+def _stop_after_peer_failure(
+    e: PeerFailure, me: int, monitor: FaultMonitor, linger: float
+) -> NoReturn:
+    """A neighbour (or a collective) broke: prefer the failed rank's own report; a
+    collective names no peer, then the heartbeats tell who is gone. Ends the process."""
+    wait = GRACE if e.peer is not None else monitor.timeout + 2 * monitor.interval
+    verdict = monitor.first_failure(wait)
+    if verdict is None:
+        culprit = me if e.peer is None else e.peer
+        verdict = monitor.report(culprit, f"lost (seen by rank {me}: {e})")
+    _stop(f"error: {verdict}; rank {me} stops", linger, monitor)
+
+
+def _stop_after_own_failure(
+    e: BaseException, me: int, monitor: FaultMonitor, linger: float
+) -> NoReturn:
+    """This rank failed: report it to the others and print it (with the traceback of the
+    exception being handled, except for a diverged training). Ends the process."""
+    monitor.report(me, f"{type(e).__name__}: {e}")
+    detail = "" if isinstance(e, TrainingDiverged) else traceback.format_exc()
+    _stop(f"{detail}error: rank {me} failed: {type(e).__name__}: {e}", linger, monitor)
 
 
 def _shutdown(monitor: FaultMonitor, linger: float) -> None:
@@ -245,7 +280,7 @@ def _shutdown(monitor: FaultMonitor, linger: float) -> None:
         _stop(f"error: {verdict}", linger, monitor)
 
 
-def _stop(message: str, linger: float, monitor: FaultMonitor) -> None:
+def _stop(message: str, linger: float, monitor: FaultMonitor) -> NoReturn:
     """Print the verdict and end this process now (exit code 1), wherever others are."""
     monitor.silence()  # the verdict is printed once, here
     print(message, file=sys.stderr, flush=True)
