@@ -81,7 +81,7 @@ class Lookahead:
 
     def likelihoods(self, chain: BLLChain) -> list[LookaheadLikelihood]:
         """One local likelihood per block below the last (``BLLChain.local_likelihoods``)."""
-        check_lookahead(chain, self.depth)
+        check_lookahead(chain, self.depth, self.read)
         return [LookaheadLikelihood(self, k) for k in range(chain.num_blocks - 1)]
 
     def maybe_refresh(self, chain: BLLChain, step: int | None) -> int:
@@ -126,7 +126,7 @@ class Lookahead:
         if self.read == "mean":
             if alpha is None:
                 raise ValueError("the look-ahead of the mean needs block k's forward message")
-            inp: Any = chain.families[k].mean(alpha)
+            inp: Any = alpha if chain.propagate == "params" else chain.families[k].mean(alpha)
         else:
             inp = _input(chain, k, z, alpha)
         for j in range(k + 1, last + 1):
@@ -151,9 +151,9 @@ class LookaheadLikelihood:
         return Categorical(logits=self.lookahead.logits(chain, k, z, alpha))
 
 
-def check_lookahead(chain: BLLChain, depth: int) -> None:
+def check_lookahead(chain: BLLChain, depth: int, read: str = "sample") -> None:
     """One-line errors for chains the look-ahead cannot read."""
-    if chain.propagate == "params":
+    if chain.propagate == "params" and read == "sample":
         raise ValueError(
             "the look-ahead feeds a draw z_k to the next block, which reads alpha's "
             "parameters under propagate='params'; use propagate='mean' or 'sample'"
@@ -166,7 +166,7 @@ def check_lookahead(chain: BLLChain, depth: int) -> None:
             "a predictive head: switch the predictive heads on, or look ahead to the top"
         )
     message = getattr(chain.spatial_message, "name", None)
-    if message == "grid":
+    if message == "grid" and read == "sample":
         raise ValueError(
             "the look-ahead cannot rebuild a feature map from --message grid's cell latents; "
             "use --message channel, mean, pool or broadcast"

@@ -152,19 +152,6 @@ class BLL(Method):
         self.agreements: dict[tuple[int, int] | None, StepAgreement] = {}
         self.solve = opts.feedback_update == "solve"
         self.ridge = opts.ridge
-        if self.solve:
-            try:
-                check_solvable(chain)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            if "likelihood" in self.terms and chain.local_likelihoods is not None:
-                raise ConfigError(
-                    "--feedback-update solve sets the feedback weights to the KL term's "
-                    "optimum, but the local likelihood shares those weights, so the solve is "
-                    "not the local loss's optimum; add --bll-terms kl,pred, or use "
-                    "--feedback-update grad"
-                )
-            chain.feedback.requires_grad_(False)
         try:
             if opts.beta == "lookahead":
                 chain.use_lookahead(
@@ -175,6 +162,20 @@ class BLL(Method):
                 chain.use_critic(Critic(critic_widths(chain), classes, opts.critic_refresh))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.solve:
+            try:
+                check_solvable(chain)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            shared = chain.lookahead is None and chain.critic is None  # the prototypes
+            if "likelihood" in self.terms and chain.local_likelihoods is not None and shared:
+                raise ConfigError(
+                    "--feedback-update solve sets the feedback weights to the KL term's "
+                    "optimum, but the local likelihood shares those weights, so the solve is "
+                    "not the local loss's optimum; add --bll-terms kl,pred, or use "
+                    "--feedback-update grad"
+                )
+            chain.feedback.requires_grad_(False)
 
     def loss(
         self,

@@ -124,6 +124,12 @@ _VISION_DEFAULTS: dict[str, Any] = {
     # one backward per block: as fast as one joint backward on ResNets (within 1 %), with
     # the activation memory of one block (docs/memory.md)
     "backward": "per-block",
+    # --method bll: block k's local likelihood through copies of every block above it,
+    # read at m(alpha_k); chosen on the validation split over the label feedback and the
+    # other messages at K = 4 and 8 (docs/results.md, backward messages)
+    "beta": "lookahead",
+    "lookahead_input": "mean",
+    "lookahead_depth": 0,
 }
 
 

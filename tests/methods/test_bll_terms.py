@@ -29,6 +29,7 @@ def _batch():
 
 def _loss(terms, seed=0):
     cfg = RunConfig(task="fashion_mnist", width=1 / 16, blocks=3, message="mean", pred_weight=1.0,
+                    beta="label",
                     bll_terms=list(terms))  # fmt: skip
     torch.manual_seed(seed)
     chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg)
