@@ -425,9 +425,88 @@ def render_estimator(data: Loaded, labels: dict[str, str]) -> list[str]:
 FROM_EXPERIMENTS = "command (from `experiments/`)"
 FROM_ROOT = "command (from the repository root)"
 
+
+def render_messages_exploration(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """Backward messages explored on one seed: validation accuracy per variant."""
+    record = data[0][1]
+    rows = [[r["variant"], f"`{r['options']}`" if r["options"] else "(defaults)",
+             pct(r["val_accuracy"])] for r in record["rows"]]  # fmt: skip
+    return table(["variant", "options", "val acc %"], rows)
+
+
+def render_sweep_messages(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``sweep_messages.py``: mean +- std over seeds per method and number of blocks."""
+    record = data[0][1]
+    blocks = [str(k) for k in record["config"]["blocks"]]
+    rows = []
+    for method, cells in record["summary"].items():
+        row = [labels.get(method, method)]
+        for k in blocks:
+            c = cells.get(k)
+            row.append("-" if c is None else
+                       f"{pct(c['mean'])} +- {pct(c['std'])} ({c['n']})")  # fmt: skip
+        rows.append(row)
+    return table(["method", *(f"K = {k}, val acc % (seeds)" for k in blocks)], rows)
+
+
+def render_bench_messages(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``bench_messages.py``: step time, activation memory and bytes per refresh."""
+    rows = [[r["variant"], f"{r['median_ms']:.1f}", f"{r['time_over_label']:.2f}",
+             f"{r['activation_peak_bytes'] / 2**20:.1f}", f"{r['memory_over_label']:.2f}",
+             f"{r['bytes_per_refresh']:,}"] for r in data[0][1]["rows"]]  # fmt: skip
+    header = ["variant", "ms per step", "x label", "activation peak (MB)", "x label",
+              "bytes per refresh"]  # fmt: skip
+    return table(header, rows)
+
+
+def render_score_function(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """``bench_score_function.py``: bias in standard errors and variance per estimator."""
+    rows = [[r["dependencies"], "yes" if r["baseline"] else "no", f"{r['max_bias_in_se']:.2f}",
+             f"{r['variance']:.3f}", f"{r['ms_per_draw']:.2f}"]
+            for r in data[0][1]["rows"]]  # fmt: skip
+    header = ["dependencies", "baseline", "max abs(mean - exact) / SE", "summed variance",
+              "ms per draw"]  # fmt: skip
+    return table(header, rows)
+
+
 TABLES: dict[str, Table] = {
     t.name: t
     for t in [
+        Table(
+            "messages_exploration",
+            ("messages_exploration.json",),
+            render_messages_exploration,
+            "`python experiments/run.py --task fashion_mnist --width 0.125 --blocks 8 "
+            "--epochs 2 --train-size 20000 --val-size 10000 --seed 0 --threads 2 OPTIONS`",
+            commit="739b074 to 1a35cdf",
+        ),
+        Table(
+            "sweep_messages",
+            ("sweep_messages.json",),
+            render_sweep_messages,
+            "`python experiments/sweep_messages.py --blocks 4 8 --seeds 0 1 2 --methods bp "
+            "local_ce label lookahead lookahead_2 --runs-dir runs/messages --results results`",
+            commit="739b074 to 1a35cdf",
+            labels={
+                "bp": "BP",
+                "local_ce": "local cross-entropy alone",
+                "label": "BLL, label feedback",
+                "lookahead": "BLL, look-ahead to the top",
+                "lookahead_2": "BLL, look-ahead L = 2",
+            },  # fmt: skip
+        ),
+        Table(
+            "bench_messages",
+            ("bench_messages.json",),
+            render_bench_messages,
+            "`python experiments/bench_messages.py --blocks 8 --threads 2`",
+        ),
+        Table(
+            "bench_score_function",
+            ("bench_score_function.json",),
+            render_score_function,
+            "`python experiments/bench_score_function.py --draws 2000`",
+        ),
         Table(
             "s2s_reverse",
             ("s2s_reverse.json",),

@@ -34,6 +34,7 @@ METHODS: dict[str, list[str]] = {
     "label": ["--beta", "label"],
     "lookahead": ["--beta", "lookahead", "--lookahead-input", "mean", "--lookahead-depth", "0"],
     "lookahead_1": ["--beta", "lookahead", "--lookahead-input", "mean", "--lookahead-depth", "1"],
+    "lookahead_2": ["--beta", "lookahead", "--lookahead-input", "mean", "--lookahead-depth", "2"],
     "lookahead_sample": ["--beta", "lookahead", "--lookahead-depth", "0"],
     "critic": ["--beta", "critic"],
 }
