@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": run_cli, "diagnose": _diagnose_cli}
     if not argv or argv[0] not in commands:
         if argv and argv[0] in ("-h", "--help"):
-            print(main.__doc__)
+            print("usage: pyro-bll run [options]       train (pyro-bll run --help: every option)")
+            print("       pyro-bll diagnose RUN_DIR... agreement diagnostics of trained runs")
             return 0
         print(f"error: expected a command, one of {', '.join(commands)} (see pyro-bll --help)",
               file=sys.stderr)  # fmt: skip
