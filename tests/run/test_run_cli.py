@@ -275,3 +275,15 @@ def test_family_defaults_to_the_task_choice(task, expected):
     assert config_for_task(task).family == expected
     cfg, _ = run.parse_config(["--task", task, "--family", "bernoulli"])
     assert validate(cfg).family == "bernoulli"  # an explicit choice is kept
+
+
+def test_the_console_script_dispatches_its_commands(tmp_path, capsys):
+    from pyro_bll.cli import main as console
+
+    assert console(["--help"]) == 0 and "pyro-bll diagnose" in capsys.readouterr().out
+    assert console([]) == 2 and "expected a command" in capsys.readouterr().err
+    assert console(["run", *TINY, "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "metrics.json").exists()
+    assert console(["diagnose", str(tmp_path / "r"), "--batch", "4", "--draws", "2",
+                    "--last-only"]) == 0  # fmt: skip
+    assert (tmp_path / "r" / "diagnostics" / "diagnostics.nc").exists()
