@@ -51,7 +51,8 @@ CASES = [(task, method, ()) for task in TASK_ARGS for method in METHODS] + [
     ("s2s_reverse", "bll", ("--backward", "per-block", "--feedback", "mlp")),
     ("fashion_mnist", "bll", ("--message", "channel", "--pred-head", "conv")),
     ("fashion_mnist_mlp", "bll", ("--family", "categorical", "--propagate", "sample")),
-    ("fashion_mnist", "bll", ("--beta", "label")),  # the vision default before the look-ahead
+    ("fashion_mnist", "bll", ("--beta", "label")),  # the image defaults before the look-ahead
+    ("fashion_mnist_mlp", "bll", ("--beta", "label")),
     ("s2s_reverse", "bll", ("--beta", "critic")),
 ]
 
