@@ -496,6 +496,21 @@ TABLES: dict[str, Table] = {
             },  # fmt: skip
         ),
         Table(
+            "messages_mlp",
+            ("messages_mlp.json",),
+            render_sweep_messages,
+            "`python experiments/run.py --task fashion_mnist_mlp --layers K --blocks K "
+            "--val-size 10000 --seed S --threads 1 OPTIONS` (the options of "
+            "`experiments/sweep_messages.py`'s methods)",
+            commit="8d4bcb7 to 5cb241b",
+            labels={
+                "bp": "BP",
+                "local_ce": "local cross-entropy alone",
+                "label": "BLL, label feedback",
+                "lookahead": "BLL, look-ahead to the top",
+            },  # fmt: skip
+        ),
+        Table(
             "bench_messages",
             ("bench_messages.json",),
             render_bench_messages,
