@@ -110,14 +110,14 @@ def test_sweep_messages_smoke_and_restart(tmp_path):
     from vision_files import tiny_fashion_mnist
 
     data = tiny_fashion_mnist(tmp_path / "fashion", n_train=24)
-    args = ["--blocks", 2, "--seeds", 0, "--methods", "local_ce", "lookahead", "critic",
+    args = ["--blocks", 2, "--seeds", 0, "--methods", "local_ce", "critic",
             "--epochs", 1, "--train-size", 8, "--val-size", 8, "--width", 0.05, "--threads", 1,
             "--data-dir", data, "--runs-dir", tmp_path / "runs",
             "--results", tmp_path / "res"]  # fmt: skip
     _script("sweep_messages.py", *args, cwd=tmp_path)
     record = json.loads((tmp_path / "res" / "sweep_messages.json").read_text())
-    assert {r["method"] for r in record["runs"]} == {"local_ce", "lookahead", "critic"}
-    assert "| lookahead |" in (tmp_path / "res" / "sweep_messages.md").read_text()
+    assert {r["method"] for r in record["runs"]} == {"local_ce", "critic"}
+    assert "| critic |" in (tmp_path / "res" / "sweep_messages.md").read_text()
     assert (tmp_path / "res" / "sweep_messages.png").read_bytes()[:4] == b"\x89PNG"
     again = _script("sweep_messages.py", *args, cwd=tmp_path)  # finished runs are reused
     assert "run.py" not in again.stdout
