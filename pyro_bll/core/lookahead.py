@@ -97,12 +97,21 @@ class Lookahead:
 
     @torch.no_grad()
     def refresh(self, chain: BLLChain) -> int:
-        """Copy blocks 1..N-1 and their read-outs from ``chain``; the bytes copied."""
-        self.blocks = [None] + [_frozen(b) for b in list(chain.blocks)[1:]]  # type: ignore[list-item]
-        self.readouts = {chain.num_blocks - 1: _frozen(chain.head)}
+        """Copy blocks 1..N-1 and their read-outs from ``chain``; the bytes copied.
+
+        The first refresh clones the modules; later ones copy the live tensors into the
+        clones in place (no allocation, no module rebuilt every step)."""
+        live = {chain.num_blocks - 1: chain.head}
         if chain.pred_heads is not None:
-            for j, head in enumerate(chain.pred_heads):
-                self.readouts[j] = _frozen(head)
+            live.update(enumerate(chain.pred_heads))
+        if self.blocks and len(self.blocks) == chain.num_blocks:
+            for copy_, module in zip(self.blocks[1:], list(chain.blocks)[1:], strict=True):
+                _copy_into(copy_, module)
+            for j, module in live.items():
+                _copy_into(self.readouts[j], module)
+        else:
+            self.blocks = [None] + [_frozen(b) for b in list(chain.blocks)[1:]]  # type: ignore[list-item]
+            self.readouts = {j: _frozen(m) for j, m in live.items()}
         return self.bytes_per_refresh(chain)
 
     def bytes_per_refresh(self, chain: BLLChain) -> int:
@@ -194,6 +203,15 @@ def _frozen(module: nn.Module) -> nn.Module:
     clone = copy.deepcopy(module)
     clone.requires_grad_(False)
     return clone
+
+
+def _copy_into(clone: nn.Module, module: nn.Module) -> None:
+    """The live module's parameters and buffers into its frozen clone, in place."""
+    for dst, src in zip(clone.parameters(), module.parameters(), strict=True):
+        dst.copy_(src)
+    for dst, src in zip(clone.buffers(), module.buffers(), strict=True):
+        dst.copy_(src)
+    clone.train(module.training)
 
 
 def _bytes(module: nn.Module) -> int:
