@@ -104,12 +104,12 @@ class Lookahead:
         live = {chain.num_blocks - 1: chain.head}
         if chain.pred_heads is not None:
             live.update(enumerate(chain.pred_heads))
-        if self.blocks and len(self.blocks) == chain.num_blocks:
-            for copy_, module in zip(self.blocks[1:], list(chain.blocks)[1:], strict=True):
-                _copy_into(copy_, module)
-            for j, module in live.items():
-                _copy_into(self.readouts[j], module)
-        else:
+        pairs = list(zip(self.blocks[1:], list(chain.blocks)[1:], strict=False))
+        pairs += [(self.readouts.get(j), m) for j, m in live.items()]
+        if len(self.blocks) == chain.num_blocks and all(_same_layout(c, m) for c, m in pairs):
+            for clone, module in pairs:
+                _copy_into(clone, module)
+        else:  # the first refresh, or the chain moved to another dtype or device
             self.blocks = [None] + [_frozen(b) for b in list(chain.blocks)[1:]]  # type: ignore[list-item]
             self.readouts = {j: _frozen(m) for j, m in live.items()}
         return self.bytes_per_refresh(chain)
@@ -203,6 +203,18 @@ def _frozen(module: nn.Module) -> nn.Module:
     clone = copy.deepcopy(module)
     clone.requires_grad_(False)
     return clone
+
+
+def _same_layout(clone: nn.Module | None, module: nn.Module) -> bool:
+    """The clone's tensors match the live module's in number, shape, dtype and device."""
+    if clone is None:
+        return False
+    a = [*clone.parameters(), *clone.buffers()]
+    b = [*module.parameters(), *module.buffers()]
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def _copy_into(clone: nn.Module, module: nn.Module) -> None:

@@ -161,3 +161,18 @@ def test_the_plug_in_read_uses_the_forward_message():
                                                       allow_unused=True))  # fmt: skip
     grads = torch.autograd.grad(lik, list(chain.blocks[0].parameters()))
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_a_refresh_follows_the_chain_to_another_dtype():
+    """Refreshes copy in place, but re-clone when the live blocks changed dtype."""
+    family = make_family("gaussian")
+    chain = mlp_chain(family, register_params=False)
+    chain.use_lookahead(Lookahead(depth=1))
+    clone = chain.lookahead.blocks[1]
+    chain.lookahead.maybe_refresh(chain, 1)
+    assert chain.lookahead.blocks[1] is clone  # in place
+    chain.double()
+    chain.lookahead.maybe_refresh(chain, 2)
+    z = torch.randn(3, 6, dtype=torch.float64)
+    got = chain.local_likelihoods[0](chain, 0, z).logits
+    assert_close(got, _by_hand(chain, 0, z, 1).log_softmax(-1), atol=1e-12)
