@@ -26,13 +26,14 @@ the identity elsewhere.
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
 from pyro.distributions import Categorical
 from torch import Tensor, nn
 from torch.distributions import Distribution
+
+from pyro_bll.core.frozen import FrozenCopies, RefreshSchedule, module_bytes
 
 if TYPE_CHECKING:
     from pyro_bll.core.chain import BLLChain
@@ -50,15 +51,12 @@ class Critic(nn.Module):
 
     def __init__(self, widths: list[int], num_classes: int, refresh: int = 1) -> None:
         super().__init__()
-        if refresh < 1:
-            raise ValueError(f"critic refresh period must be at least 1 step, got {refresh}")
+        self.schedule = RefreshSchedule(refresh, "critic")
+        self.copies = FrozenCopies()  # what the blocks below read
         self.maps = nn.ModuleList(nn.Linear(c, num_classes) for c in widths)
         for m in self.maps:  # an untrained critic sends no information: uniform q_k
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
-        self.refresh_every = refresh
-        self.frozen: list[nn.Module] = []
-        self.refreshed_at: int | None = None
 
     # ---- what block j owns: the critic and its regression ------------------------------
     def module_of(self, j: int) -> nn.Module | None:
@@ -83,20 +81,21 @@ class Critic(nn.Module):
         return err.reshape(err.shape[0], -1).sum(-1)
 
     # ---- what block k reads: a frozen copy -----------------------------------------------
+    @property
+    def frozen(self) -> list[nn.Module]:
+        """The copies the blocks below read, ``frozen[k]`` block k + 1's critic."""
+        return self.copies.clones
+
     def maybe_refresh(self, step: int | None) -> int:
         """Copy the critics when training step ``step`` starts a refresh period (``None``:
         every call); the bytes copied (0 when the copies are kept)."""
-        last = self.refreshed_at
-        due = step is None or last is None or step < last or step - last >= self.refresh_every
-        if not due:
+        if not self.schedule.due(step):
             return 0
-        self.refreshed_at = step
-        with torch.no_grad():
-            self.frozen = [copy.deepcopy(m).requires_grad_(False) for m in self.maps]
+        self.copies.refresh(list(self.maps))
         return self.bytes_per_refresh()
 
     def bytes_per_refresh(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.maps.parameters())
+        return sum(module_bytes(m) for m in self.maps)
 
     def likelihoods(self, chain: BLLChain) -> list[CriticLikelihood]:
         if chain.propagate == "params":

@@ -31,13 +31,13 @@ maps its input to the family's parameters and hands m(alpha_j) on, as the live c
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
-import torch
 from pyro.distributions import Categorical
 from torch import Tensor, nn
 from torch.distributions import Distribution
+
+from pyro_bll.core.frozen import FrozenCopies, RefreshSchedule, module_bytes
 
 if TYPE_CHECKING:
     from pyro_bll.core.chain import BLLChain
@@ -67,13 +67,17 @@ class Lookahead:
         self.read = read
         if depth < 0:
             raise ValueError(f"look-ahead depth must be >= 0 (0: to the top), got {depth}")
-        if refresh < 1:
-            raise ValueError(f"look-ahead refresh period must be at least 1 step, got {refresh}")
         self.depth = depth
-        self.refresh_every = refresh
+        self.schedule = RefreshSchedule(refresh, "look-ahead")
+        self.copies = FrozenCopies()
         self.blocks: list[nn.Module] = []  # frozen copies, indexed like chain.blocks
         self.readouts: dict[int, nn.Module] = {}  # frozen read-out after block j
-        self.refreshed_at: int | None = None
+        self._bytes: int | None = None  # bytes_per_refresh, for the current copies
+
+    @property
+    def refreshed_at(self) -> int | None:
+        """The training step of the last refresh."""
+        return self.schedule.last
 
     def last(self, k: int, num_blocks: int) -> int:
         """The last block block k looks through (its read-out follows it)."""
@@ -88,31 +92,22 @@ class Lookahead:
         """Copy the live weights when training step ``step`` starts a refresh period (every
         ``refresh`` steps, and whenever nothing is copied yet; ``None``: every call).
         Returns the bytes copied (0 when the copies are kept)."""
-        last = self.refreshed_at
-        due = step is None or last is None or step < last or step - last >= self.refresh_every
-        if not due:
-            return 0
-        self.refreshed_at = step
-        return self.refresh(chain)
+        return self.refresh(chain) if self.schedule.due(step) else 0
 
-    @torch.no_grad()
     def refresh(self, chain: BLLChain) -> int:
-        """Copy blocks 1..N-1 and their read-outs from ``chain``; the bytes copied.
-
-        The first refresh clones the modules; later ones copy the live tensors into the
-        clones in place (no allocation, no module rebuilt every step)."""
+        """Copy blocks 1..N-1 and their read-outs from ``chain``; the bytes moved."""
         live = {chain.num_blocks - 1: chain.head}
         if chain.pred_heads is not None:
             live.update(enumerate(chain.pred_heads))
-        pairs = list(zip(self.blocks[1:], list(chain.blocks)[1:], strict=False))
-        pairs += [(self.readouts.get(j), m) for j, m in live.items()]
-        if len(self.blocks) == chain.num_blocks and all(_same_layout(c, m) for c, m in pairs):
-            for clone, module in pairs:
-                _copy_into(clone, module)
-        else:  # the first refresh, or the chain moved to another dtype or device
-            self.blocks = [None] + [_frozen(b) for b in list(chain.blocks)[1:]]  # type: ignore[list-item]
-            self.readouts = {j: _frozen(m) for j, m in live.items()}
-        return self.bytes_per_refresh(chain)
+        before = self.copies.clones
+        self.copies.refresh([*list(chain.blocks)[1:], *live.values()])
+        clones = self.copies.clones
+        n = chain.num_blocks
+        self.blocks = [None, *clones[: n - 1]]  # type: ignore[list-item]
+        self.readouts = dict(zip(live, clones[n - 1 :], strict=True))
+        if clones is not before or self._bytes is None:  # cloned again: count again
+            self._bytes = self.bytes_per_refresh(chain)
+        return self._bytes
 
     def bytes_per_refresh(self, chain: BLLChain) -> int:
         """What one refresh moves: every block's look-ahead weights (parameters and
@@ -123,7 +118,7 @@ class Lookahead:
             last = self.last(k, n)
             mods = [chain.blocks[j] for j in range(k + 1, last + 1)]
             mods.append(chain.head if last == n - 1 else chain.pred_heads[last])  # type: ignore[index]
-            total += sum(_bytes(m) for m in mods)
+            total += sum(module_bytes(m) for m in mods)
         return total
 
     def logits(self, chain: BLLChain, k: int, z: Tensor, alpha: Any = None) -> Tensor:
@@ -197,38 +192,6 @@ def _input(chain: BLLChain, k: int, z: Tensor, alpha: Any) -> Any:
     summary = family.mean(chain.latent_params(k, alpha))  # [B, C]
     shift = (z - summary).to(mean_map.dtype)
     return mean_map + shift.reshape(shift.shape[0], *([1] * (mean_map.dim() - 2)), -1)
-
-
-def _frozen(module: nn.Module) -> nn.Module:
-    clone = copy.deepcopy(module)
-    clone.requires_grad_(False)
-    return clone
-
-
-def _same_layout(clone: nn.Module | None, module: nn.Module) -> bool:
-    """The clone's tensors match the live module's in number, shape, dtype and device."""
-    if clone is None:
-        return False
-    a = [*clone.parameters(), *clone.buffers()]
-    b = [*module.parameters(), *module.buffers()]
-    return len(a) == len(b) and all(
-        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
-        for x, y in zip(a, b, strict=True)
-    )
-
-
-def _copy_into(clone: nn.Module, module: nn.Module) -> None:
-    """The live module's parameters and buffers into its frozen clone, in place."""
-    for dst, src in zip(clone.parameters(), module.parameters(), strict=True):
-        dst.copy_(src)
-    for dst, src in zip(clone.buffers(), module.buffers(), strict=True):
-        dst.copy_(src)
-    clone.train(module.training)
-
-
-def _bytes(module: nn.Module) -> int:
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 __all__ = ["Lookahead", "LookaheadLikelihood", "check_lookahead"]
