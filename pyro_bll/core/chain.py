@@ -57,12 +57,11 @@ LikelihoodEstimator = Literal["bound", "sample"]
 LIKELIHOOD_ESTIMATORS: tuple[str, ...] = ("bound", "sample")
 # parameters some chain registered with the param store (weakly held): a loaded store's
 # values are not among them, another chain's are
-_REGISTERED: dict[int, weakref.ref] = {}
+_REGISTERED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 
 
 def _registered_elsewhere(tensor: Tensor) -> bool:
-    ref = _REGISTERED.get(id(tensor))
-    return ref is not None and ref() is tensor
+    return _REGISTERED.get(id(tensor)) is tensor
 
 
 class LocalLikelihood(Protocol):
@@ -288,7 +287,7 @@ class BLLChain(nn.Module):
             if held is not None and id(held) not in mine and _registered_elsewhere(held):
                 del store[key]
         pyro.module(self.name, self, update_module_params=True)
-        _REGISTERED.update((id(p), weakref.ref(p)) for p in self.parameters())
+        _REGISTERED.update((id(p), p) for p in self.parameters())
 
     def _batch_size(self, x: Any, y: Tensor | None) -> int:
         if y is not None:

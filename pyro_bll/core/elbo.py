@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -230,7 +231,7 @@ class BlockLocalELBO(ELBO):
         Unlike ``get_importance_trace`` no log-density is computed up front: the analytic
         KL needs none, and ``_log_prob`` computes the few that are needed on demand.
         """
-        with TrackNonReparam() if self.dependencies == "graph" else _nothing():
+        with TrackNonReparam() if self.dependencies == "graph" else nullcontext():
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             replayed = poutine.replay(RecordModelTags()(model), trace=guide_trace)
             model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
@@ -279,16 +280,16 @@ class BlockLocalELBO(ELBO):
         n = self.num_blocks if self.num_blocks is not None else max(blocks.values(), default=0) + 1
         costs = self._costs(model_trace, guide_trace, blocks)
         scores = self._score_terms(guide_trace, blocks, costs)
-        ref = next(iter(costs), None)
-        ref_value = ref.value if ref is not None else torch.zeros(())
-        zero = torch.zeros(n, dtype=ref_value.dtype, device=ref_value.device)
+        ref = costs[0].value if costs else torch.zeros(())  # dtype and device of the losses
         totals: dict[str, list[Tensor | float]] = {kind: [0.0] * n for kind in KINDS}
         for cost in costs:
             totals[cost.kind][cost.block] = totals[cost.kind][cost.block] + cost.value.sum()
         for k, term in scores:
             totals["kl"][k] = totals["kl"][k] + term  # value zero: gradients only
         stacked = {
-            kind: detach_provenance(torch.stack([zero[0] + v for v in vs]))
+            kind: detach_provenance(
+                torch.stack([torch.as_tensor(v, dtype=ref.dtype, device=ref.device) for v in vs])
+            )
             for kind, vs in totals.items()
         }
         return stacked["kl"] + stacked["likelihood"] + stacked["pred"], stacked
@@ -440,13 +441,3 @@ class BlockLocalELBO(ELBO):
         if loss.requires_grad:
             loss.backward()
         return loss.item()
-
-
-class _nothing:
-    """A context manager that does nothing (``contextlib.nullcontext`` without typing)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
