@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from results_tables import render_bench_messages
 
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.measure.memory import SavedTensorMeter
@@ -105,21 +106,13 @@ def measure(args) -> list[dict]:
 
 
 def markdown(rows: list[dict], args) -> str:
-    lines = [
+    """The table of ``rows`` as docs/results.md shows it (``results_tables``), titled."""
+    title = (
         f"Narrow ResNet-18 (width {args.width}, K = {args.blocks}, batch {args.batch_size}), "
         f"median of {args.repeats} interleaved steps "
-        f"(python experiments/bench_messages.py --blocks {args.blocks}).",
-        "",
-        "| variant | ms per step | x label | activation peak (MB) | x label | bytes per refresh |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['variant']} | {r['median_ms']:.1f} | {r['time_over_label']:.2f} | "
-            f"{r['activation_peak_bytes'] / 2**20:.1f} | {r['memory_over_label']:.2f} | "
-            f"{r['bytes_per_refresh']:,} |"
-        )
-    return "\n".join(lines) + "\n"
+        f"(python experiments/bench_messages.py --blocks {args.blocks})."
+    )
+    return "\n".join([title, "", *render_bench_messages([("", {"rows": rows})], {})]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import TraceEnum_ELBO, config_enumerate
+from results_tables import render_score_function
 
 from pyro_bll import BlockLocalELBO
 
@@ -79,19 +80,12 @@ def measure(draws: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], draws: int) -> str:
-    lines = [
+    """The table of ``rows`` as docs/own_model.md shows it (``results_tables``), titled."""
+    title = (
         f"Score-function gradients, {draws} single-particle draws each "
-        "(python experiments/bench_score_function.py).",
-        "",
-        "| dependencies | baseline | max abs(mean - exact) / SE | summed variance | ms per draw |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['dependencies']} | {'yes' if r['baseline'] else 'no'} | "
-            f"{r['max_bias_in_se']:.2f} | {r['variance']:.3f} | {r['ms_per_draw']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+        "(python experiments/bench_score_function.py)."
+    )
+    return "\n".join([title, "", *render_score_function([("", {"rows": rows})], {})]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_tables import render_sweep_messages
+
 RUN = Path(__file__).resolve().parent / "run.py"
 
 # method name -> options of experiments/run.py (on top of the protocol's)
@@ -91,22 +93,14 @@ def summarise(rows: list[dict], methods: list[str], blocks: list[int]) -> dict:
 
 
 def markdown(table: dict, blocks: list[int], args) -> str:
-    lines = [
+    """The summary as docs/results.md shows it (``results_tables``), titled."""
+    title = (
         f"Validation accuracy %, Fashion-MNIST, ResNet-18 at width {args.width}, {args.epochs} "
         f"epochs on {args.train_size} images, {args.val_size} held out; mean +- std over "
-        f"seeds (n runs) (python experiments/sweep_messages.py).",
-        "",
-        "| method | " + " | ".join(f"K = {k}" for k in blocks) + " |",
-        "|---|" + "---|" * len(blocks),
-    ]
-    for m, cells in table.items():
-        row = []
-        for k in blocks:
-            c = cells.get(str(k))
-            row.append("-" if c is None else f"{100 * c['mean']:.2f} +- {100 * c['std']:.2f} "
-                       f"({c['n']})")  # fmt: skip
-        lines.append(f"| {m} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        "seeds (n runs) (python experiments/sweep_messages.py)."
+    )
+    record = {"config": {"blocks": blocks}, "summary": table}
+    return "\n".join([title, "", *render_sweep_messages([("", record)], {})]) + "\n"
 
 
 def plot(table: dict, blocks: list[int], path: Path) -> None:
