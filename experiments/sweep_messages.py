@@ -10,7 +10,7 @@ every K of ``--blocks`` and seed of ``--seeds``, one run at a time through
 reused, so an interrupted sweep continues where it stopped. Writes
 ``<results>/sweep_messages.json`` (every run's validation accuracy and seconds),
 ``sweep_messages.md`` (mean +- std over seeds per method and K) and
-``sweep_messages.png`` (validation accuracy against K, one line per method, the spread
+``sweep_messages.png`` (``--name`` changes the stem; validation accuracy against K, one line per method, the spread
 over seeds as error bars).
 """
 
@@ -32,6 +32,7 @@ RUN = Path(__file__).resolve().parent / "run.py"
 # method name -> options of experiments/run.py (on top of the protocol's)
 METHODS: dict[str, list[str]] = {
     "bp": ["--method", "bp"],
+    "predsim": ["--method", "predsim"],
     "local_ce": ["--bll-terms", "pred"],
     "label": ["--beta", "label"],
     "lookahead": ["--beta", "lookahead", "--lookahead-input", "mean", "--lookahead-depth", "0"],
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: Debian's)")
     p.add_argument("--runs-dir", default="runs/messages", help="one directory per run")
     p.add_argument("--results", default="results", help="where the tables and plot go")
+    p.add_argument("--name", default="sweep_messages",
+                   help="file stem of the tables and plot (one per protocol)")  # fmt: skip
     args = p.parse_args(argv)
     if any(k < 2 for k in args.blocks):
         print("error: every --blocks value must be at least 2 (a message needs a block above)",
@@ -153,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     record = {"config": vars(args), "machine": f"{platform.machine()} CPU", "runs": rows,
               "summary": table}  # fmt: skip
-    (results / "sweep_messages.json").write_text(json.dumps(record, indent=1) + "\n")
-    (results / "sweep_messages.md").write_text(markdown(table, args.blocks, args))
-    plot(table, args.blocks, results / "sweep_messages.png")
+    (results / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (results / f"{args.name}.md").write_text(markdown(table, args.blocks, args))
+    plot(table, args.blocks, results / f"{args.name}.png")
     print(markdown(table, args.blocks, args))
     return 0
 
