@@ -4,7 +4,8 @@
 
 One training step (the method's loss, backward, Adam) of the narrow ResNet-18 on a fixed
 batch of Fashion-MNIST-sized images, for BP and for BLL with every ``--beta`` kind
-(label, look-ahead one block and to the top, critic), interleaved round-robin so that
+(label, look-ahead one block and to the top, the latter by its sweep and by its copies,
+critic), interleaved round-robin so that
 machine noise hits all alike; the median of ``--repeats`` steps is reported with its
 ratio to the label-feedback BLL step. Activation memory is the peak of the bytes autograd
 saves during one step (``SavedTensorMeter``); bytes per refresh are what a refresh of the
@@ -38,7 +39,9 @@ def variants(blocks: int) -> dict[str, dict]:
         "bp": {"method": "bp"},
         "label": {"beta": "label"},
         "lookahead_1": {"beta": "lookahead", "lookahead_depth": 1},
-        f"lookahead_{blocks}": {"beta": "lookahead", "lookahead_depth": blocks},
+        # the default message (to the top, plug-in read): by the sweep, and by the copies
+        "lookahead_top": {"beta": "lookahead", "lookahead_depth": 0},
+        "lookahead_top_copies": {"beta": "lookahead", "lookahead_depth": 0, "sweep": False},
         "critic": {"beta": "critic"},
     }
 
@@ -52,12 +55,16 @@ def _bytes_per_refresh(chain) -> int:
 
 
 def build(name: str, options: dict, args) -> dict:
+    options = dict(options)
+    sweep = options.pop("sweep", True)  # False: the look-ahead through its copies only
     cfg = RunConfig(
         task="fashion_mnist", width=args.width, blocks=args.blocks, batch_size=args.batch_size,
         threads=args.threads, data_dir=args.data_dir, train_size=args.batch_size,
         test_size=args.batch_size, **options,
     )  # fmt: skip
     run = build_run(cfg)
+    if run.chain.lookahead is not None:
+        run.chain.lookahead.sweep = sweep
     x, y, mask = next(iter(run.task.train_batches(0)))
     opt = torch.optim.Adam(run.chain.parameters(), lr=1e-3)
     return {"name": name, "run": run, "opt": opt, "batch": (x, y, mask), "step": 0}

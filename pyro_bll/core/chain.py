@@ -190,6 +190,8 @@ class BLLChain(nn.Module):
             return cache.alpha[k]
         if self.detach and k > 0:  # no gradient crosses the boundary (provenance does)
             inp = detach_message(inp)
+            if cache is not None and cache.sweep is not None:  # a leaf the sweep reads
+                inp = cache.sweep.tap(k, inp)
         alpha = self.families[k].params(self.blocks[k](inp))
         if cache is not None:
             cache.alpha[k] = alpha

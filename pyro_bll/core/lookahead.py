@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from pyro_bll.core.frozen import FrozenCopies, RefreshSchedule, module_bytes
+from pyro_bll.core.lookahead_sweep import stochastic_modules
 
 if TYPE_CHECKING:
     from pyro_bll.core.chain import BLLChain
@@ -59,9 +60,15 @@ class Lookahead:
             estimate of E_rho[log q_k]) or "mean" (m(alpha_k), the block's forward message
             itself: the plug-in estimate log q_k(y | m(alpha_k)), deterministic; the term
             then trains the forward block only, not the feedback).
+        sweep: where the copies equal the live blocks (``sweeps``), compute the whole
+            chain's messages by one sweep of vector-Jacobian products through the live
+            forward graphs (``pyro_bll.core.lookahead_sweep``): the same values and
+            gradients at O(N) instead of O(N^2) block passes. ``False``: always the copies.
     """
 
-    def __init__(self, depth: int = 1, refresh: int = 1, read: str = "sample") -> None:
+    def __init__(
+        self, depth: int = 1, refresh: int = 1, read: str = "sample", sweep: bool = True
+    ) -> None:
         if read not in LOOKAHEAD_READS:
             raise ValueError(f"look-ahead input must be one of {LOOKAHEAD_READS}, got {read!r}")
         self.read = read
@@ -73,6 +80,7 @@ class Lookahead:
         self.blocks: list[nn.Module] = []  # frozen copies, indexed like chain.blocks
         self.readouts: dict[int, nn.Module] = {}  # frozen read-out after block j
         self._bytes: int | None = None  # bytes_per_refresh, for the current copies
+        self.sweep = sweep
 
     @property
     def refreshed_at(self) -> int | None:
@@ -82,6 +90,24 @@ class Lookahead:
     def last(self, k: int, num_blocks: int) -> int:
         """The last block block k looks through (its read-out follows it)."""
         return num_blocks - 1 if self.depth == 0 else min(k + self.depth, num_blocks - 1)
+
+    def sweeps(self, chain: BLLChain) -> bool:
+        """Whether a step over the whole chain computes the messages by the sweep: every
+        block to the top (L = 0, or L at least N - 1), current weights (T = 1), the
+        plug-in read of m(alpha_k) passed on as the live blocks pass it
+        (``propagate="mean"``, detached inputs) and no dropout that would draw in a copy."""
+        return (
+            self.sweep
+            and all(
+                self.last(k, chain.num_blocks) == chain.num_blocks - 1
+                for k in range(chain.num_blocks - 1)
+            )
+            and self.schedule.every == 1
+            and self.read == "mean"
+            and chain.propagate == "mean"
+            and chain.detach
+            and not stochastic_modules(chain)
+        )
 
     def likelihoods(self, chain: BLLChain) -> list[LookaheadLikelihood]:
         """One local likelihood per block below the last (``BLLChain.local_likelihoods``)."""
@@ -151,6 +177,8 @@ class LookaheadLikelihood:
     ) -> Distribution:
         if z is None:
             raise ValueError(f"block {k} has no latent to look ahead from")
+        if cache is not None and cache.sweep is not None:  # current weights, to the top
+            return cache.sweep.likelihood(k, cache)
         alpha = None if cache is None else cache.alpha.get(k)
         return Categorical(logits=self.lookahead.logits(chain, k, z, alpha))
 

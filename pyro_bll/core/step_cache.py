@@ -38,6 +38,9 @@ class StepCache:
     rho: dict[int, Params] = field(default_factory=dict)  # the guide's rho_k
     noise: NoiseKey | None = None  # the step's random streams (pyro_bll.core.noise)
     outgoing: Any = None  # m(alpha_{b-1}) of a segment (blocks a..b-1): sent to the next rank
+    # the look-ahead's sweep of the step (``pyro_bll.core.lookahead_sweep``): while set,
+    # every block input is a leaf that records its gradient path (``sweep.inputs``)
+    sweep: Any = None
 
     def for_particle(self, i: int) -> StepCache:
         """The cache of Monte Carlo particle ``i`` of the same step: the deterministic
@@ -46,7 +49,9 @@ class StepCache:
         if i == 0:
             return self
         noise = None if self.noise is None else replace(self.noise, particle=i)
-        return StepCache(alpha=self.alpha, latent=self.latent, rho=self.rho, noise=noise)
+        return StepCache(
+            alpha=self.alpha, latent=self.latent, rho=self.rho, noise=noise, sweep=self.sweep
+        )
 
 
 _ACTIVE: ContextVar[StepCache | None] = ContextVar("pyro_bll_step_cache", default=None)

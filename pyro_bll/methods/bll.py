@@ -21,6 +21,7 @@ from pyro_bll.core.chain import LIKELIHOOD_ESTIMATORS, BLLChain, detach_message
 from pyro_bll.core.critic import Critic, critic_widths
 from pyro_bll.core.elbo import BlockLocalELBO, BlockLosses
 from pyro_bll.core.lookahead import LOOKAHEAD_READS, Lookahead
+from pyro_bll.core.lookahead_sweep import LookaheadSweep
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.core.step_cache import StepCache, step_cache
 from pyro_bll.methods.base import Method
@@ -197,6 +198,8 @@ class BLL(Method):
             chain.lookahead.maybe_refresh(chain, step)
         if chain.critic is not None:
             chain.critic.maybe_refresh(step)
+        if segment is None and chain.lookahead is not None and chain.lookahead.sweeps(chain):
+            cache.sweep = LookaheadSweep(chain, y, mask)  # the messages by one sweep
         if self.solve:
             blocks = None if segment is None else range(*segment)
             solve_feedback(chain, x, y, mask, self.ridge, cache, blocks)
@@ -240,7 +243,13 @@ class BLL(Method):
     ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
         """l_k and logs (zeros outside block k) of one block at a time: block k's graph
         can be backpropagated and freed before block k + 1 runs. The blocks see the same
-        inputs and noise as in ``loss``, so the gradients are the joint ones."""
+        inputs and noise as in ``loss``, so the gradients are the joint ones.
+
+        The look-ahead's sweep (``pyro_bll.core.lookahead_sweep``) reads every block's
+        forward graph, so where it applies the blocks come as one joint loss."""
+        if chain.lookahead is not None and chain.lookahead.sweeps(chain):
+            yield self.loss(chain, x, y, mask, noise=noise)
+            return
         inp = x
         for k in range(chain.num_blocks):
             cache = StepCache()
