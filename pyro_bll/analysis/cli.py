@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from pyro_bll.analysis.diagnostics import (
+    BLOCK_SCALARS,
     check_comparable,
     collect,
     diagnostic_batch,
@@ -44,6 +45,7 @@ from pyro_bll.analysis.diagnostics import (
 )
 from pyro_bll.config import ConfigError
 from pyro_bll.core.agreement import LATENT_STATISTICS, SCALARS
+from pyro_bll.core.message_variation import VARIATION
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -88,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _markdown(summary, names: list[str], n_blocks: int) -> str:
     """One row per block: mean +- sd of each scalar (over runs and draws), worst R-hat/ESS."""
-    head = ["block", *SCALARS, "max R-hat", "min ESS bulk"]
+    head = ["block", *BLOCK_SCALARS, "max R-hat", "min ESS bulk"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in range(n_blocks):
-        rows = summary.reindex([f"{s}[{k}]" for s in SCALARS])  # missing: the block has no
+        rows = summary.reindex([f"{s}[{k}]" for s in BLOCK_SCALARS])  # missing: the block has no
         cells = [  # latent, and only the head's accuracy is defined
             "n/a" if m != m else f"{m:.3g} +- {s:.2g}"
             for m, s in zip(rows["mean"], rows["sd"], strict=True)
@@ -101,7 +103,8 @@ def _markdown(summary, names: list[str], n_blocks: int) -> str:
             f"{rows['ess_bulk'].min():.0f} |"
         )
     return (
-        f"Runs (ArviZ chains): {', '.join(names)}. Statistics: pyro_bll/core/agreement.py; "
+        f"Runs (ArviZ chains): {', '.join(names)}. Statistics: pyro_bll/core/agreement.py "
+        "and pyro_bll/core/message_variation.py (message_within, feedback_within); "
         "mean +- sd over runs and bootstrap draws; n/a: a block without a latent (the "
         "last, when the head reads m(alpha_N)).\n\n" + "\n".join(lines) + "\n"
     )
@@ -186,6 +189,7 @@ def _summary(idata, y, mask) -> pd.DataFrame:
     latent = [b for b in kl.block.values.tolist() if np.isfinite(kl.sel(block=b)).all()]
     parts = [
         agreement[[s for s in SCALARS if s in LATENT_STATISTICS]].sel(block=latent),
+        agreement[list(VARIATION)].sel(block=latent),
         agreement[["local_acc"]],
         agreement[["local_acc_class"]].sel({"class": present}),
         agreement[["proto_msd_class"]].sel({"class": present, "block": latent}),

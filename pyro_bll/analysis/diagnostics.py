@@ -9,16 +9,20 @@ is an ArviZ *chain*. Groups and variables (dims after ``chain``, ``draw``):
     constant_data  mask (example, label_position)         which labels are observed
                    position_index (block, position)       site index of each kept position
     agreement      kl, mean_msd, mean_cos, proto_msd, proto_cos, local_acc (block)
+                   message_within, feedback_within (block)
                    kl_channel (block, channel)             NaN beyond a block's width
                    proto_msd_class, local_acc_class (block, class)
 
-The statistics are defined in ``pyro_bll.core.agreement``. In ``posterior``/``prior`` a draw is
-a Monte Carlo draw; in ``agreement`` draw d is bootstrap resample d of the batch's
-examples, paired with draw d of z_k ~ alpha_k for the local accuracy, so the within-run
-spread is the sampling error of the batch estimate. To stay small, ``z`` keeps the first
-``examples`` examples, ``positions`` valid sites spread evenly over the first example's
-valid sites (flattened index over the axes between batch and channel, in
-``position_index``; one site for an MLP) and the first ``channels`` channels of every block.
+The statistics are defined in ``pyro_bll.core.agreement``; ``message_within`` and
+``feedback_within`` (the within-class share of the variance of the effective backward
+message and of the feedback potential) in ``pyro_bll.core.message_variation``. In
+``posterior``/``prior`` a draw is a Monte Carlo draw; in ``agreement`` draw d is
+bootstrap resample d of the batch's examples, paired with draw d of z_k ~ alpha_k for the
+local accuracy, so the within-run spread is the sampling error of the batch estimate. To
+stay small, ``z`` keeps the first ``examples`` examples, ``positions`` valid sites spread
+evenly over the first example's valid sites (flattened index over the axes between batch
+and channel, in ``position_index``; one site for an MLP) and the first ``channels``
+channels of every block.
 
 Across runs (R-hat, ESS): the per-block scalars and the per-class statistics are
 meaningful, since blocks and classes are the same in every run; R-hat near 1 says that the
@@ -50,6 +54,7 @@ from pyro_bll.core.agreement import (
     summarise,
 )
 from pyro_bll.core.chain import BLLChain
+from pyro_bll.core.message_variation import VARIATION, BlockVariation, block_variation
 from pyro_bll.families import Params
 from pyro_bll.methods import METHODS, build_method
 from pyro_bll.run.build import build_from_config
@@ -62,6 +67,10 @@ from pyro_bll.run.checkpoints import (
 )
 from pyro_bll.run.options import RunConfig
 from pyro_bll.seed import seed_everything
+
+# the per-block scalars of the diagnostics: the agreement statistics and the within-class
+# variation of the backward messages
+BLOCK_SCALARS = (*SCALARS, *VARIATION)
 
 # config keys that may differ between runs compared as chains (they do not change the
 # network, the task or the diagnostic batch)
@@ -101,8 +110,19 @@ class LoadedRun:
                 f"{checkpoint}: the weights do not fit the network of "
                 f"{self.path / 'config.json'} ({reason}); diagnose it with its own config"
             ) from None
+        refresh_backward_copies(self.chain)
         self.epoch = int(state.get("epoch", -1)) + 1
         return self.epoch
+
+
+def refresh_backward_copies(chain: BLLChain) -> None:
+    """Copy the loaded weights into the frozen copies that the look-ahead and the critic
+    read (``--beta lookahead`` / ``critic``): the method's modules are built, and their
+    copies taken, before a checkpoint's weights are loaded."""
+    if chain.lookahead is not None:
+        chain.lookahead.refresh(chain)
+    if chain.critic is not None:
+        chain.critic.maybe_refresh(None)
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -298,13 +318,16 @@ def _block_draws(
     return rho, kept_sample(a_e)
 
 
-def _bootstrapped_statistics(sums: list, weights: Tensor) -> dict[str, np.ndarray]:
-    """``summarise`` of every block's sums under the bootstrap ``weights``: [D, N, ...]
-    per statistic; ``kl_channel`` NaN-padded to the widest block."""
+def _bootstrapped_statistics(
+    sums: list, variation: list[BlockVariation], weights: Tensor
+) -> dict[str, np.ndarray]:
+    """``summarise`` of every block's sums and the message variation's ``shares`` under the
+    bootstrap ``weights``: [D, N, ...] per statistic; ``kl_channel`` NaN-padded to the
+    widest block."""
     width = [s.kl.shape[-1] for s in sums]
     stats: dict[str, list[np.ndarray]] = {}
-    for s in sums:
-        for name, v in summarise(s, weights).items():
+    for s, var in zip(sums, variation, strict=True):
+        for name, v in {**summarise(s, weights), **var.shares(weights)}.items():
             v = v.float()
             if name == "kl_channel":  # pad to the widest block
                 v = torch.nn.functional.pad(v, (0, max(width) - v.shape[-1]), value=np.nan)
@@ -339,11 +362,12 @@ def collect(
     alphas = forward_messages(chain, x) if alphas is None else alphas
     weights = bootstrap_weights(y.shape[0], draws, g)
     labels_valid = torch.ones_like(y, dtype=torch.bool) if mask is None else mask.bool()
-    sums = (
-        [block_sums(chain, k, a, y, mask, draws, per_class=True) for k, a in enumerate(alphas)]
-        if feedback
-        else []
-    )
+    sums, variation = [], []
+    if feedback:
+        sums = [
+            block_sums(chain, k, a, y, mask, draws, per_class=True) for k, a in enumerate(alphas)
+        ]
+        variation = [block_variation(chain, k, a, y, mask) for k, a in enumerate(alphas)]
     laws = [chain.latent_params(k, a) for k, a in enumerate(alphas)]  # the laws of z_k
     keep = _kept(
         chain, laws, labels_valid, draws=draws, examples=min(examples, y.shape[0]),
@@ -359,7 +383,7 @@ def collect(
         z_rho=torch.stack(z_rho, 1).numpy() if feedback else None,
         z_alpha=torch.stack(z_alpha, 1).numpy(),
         position_index=torch.stack(keep.positions).numpy(),
-        stats=_bootstrapped_statistics(sums, weights),
+        stats=_bootstrapped_statistics(sums, variation, weights),
     )
 
 
@@ -367,13 +391,15 @@ def collect(
 def point_statistics(
     chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None, draws: int = 4, seed: int = 0
 ) -> dict[str, list[float | None]]:
-    """Whole-batch values of the per-block scalars ``SCALARS`` (no bootstrap), ``[N]`` each;
-    None where a statistic is undefined (a block without a latent), so the curves are JSON."""
+    """Whole-batch values of the per-block scalars ``BLOCK_SCALARS`` (no bootstrap), ``[N]``
+    each; None where a statistic is undefined (a block without a latent), so the curves are
+    JSON."""
     seed_everything(seed)
-    out: dict[str, list[float | None]] = {name: [] for name in SCALARS}
+    out: dict[str, list[float | None]] = {name: [] for name in BLOCK_SCALARS}
     for k, alpha in enumerate(forward_messages(chain, x)):
         stats = summarise(block_sums(chain, k, alpha, y, mask, draws))
-        for name in SCALARS:
+        stats |= block_variation(chain, k, alpha, y, mask).shares()
+        for name in BLOCK_SCALARS:
             value = stats[name].item()
             out[name].append(None if value != value else value)
     return out
@@ -409,7 +435,7 @@ def to_inference_data(
         constant_data=constant,
         dims=dims,
     )
-    stat_dims = {name: ["block"] for name in SCALARS}
+    stat_dims = {name: ["block"] for name in BLOCK_SCALARS}
     stat_dims |= {
         "kl_channel": ["block", "channel"],
         "proto_msd_class": ["block", "class"],

@@ -147,13 +147,16 @@ class Lookahead:
             total += sum(module_bytes(m) for m in mods)
         return total
 
-    def logits(self, chain: BLLChain, k: int, z: Tensor, alpha: Any = None) -> Tensor:
+    def logits(
+        self, chain: BLLChain, k: int, z: Tensor, alpha: Any = None, read: str | None = None
+    ) -> Tensor:
         """Read-out logits of block k's draw z_k through the frozen copies (``alpha``:
-        block k's forward message, needed on feature maps)."""
+        block k's forward message, needed on feature maps; ``read``: what the copies read,
+        the look-ahead's own ``read`` by default, "sample" to read ``z`` whatever it is)."""
         if not self.blocks:
             raise RuntimeError("the look-ahead copies are empty: call refresh(chain) first")
         last = self.last(k, chain.num_blocks)
-        if self.read == "mean":
+        if (self.read if read is None else read) == "mean":
             if alpha is None:
                 raise ValueError("the look-ahead of the mean needs block k's forward message")
             inp: Any = alpha if chain.propagate == "params" else chain.families[k].mean(alpha)

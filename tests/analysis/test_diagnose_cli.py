@@ -18,8 +18,8 @@ import run  # noqa: E402
 
 from pyro_bll import make_family  # noqa: E402
 from pyro_bll.analysis import diagnostic_plots as plots  # noqa: E402
-from pyro_bll.analysis.diagnostics import collect, to_inference_data  # noqa: E402
-from pyro_bll.core.agreement import LOGGED, SCALARS  # noqa: E402
+from pyro_bll.analysis.diagnostics import BLOCK_SCALARS, collect, to_inference_data  # noqa: E402
+from pyro_bll.core.agreement import LOGGED  # noqa: E402
 
 from utils import assert_close, mlp_chain, toy_batch  # noqa: E402
 
@@ -81,12 +81,22 @@ def test_diagnose_two_seeds_writes_tables_plots_and_netcdf(two_seeds, tmp_path, 
         assert np.isnan(z[:, :, 1]).all() and np.isfinite(z[:, :, 0]).all()
     curves = json.loads((out / "curves.json").read_text())
     assert set(curves) == {"seed0", "seed1"} and set(curves["seed0"]) == {"1", "2"}
-    assert set(curves["seed0"]["2"]) == set(SCALARS)
+    assert set(curves["seed0"]["2"]) == set(BLOCK_SCALARS)
     # block 1 of 2 has no latent (the head reads m(alpha_N)): only the head's accuracy
     last = table[-1].split(" | ")
-    assert last[-3] != "n/a" and last[1:-3] == ["n/a"] * (len(SCALARS) - 1), table[-1]
+    cells = dict(zip(BLOCK_SCALARS, last[1:-2], strict=True))
+    assert [c == "n/a" for c in cells.values()] == [n != "local_acc" for n in cells], table[-1]
     assert curves["seed0"]["2"]["feedback_weight"][1] is None
     assert 0 <= curves["seed0"]["2"]["local_acc"][1] <= 1
+    # the within-class variation of the backward messages (pyro_bll/core/message_variation.py)
+    for name in ("message_within", "feedback_within"):
+        v = idata.agreement[name]
+        assert v.dims == ("chain", "draw", "block") and v.shape == (2, 12, 2), name
+        assert np.isnan(v.values[:, :, 1]).all() and f"{name}[0]" in summary, name
+        assert f"{name}[1]" not in summary and curves["seed0"]["2"][name][1] is None, name
+    message = idata.agreement["message_within"].values[:, :, 0]
+    assert ((message > 0) & (message <= 1)).all()  # the prototype gradient reads m(alpha_0)
+    assert np.abs(idata.agreement["feedback_within"].values[:, :, 0]).max() < 1e-6  # float32
 
 
 def test_diagnose_writes_beside_the_run_by_default(two_seeds, monkeypatch, tmp_path):

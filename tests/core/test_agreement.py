@@ -10,10 +10,14 @@ from conftest import TEST_OPTIONS
 from test_learning import _clusters
 
 from pyro_bll import BlockLocalELBO, make_family, seed_everything
-from pyro_bll.analysis.diagnostics import collect, forward_messages, to_inference_data
+from pyro_bll.analysis.diagnostics import (
+    BLOCK_SCALARS,
+    collect,
+    forward_messages,
+    to_inference_data,
+)
 from pyro_bll.core.agreement import (
     LOGGED,
-    SCALARS,
     StepAgreement,
     block_sums,
     step_statistics,
@@ -165,9 +169,13 @@ def test_inference_data_groups_dims_and_shapes_for_every_model_kind(family, tmp_
             z = idata[group]["z"]
             assert z.dims == ("chain", "draw", "block", "example", "position", "channel")
             assert z.shape == (2, 12, n, 2, p, c)
-        for name in SCALARS:
+        for name in BLOCK_SCALARS:
             assert idata.agreement[name].dims == ("chain", "draw", "block")
             assert idata.agreement[name].shape == (2, 12, n)
+        # the label feedback is constant within a class; the effective message is a share
+        assert not (np.abs(idata.agreement["feedback_within"].values) > 1e-6).any()
+        share = idata.agreement["message_within"].values
+        assert not ((share < 0) | (share > 1 + 1e-9)).any() and np.isnan(share[..., -1]).all()
         assert idata.agreement["local_acc_class"].shape == (2, 12, n, v)
         assert idata.agreement["kl_channel"].dims[-1] == "channel"
         assert idata.observed_data["y"].shape == tuple(y.shape)
