@@ -133,33 +133,36 @@ def render_sweep(data: Loaded, labels: dict[str, str]) -> list[str]:
     return table(header, rows)
 
 
+BENCH_STEP_PARTS = ("blocks", "terms", "tracing", "backward", "optimiser")
+
+
 def render_bench_step(data: Loaded, labels: dict[str, str]) -> list[str]:
-    """``bench_step.py``: median step times of the Pyro BLL, plain-torch BLL and BP steps."""
+    """``bench_step.py``: median step times of BP, BLL through Pyro and the plain-torch
+    BLL per configuration, and the shares of the parts of the Pyro step."""
     rows = []
     for path, d in data:
-        c = _flat_config(d["config"])  # the sectioned format, or an older run's flat one
-        name = str(c["d_model"])
-        if "pred_weight" in c:
-            name += f", `--pred-weight {c['pred_weight']:g}`"
-        ms = d["median_ms"]
-        rows.append(
-            [
-                labels.get(path, name),
-                f"{ms['pyro_bll']:.1f} ms",
-                f"{ms['plain_bll']:.1f} ms",
-                f"{ms['bp']:.1f} ms",
-                f"{d['ratio_pyro_over_plain']:.2f}",
-                f"{d['ratio_bll_over_bp']:.2f}",
-            ]
-        )
+        for r in d["rows"]:
+            ms, share = r["median_ms"], r["shares"]
+            rows.append(
+                [
+                    labels.get(path, f"{r['config']} (`--beta {r['beta']}`)"),
+                    f"{ms['bp']:.1f}",
+                    f"{ms['pyro']:.1f}",
+                    f"{ms['plain']:.1f}",
+                    f"{r['ratio_bll_over_bp']:.2f}",
+                    f"{r['ratio_pyro_over_plain']:.2f}",
+                    " / ".join(f"{100 * share[k]:.0f}" for k in BENCH_STEP_PARTS),
+                ]
+            )
     return table(
         [
-            "d_model",
-            "Pyro BLL step",
-            "plain-torch BLL step",
-            "BP step",
-            "Pyro / plain (target <= 1.25)",
-            "BLL / BP (target <= 1.2)",
+            "configuration",
+            "BP ms",
+            "Pyro BLL ms",
+            "plain BLL ms",
+            "BLL / BP",
+            "Pyro / plain",
+            "% of the Pyro step: " + " / ".join(BENCH_STEP_PARTS),
         ],
         rows,
     )
@@ -540,14 +543,9 @@ TABLES: dict[str, Table] = {
         ),
         Table(
             "bench_step",
-            ("bench_step_d32.json", "bench_step_d64.json", "bench_step_d32_nopred.json"),
+            ("bench_step.json",),
             render_bench_step,
-            "commands (from `experiments/`): "
-            "`python bench_step.py --threads 2 --d-model 32 --out ../results/bench_step_d32.json`; "
-            "`python bench_step.py --threads 2 --d-model 64 --repeats 30 "
-            "--out ../results/bench_step_d64.json`; "
-            "`python bench_step.py --threads 2 --d-model 32 --pred-weight 0 "
-            "--out ../results/bench_step_d32_nopred.json`",
+            "`python experiments/bench_step.py --threads 1 --out results/bench_step`",
         ),
         Table(
             "families_bound",

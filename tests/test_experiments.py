@@ -49,11 +49,21 @@ def test_sweep_rejects_blocks_that_do_not_divide_layers(tmp_path):
     assert "divide --layers 4" in proc.stderr
 
 
-def test_bench_step_reports_both_ratios(tmp_path):
-    _script("bench_step.py", "--layers", 2, "--d-model", 8, "--repeats", 2, "--warmup", 1,
-            "--threads", 1, "--out", tmp_path / "b.json", cwd=tmp_path)  # fmt: skip
-    result = json.loads((tmp_path / "b.json").read_text())
-    assert result["ratio_pyro_over_plain"] > 0 and result["ratio_bll_over_bp"] > 0
+def test_bench_step_reports_ratios_and_parts(tmp_path):
+    from vision_files import tiny_fashion_mnist
+
+    data = tiny_fashion_mnist(tmp_path / "fm", n_train=256, n_test=128)
+    _script("bench_step.py", "--configs", "s2s_5", "resnet_k4", "--repeats", 2, "--warmup", 0,
+            "--threads", 1, "--data-dir", data, "--out", tmp_path / "b", cwd=tmp_path)  # fmt: skip
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["s2s_5", "resnet_k4"]
+    for r in rows:
+        assert r["ratio_pyro_over_plain"] > 0 and r["ratio_bll_over_bp"] > 0
+        assert set(r["shares"]) == {"blocks", "terms", "tracing", "backward", "optimiser"}
+        assert r["parts_ms"]["blocks"] > 0 and r["parts_ms"]["backward"] > 0
+    assert rows[1]["beta"] == "lookahead"  # the task's default message
+    assert "| resnet_k4 (`--beta lookahead`) |" in (tmp_path / "b.md").read_text()
+    _script("bench_step.py", "--repeats", 0, cwd=tmp_path, rc=2)
 
 
 def test_bench_families_smoke_and_restart_reuses_finished_runs(tmp_path):

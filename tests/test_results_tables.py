@@ -73,16 +73,20 @@ def test_families_table_single_seed_values_and_missing_rows(tmp_path):
 
 
 def test_the_json_machine_field_wins_and_several_commits_read_as_commits(tmp_path):
-    _write(tmp_path / "b.json", {"median_ms": {"pyro_bll": 2.0, "plain_bll": 1.6, "bp": 1.0},
-                                 "ratio_pyro_over_plain": 1.25, "ratio_bll_over_bp": 2.0,
-                                 "config": {"d_model": 8, "pred_weight": 0.0},
-                                 "machine": "x86_64, 2 threads, torch X"})  # fmt: skip
+    row = {"config": "s2s_5", "beta": "label",
+           "median_ms": {"pyro": 2.0, "plain": 1.6, "bp": 1.0},
+           "ratio_pyro_over_plain": 1.25, "ratio_bll_over_bp": 2.0,
+           "shares": {"blocks": 0.2, "terms": 0.3, "tracing": 0.1, "backward": 0.35,
+                      "optimiser": 0.05}}  # fmt: skip
+    _write(tmp_path / "b.json", {"rows": [row], "machine": "x86_64, 2 threads, torch X"})
     spec = rt.Table("b", ("b.json",), rt.render_bench_step, "`cmd`",
                     commit="1111aaa (first), 2222bbb (second)")  # fmt: skip
     text = rt.render(spec, tmp_path)
     (line,) = _provenance_lines(text)
     assert line.startswith("*Provenance:* commits 1111aaa (first), 2222bbb (second); x86_64, 2")
-    assert "| 8, `--pred-weight 0` | 2.0 ms | 1.6 ms | 1.0 ms | 1.25 | 2.00 |" in text
+    assert (
+        "| s2s_5 (`--beta label`) | 1.0 | 2.0 | 1.6 | 2.00 | 1.25 | 20 / 30 / 10 / 35 / 5 |" in text
+    )
 
 
 def test_markers_are_rewritten_and_missing_data_is_an_error(tmp_path):

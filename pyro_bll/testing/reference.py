@@ -1,7 +1,8 @@
 """The block-local loss written directly in torch, without Pyro.
 
 The same sum of l_k that ``BlockLocalELBO`` reads off Pyro traces, for chains with the
-prototype local likelihood, optional predictive heads and ``head_input="mean"``. It draws
+prototype or look-ahead local likelihood, optional predictive heads and
+``head_input="mean"``, on vectors, sequences and feature maps. It draws
 z_k in the guide's order, so with the same seed it reproduces the Pyro value exactly; it
 serves as the baseline of ``experiments/bench_step.py`` and as a cross-check in tests.
 """
@@ -15,40 +16,48 @@ from torch import Tensor
 
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.core.likelihoods import masked_cross_entropy, prototype_bound
+from pyro_bll.core.lookahead_sweep import LookaheadSweep
+from pyro_bll.core.step_cache import StepCache
 
 
 def plain_block_losses(chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
-    """Per-block losses ``[N]`` summed over the batch (as Pyro's ELBOs are)."""
+    """Per-block losses ``[N]`` summed over the batch (as Pyro's ELBOs are).
+
+    Covers ``head_input="mean"`` with local likelihoods: the prototype likelihood (its
+    bound or its value at the draw), on vectors, sequences and feature maps (the latent
+    where the chain's spatial message puts it), and the look-ahead (through its copies,
+    or its sweep where that applies, ``pyro_bll.core.lookahead_sweep``)."""
     if chain.head_input != "mean" or chain.local_likelihoods is None:
         raise ValueError("the reference loss covers head_input='mean' with local likelihoods")
-    sum_event = tuple(range(1, chain.event_dim + 1))  # [B, ...] -> [B]
+    if chain.critic is not None:
+        raise ValueError("the reference loss does not cover the critic's message")
+    cache = StepCache()
+    if chain.lookahead is not None and chain.lookahead.sweeps(chain):
+        cache.sweep = LookaheadSweep(chain, y, mask)
     last = chain.num_blocks - 1
     inp: Any = x
-    alphas, zs, losses = [], [], []
+    sites, zs = [], []
     # guide pass: draw every z_k from rho_k in order (as the Pyro guide does)
     for k in range(chain.num_blocks):
-        alpha = chain.forward_message(k, inp)
-        rho, z = None, None
+        alpha = chain.forward_message(k, inp, cache)
+        site, rho, z = None, None, None
         if chain.has_latent(k):  # the last block has none when the head reads m(alpha_N)
-            rho = chain.families[k].posterior(alpha, chain.feedback_message(k, y, mask))
+            site = chain.latent_params(k, alpha, cache)  # alpha_k, or its channel summary
+            beta = chain.feedback_message(k, y, mask, site)
+            rho = chain.families[k].posterior(site, beta)
+            cache.rho[k] = rho
             d = chain.families[k].distribution(rho)
             z = d.rsample() if d.has_rsample else d.sample()
-        alphas.append((alpha, rho))
+        sites.append((site, rho))
         zs.append(z)
         if k < last:
             inp = chain.next_input(k, alpha, z)
-    for k, ((alpha, rho), z) in enumerate(zip(alphas, zs, strict=True)):
-        fam = chain.families[k]
-        loss = fam.kl(rho, alpha).sum(sum_event).sum() if rho is not None else 0.0
+    losses = []
+    for k, ((site, rho), z) in enumerate(zip(sites, zs, strict=True)):
+        fam, alpha = chain.families[k], cache.alpha[k]
+        loss = fam.kl(rho, site).sum() if rho is not None else 0.0
         if k < last:
-            protos = chain.class_potentials(k)
-            if chain.likelihood == "bound":
-                lik = prototype_bound(fam, rho, protos, y)
-                lik = lik if mask is None else lik * mask.to(lik.dtype)
-                loss = loss - lik.sum()
-            else:
-                logits = fam.potential_logits(z, protos)
-                loss = loss + masked_cross_entropy(logits, y, mask).sum()
+            loss = loss - _local_log_likelihood(chain, k, z, cache, y, mask).sum()
             if chain.pred_heads is not None and chain.pred_weight > 0:
                 logits = chain.pred_heads[k](fam.mean(alpha))
                 loss = loss + chain.pred_weight * masked_cross_entropy(logits, y, mask).sum()
@@ -56,3 +65,17 @@ def plain_block_losses(chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | Non
             loss = loss + masked_cross_entropy(chain.head(fam.mean(alpha)), y, mask).sum()
         losses.append(loss)
     return torch.stack(losses)
+
+
+def _local_log_likelihood(chain: BLLChain, k: int, z, cache: StepCache, y, mask) -> Tensor:
+    """Block k's local likelihood term per label ``[B, *L]`` (masked labels: 0)."""
+    fam = chain.families[k]
+    if chain.spatial_message is None and chain.lookahead is None and chain.likelihood == "bound":
+        lik = prototype_bound(fam, cache.rho[k], chain.class_potentials(k), y)
+    elif chain.spatial_message is None and chain.lookahead is None:  # at the draw
+        return -masked_cross_entropy(fam.potential_logits(z, chain.class_potentials(k)), y, mask)
+    else:
+        q = chain.local_likelihoods[k](chain, k, z, cache)
+        bound = chain.likelihood == "bound" and hasattr(q, "expected_log_prob")
+        lik = q.expected_log_prob(y) if bound else q.log_prob(y)
+    return lik if mask is None else lik * mask.to(lik.dtype)

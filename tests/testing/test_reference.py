@@ -114,3 +114,24 @@ def test_both_losses_equal_the_block_losses_by_hand(name, likelihood):
     plain = plain_block_losses(chain, x, y, None)
     assert_close(pyro_losses.detach(), want, atol=1e-10, rtol=1e-10)
     assert_close(plain.detach(), want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("beta", ["label", "lookahead"])
+def test_pyro_and_plain_losses_agree_on_feature_maps(beta):
+    """The ResNet's channel latents and, with the look-ahead to the top, the sweep: the
+    method's per-block losses equal the plain loss at the same draws."""
+    from pyro_bll.methods.bll import BLL
+    from pyro_bll.tasks.vision import build_resnet_chain
+
+    cfg = RunConfig(task="fashion_mnist", width=1 / 16, blocks=3, beta=beta,
+                    **({"lookahead_depth": 0, "lookahead_input": "mean"} if beta != "label"
+                       else {}))  # fmt: skip
+    chain = build_resnet_chain("resnet18", 1, 10, make_family("gaussian"), cfg).double()
+    method = BLL(chain, cfg)
+    x, y = torch.randn(4, 1, 12, 12, dtype=torch.float64), torch.tensor([1, 4, 7, 1])
+    seed_everything(5)
+    _, logs = method.loss(chain, x, y, None)
+    seed_everything(5)
+    plain = plain_block_losses(chain, x, y, None)
+    assert_close(logs["loss"] * y.shape[0], plain.detach(), atol=1e-9, rtol=1e-9)
+    assert logs["likelihood"][:-1].abs().min() > 0
