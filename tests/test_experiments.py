@@ -62,7 +62,8 @@ def test_bench_step_reports_ratios_and_parts(tmp_path):
         assert set(r["shares"]) == {"blocks", "terms", "tracing", "backward", "optimiser"}
         assert r["parts_ms"]["blocks"] > 0 and r["parts_ms"]["backward"] > 0
     assert rows[1]["beta"] == "lookahead"  # the task's default message
-    assert "| resnet_k4 (`--beta lookahead`) |" in (tmp_path / "b.md").read_text()
+    table = (tmp_path / "b").with_suffix(".md").read_text()
+    assert "| resnet_k4 (`--beta lookahead`) |" in table
     _script("bench_step.py", "--repeats", 0, cwd=tmp_path, rc=2)
 
 
