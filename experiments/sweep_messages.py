@@ -10,8 +10,8 @@ every K of ``--blocks`` and seed of ``--seeds``, one run at a time through
 reused, so an interrupted sweep continues where it stopped. Writes
 ``<results>/sweep_messages.json`` (every run's validation accuracy and seconds),
 ``sweep_messages.md`` (mean +- std over seeds per method and K) and
-``sweep_messages.png`` (``--name`` changes the stem; validation accuracy against K, one line per method, the spread
-over seeds as error bars).
+``sweep_messages.png`` (``--name`` changes the stem; validation accuracy against K, one
+line per method, the spread over seeds as error bars).
 """
 
 from __future__ import annotations

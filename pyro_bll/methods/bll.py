@@ -123,10 +123,10 @@ class BLLOptions(Section):
             if self.beta != kind and name in cfg.given and not cfg.loaded:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} applies to --beta {kind}; add it or drop {flag}")
-        if self.beta != "label" and getattr(cfg, "dist", None) is not None:
+        if self.beta == "critic" and getattr(cfg, "dist", None) is not None:
             raise ConfigError(
-                f"--beta {self.beta} is not available with --distributed yet (its backward "
-                "traffic does not travel over the transport); train it in one process"
+                "--beta critic is not available with --distributed (its critics do not "
+                "travel over the transport); use --beta lookahead or label, or one process"
             )
 
 
