@@ -17,7 +17,9 @@ maps its input to the family's parameters and hands m(alpha_j) on, as the live c
 * **Which premise it relaxes.** Weight transport: block k holds a copy of the weights of
   blocks k+1..k+L, refreshed every T steps (``bytes_per_refresh``); with T > 1 the copy is
   up to T - 1 steps stale. Backward locking is not reintroduced: block k needs no
-  backward pass from the blocks above it, only their weights.
+  backward pass from the blocks above it, only their weights. Across ranks
+  (``pyro_bll.distributed.lookahead_link``) the weights of the same step cost a wait for
+  the ranks above to finish their previous update, at refresh steps only.
 * **What the copies are fed** (``in``): the draw z_k ~ rho_k as the next block's input
   (``Family.features``). On feature maps, where the latent is a per-channel summary
   ``[B, C]`` of a map ``[B, H, W, C]`` (``--message channel`` / ``mean``), the map of

@@ -97,7 +97,8 @@ class BLLOptions(Section):
     lookahead_refresh: int = option(
         1,
         "--beta lookahead: T, copy the weights of the blocks above every T training steps "
-        "(1: every step; larger T moves fewer bytes, with copies up to T - 1 steps stale)",
+        "(1: every step; larger T moves fewer bytes, with copies up to T - 1 steps stale; "
+        "with --distributed the ranks above send them, and a refresh step waits for them)",
         check=at_least_one,
     )
 
