@@ -167,14 +167,17 @@ def test_a_failed_rank_stops_every_rank_and_is_named(tmp_path, kind, failing):
     assert not (tmp_path / "run" / "checkpoints").exists()  # no assembled end state
 
 
-@pytest.mark.parametrize("schedule, signalled", [("pipelined", 0), ("sync", 1)])
+@pytest.mark.parametrize(
+    "schedule, signalled, beta",
+    [("pipelined", 0, []), ("sync", 1, []), ("pipelined", 1, ["--beta", "lookahead"])],
+)
 def test_a_signal_to_one_rank_checkpoints_every_rank_and_resume_is_exact(
-    tmp_path, schedule, signalled
+    tmp_path, schedule, signalled, beta
 ):
     """SIGTERM reaches one rank at its step 2 of an 11-step epoch: every rank finishes the
     same step, writes its mid-epoch checkpoint and exits 143; the resumed job ends as one
-    uninterrupted process does."""
-    args = [*TINY, "--train-size", "96", "--epochs", "1"]
+    uninterrupted process does (with the look-ahead too: no weights are left in flight)."""
+    args = [*TINY, "--train-size", "96", "--epochs", "1", *beta]
     straight = tmp_path / "single"
     assert run.cli([*args, "--out", str(straight)]) == 0
     out = tmp_path / "run"
