@@ -129,7 +129,7 @@ def block_times(
     the seconds of each block's forward part alone (no gradient, no update)."""
     torch.set_num_threads(1)
     layout = Layout(BlockGroups.make(cfg.num_blocks, ranks), 1)
-    stages = [RankStage(cfg, r, layout, cfg.device) for r in range(ranks)]
+    stages = [RankStage(ranks_config(cfg), r, layout, cfg.device) for r in range(ranks)]
     batches = _batches(stages[0].task, steps, stages[0].device)
     if batch is not None:
         batches = [_head(b, batch) for b in batches]
@@ -184,7 +184,7 @@ def network_sizes(cfg: RunConfig, ranks: int) -> dict[str, list[int] | int]:
     """Gradient bytes of every rank's blocks (one rank per stage) and of the whole chain,
     and the bytes of one example's message from the first rank."""
     layout = Layout(BlockGroups.make(cfg.num_blocks, ranks), 1)
-    stage = RankStage(cfg, 0, layout, "cpu")
+    stage = RankStage(ranks_config(cfg), 0, layout, "cpu")
     chain = stage.chain
     per_rank = [
         4
@@ -355,12 +355,20 @@ def variant_specs(k: int) -> dict[str, tuple[str, int, int, str]]:
     return specs
 
 
+def ranks_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the label feedback (``--beta label``): the K-process variants and
+    the block timings of the cost model train BLL with it, since the model has no term
+    for the look-ahead's weight traffic between ranks (``lookahead_link``)."""
+    return cfg.replace(beta="label")
+
+
 def _variant_config(cfg: RunConfig, method: str, stages: int, replicas: int) -> RunConfig:
     """The network of ``cfg`` (K blocks) as ``stages`` stages of even block counts."""
     blocks = cfg.num_blocks
     sizes = [blocks // stages + (i < blocks % stages) for i in range(stages)]
-    return cfg.replace(distributed=True, method=method, replicas=replicas, backward=None,
-                       rank_blocks=None if method == "bp" else sizes)  # fmt: skip
+    base = ranks_config(cfg) if method == "bll" else cfg
+    return base.replace(distributed=True, method=method, replicas=replicas, backward=None,
+                        rank_blocks=None if method == "bp" else sizes)  # fmt: skip
 
 
 def _comm_times(rank: int, k: int, device: torch.device) -> dict[str, list[float]]:

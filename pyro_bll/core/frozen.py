@@ -4,7 +4,7 @@ down to the blocks below (``pyro_bll.core.lookahead``, ``pyro_bll.core.critic``)
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
@@ -25,10 +25,14 @@ class RefreshSchedule:
         self.every = every
         self.last: int | None = None  # the step of the last refresh
 
+    def pending(self, step: int | None) -> bool:
+        """Whether training step ``step`` will refresh, without recording it (``due``)."""
+        last = self.last
+        return step is None or last is None or step < last or step - last >= self.every
+
     def due(self, step: int | None) -> bool:
         """Whether training step ``step`` refreshes; records it when it does."""
-        last = self.last
-        if not (step is None or last is None or step < last or step - last >= self.every):
+        if not self.pending(step):
             return False
         self.last = step
         return True
@@ -43,10 +47,17 @@ class FrozenCopies:
         self.clones: list[nn.Module] = []
 
     @torch.no_grad()
-    def refresh(self, live: Sequence[nn.Module]) -> None:
+    def refresh(self, live: Sequence[nn.Module], skip: Collection[int] = ()) -> None:
+        """Copy ``live`` into the clones; the positions in ``skip`` keep their values (their
+        train/eval mode follows the live module): a caller fills them from elsewhere (the
+        state another rank sends, ``pyro_bll.distributed.lookahead_link``). A re-clone
+        clones them too."""
         if len(self.clones) == len(live) and all(map(_same_layout, self.clones, live)):
-            for clone, module in zip(self.clones, live, strict=True):
-                _copy_into(clone, module)
+            for i, (clone, module) in enumerate(zip(self.clones, live, strict=True)):
+                if i in skip:
+                    clone.train(module.training)
+                else:
+                    _copy_into(clone, module)
         else:
             self.clones = [copy.deepcopy(m).requires_grad_(False) for m in live]
 

@@ -17,7 +17,9 @@ maps its input to the family's parameters and hands m(alpha_j) on, as the live c
 * **Which premise it relaxes.** Weight transport: block k holds a copy of the weights of
   blocks k+1..k+L, refreshed every T steps (``bytes_per_refresh``); with T > 1 the copy is
   up to T - 1 steps stale. Backward locking is not reintroduced: block k needs no
-  backward pass from the blocks above it, only their weights.
+  backward pass from the blocks above it, only their weights. Across ranks
+  (``pyro_bll.distributed.lookahead_link``) the weights of the same step cost a wait for
+  the ranks above to finish their previous update, at refresh steps only.
 * **What the copies are fed** (``in``): the draw z_k ~ rho_k as the next block's input
   (``Family.features``). On feature maps, where the latent is a per-channel summary
   ``[B, C]`` of a map ``[B, H, W, C]`` (``--message channel`` / ``mean``), the map of
@@ -31,6 +33,7 @@ maps its input to the family's parameters and hands m(alpha_j) on, as the live c
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from pyro.distributions import Categorical
@@ -81,6 +84,7 @@ class Lookahead:
         self.readouts: dict[int, nn.Module] = {}  # frozen read-out after block j
         self._bytes: int | None = None  # bytes_per_refresh, for the current copies
         self.sweep = sweep
+        self._index: dict[int, int] = {}  # id of a live module -> position of its copy
 
     @property
     def refreshed_at(self) -> int | None:
@@ -114,38 +118,60 @@ class Lookahead:
         check_lookahead(chain, self.depth, self.read)
         return [LookaheadLikelihood(self, k) for k in range(chain.num_blocks - 1)]
 
-    def maybe_refresh(self, chain: BLLChain, step: int | None) -> int:
+    def maybe_refresh(
+        self, chain: BLLChain, step: int | None, skip: Collection[nn.Module] = ()
+    ) -> int:
         """Copy the live weights when training step ``step`` starts a refresh period (every
         ``refresh`` steps, and whenever nothing is copied yet; ``None``: every call).
-        Returns the bytes copied (0 when the copies are kept)."""
-        return self.refresh(chain) if self.schedule.due(step) else 0
+        Returns the bytes copied (0 when the copies are kept); ``skip``: as in ``refresh``."""
+        return self.refresh(chain, skip) if self.schedule.due(step) else 0
 
-    def refresh(self, chain: BLLChain) -> int:
-        """Copy blocks 1..N-1 and their read-outs from ``chain``; the bytes moved."""
-        live = {chain.num_blocks - 1: chain.head}
-        if chain.pred_heads is not None:
-            live.update(enumerate(chain.pred_heads))
+    def refresh(self, chain: BLLChain, skip: Collection[nn.Module] = ()) -> int:
+        """Copy blocks 1..N-1 and their read-outs from ``chain``; the bytes moved. The live
+        modules in ``skip`` are not copied: their copies keep their values until the caller
+        loads them (``copy_of``), as a rank does with the state of another rank's blocks."""
+        live = self._live(chain)
         before = self.copies.clones
-        self.copies.refresh([*list(chain.blocks)[1:], *live.values()])
+        skipped = {id(m) for m in skip}
+        self.copies.refresh(list(live), [i for i, m in enumerate(live) if id(m) in skipped])
         clones = self.copies.clones
+        self._index = {id(m): i for i, m in enumerate(live)}
         n = chain.num_blocks
         self.blocks = [None, *clones[: n - 1]]  # type: ignore[list-item]
-        self.readouts = dict(zip(live, clones[n - 1 :], strict=True))
+        self.readouts = dict(zip(self._readout_blocks(chain), clones[n - 1 :], strict=True))
         if clones is not before or self._bytes is None:  # cloned again: count again
             self._bytes = self.bytes_per_refresh(chain)
         return self._bytes
 
+    def copy_of(self, module: nn.Module) -> nn.Module:
+        """The frozen copy of the live block or read-out ``module`` (after a refresh)."""
+        return self.copies.clones[self._index[id(module)]]
+
+    def reads(self, chain: BLLChain, k: int) -> list[tuple[int, nn.Module]]:
+        """The live modules block k's look-ahead reads, each with the block that owns it:
+        blocks k+1..k+L, then the read-out after block k+L (owned by that block)."""
+        last = self.last(k, chain.num_blocks)
+        mods = [(j, chain.blocks[j]) for j in range(k + 1, last + 1)]
+        return [*mods, (last, readout(chain, last))]
+
     def bytes_per_refresh(self, chain: BLLChain) -> int:
         """What one refresh moves: every block's look-ahead weights (parameters and
         buffers of blocks k+1..k+L and block k+L's read-out), summed over the blocks."""
-        total = 0
+        return sum(
+            module_bytes(m) for k in range(chain.num_blocks - 1) for _, m in self.reads(chain, k)
+        )
+
+    @staticmethod
+    def _readout_blocks(chain: BLLChain) -> list[int]:
+        """The blocks whose read-outs are copied, in the order of ``_live``."""
         n = chain.num_blocks
-        for k in range(n - 1):
-            last = self.last(k, n)
-            mods = [chain.blocks[j] for j in range(k + 1, last + 1)]
-            mods.append(chain.head if last == n - 1 else chain.pred_heads[last])  # type: ignore[index]
-            total += sum(module_bytes(m) for m in mods)
-        return total
+        heads = [] if chain.pred_heads is None else list(range(len(chain.pred_heads)))
+        return [*[j for j in heads if j != n - 1], n - 1]
+
+    def _live(self, chain: BLLChain) -> list[nn.Module]:
+        """The live modules the copies mirror: blocks 1..N-1, then the read-outs."""
+        blocks = list(chain.blocks)[1:]
+        return [*blocks, *(readout(chain, j) for j in self._readout_blocks(chain))]
 
     def logits(
         self, chain: BLLChain, k: int, z: Tensor, alpha: Any = None, read: str | None = None
@@ -208,6 +234,15 @@ def check_lookahead(chain: BLLChain, depth: int, read: str = "sample") -> None:
         )
 
 
+def readout(chain: BLLChain, j: int) -> nn.Module:
+    """The read-out after block j: its predictive head, the output head for the last."""
+    if j == chain.num_blocks - 1:
+        return chain.head
+    if chain.pred_heads is None:
+        raise ValueError(f"block {j} has no predictive head to read out")
+    return chain.pred_heads[j]
+
+
 def _input(chain: BLLChain, k: int, z: Tensor, alpha: Any) -> Any:
     """What block k + 1's copy reads for the draw z_k (see the module docstring)."""
     family = chain.families[k]
@@ -225,4 +260,4 @@ def _input(chain: BLLChain, k: int, z: Tensor, alpha: Any) -> Any:
     return mean_map + shift.reshape(shift.shape[0], *([1] * (mean_map.dim() - 2)), -1)
 
 
-__all__ = ["Lookahead", "LookaheadLikelihood", "check_lookahead"]
+__all__ = ["Lookahead", "LookaheadLikelihood", "check_lookahead", "readout"]

@@ -217,6 +217,8 @@ class RankTrainer:
         if self.rank == 0:
             (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
             print(f"{self.cfg.schedule} schedule, {self.layout}", flush=True)
+        if self.stage.lookahead_link is not None:  # every rank logs its own traffic
+            print(f"rank {self.rank}: {self.stage.lookahead_link.describe()}", flush=True)
         self.stage.results.history = self.history  # rank 0's: metrics and --max-minutes
         pyro.enable_validation(False)  # shape checks cost time in the hot loop
         trained = None
@@ -312,6 +314,7 @@ class RankTrainer:
 
         on_step = every_n if cfg.checkpoint_every else None
         stats = self.schedule(stage, self.channel, stream, cfg.pipeline_depth, stats, on_step)
+        stage.flush()  # the look-ahead weights sent: every one was received at its step
         if self.coordinator.cut:  # the ranks agreed to stop inside the epoch
             raise TrainingInterrupted(
                 self.coordinator.signum,
@@ -332,6 +335,9 @@ class RankTrainer:
             "busy": stats.busy,
             "wait": stats.wait,
         }
+        link = stage.lookahead_link
+        if link is not None:  # what this rank received: bytes per refresh, refreshes
+            payload["lookahead"] = (link.received_bytes, link.refreshes)
         gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
         collective(
             "gathering the blocks on rank 0", lambda: dist.gather_object(payload, gathered, dst=0)
@@ -353,11 +359,17 @@ class RankTrainer:
         eval_seconds = time.perf_counter() - t0
         sums = {k: sum(p["sums"][k] for p in parts) for k in parts[0]["sums"]}
         train_seconds = max(p["seconds"] for p in parts)
+        traffic = {}
+        if "lookahead" in parts[0]:  # the look-ahead's backward traffic (lookahead_link)
+            traffic = {
+                "rank_lookahead_bytes_per_refresh": [p["lookahead"][0] for p in parts],
+                "lookahead_refreshes": parts[0]["lookahead"][1],  # so far, the same on all
+            }
         record = epoch_record(
             epoch, sums, parts[0]["count"], metrics,
             train_seconds=train_seconds, eval_seconds=eval_seconds,
             rank_busy_seconds=[p["busy"] for p in parts],
-            rank_wait_seconds=[p["wait"] for p in parts],
+            rank_wait_seconds=[p["wait"] for p in parts], **traffic,
         )  # fmt: skip
         self.history.append(record)
         stage.results.write_results(out)

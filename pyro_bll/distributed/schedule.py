@@ -8,7 +8,10 @@ Every rank runs the same loop over the same batches. Per micro-batch i a rank
    m(alpha_{b-1}) for rank r + 1, which it sends on;
 3. takes its own optimiser step on its own losses (``stage.update``).
 
-No gradient and no message travels backwards. Both schedules compute exactly the same
+No gradient travels backwards; with ``--beta lookahead`` the weights of the blocks above
+do, on refresh steps, at ``stage.start_step()`` before the input is awaited
+(``lookahead_link``: they are those of the same step as in one process, and the pipeline
+drains at refresh steps). Both schedules compute exactly the same
 thing: rank r's step i uses the message that rank r - 1 computed at *its* step i, i.e.
 with block parameters that have seen i - 1 updates, which is what a single process does
 (all blocks forward with the parameters after step i - 1, then all update). The messages
@@ -52,6 +55,8 @@ class Stage(Protocol):
         self, inp: Any, y: Tensor, mask: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor], Message | None]: ...
 
+    def start_step(self) -> None: ...
+
     def update(self, loss: Tensor) -> None: ...
 
 
@@ -92,6 +97,7 @@ def run_sync(
     stats = StageStats() if stats is None else stats
     for x, y, mask in batches:
         t0 = time.perf_counter()
+        stage.start_step()
         inp = x if channel.prev is None else channel.recv(y.shape[0])
         t1 = time.perf_counter()
         loss, logs, out = stage.compute(inp, y, mask)
@@ -122,14 +128,15 @@ def run_pipelined(
     it = iter(batches)
     nxt = next(it, None)
     receiving = channel.prev is not None
-    pending = channel.irecv(nxt[1].shape[0]) if receiving and nxt is not None else None
+    pending = None  # posted after the first start_step: the first receive blocks (header)
     sends: deque = deque()
     while nxt is not None:
         x, y, mask = nxt
         nxt = next(it, None)
         t0 = time.perf_counter()
+        stage.start_step()
         if receiving:
-            inp = pending.wait()
+            inp = (channel.irecv(y.shape[0]) if pending is None else pending).wait()
             if nxt is not None:
                 pending = channel.irecv(nxt[1].shape[0])
         else:

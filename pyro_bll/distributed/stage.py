@@ -8,7 +8,9 @@ the block-local losses l_a..l_{b-1} through the Pyro model and guide
 every block draws the same z_k as in one process (``pyro_bll.core.noise``), and returns
 the message for the next rank; ``update`` takes the rank's own optimiser step. Adam is
 elementwise, so per-rank optimisers over disjoint parameter sets step exactly like one
-optimiser over all of them.
+optimiser over all of them. With ``--beta lookahead`` and more than one stage,
+``start_step`` exchanges the weights the look-ahead copies read with the other stages
+(``lookahead_link``) before the step's input is awaited.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 from pyro_bll.core.step_cache import StepCache
 from pyro_bll.distributed import rank_checkpoints as ckpt
 from pyro_bll.distributed.group import Layout, owned_parameter_index, owned_state_keys
+from pyro_bll.distributed.lookahead_link import LookaheadLink
 from pyro_bll.distributed.transport import Message, collective
 from pyro_bll.run.build import build_run
 from pyro_bll.run.checkpoints import (
@@ -81,11 +84,34 @@ class RankStage:
         self.last = self.segment[1] == self.chain.num_blocks
         self.steps_done = 0
         self.epoch = 0
+        lookahead = self.chain.lookahead
+        self.lookahead_link = (
+            LookaheadLink(self.chain, lookahead, layout, rank)
+            if lookahead is not None and layout.stages > 1
+            else None
+        )
+
+    def start_step(self) -> None:
+        """Before the step's input is awaited: the look-ahead's exchange of weights
+        (``lookahead_link``; nothing without one or off its refresh steps)."""
+        if self.lookahead_link is not None:
+            self.lookahead_link.exchange(self.steps_done)
+
+    def flush(self) -> None:
+        """Wait for this rank's sends of look-ahead weights (at the end of an epoch)."""
+        if self.lookahead_link is not None:
+            self.lookahead_link.wait_sends()
 
     def compute(
         self, inp: Any, y: Tensor, mask: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor], Message | None]:
         """Local losses of the segment (summed) and the message for the next rank."""
+        link = self.lookahead_link
+        if link is not None and link.exchanged != self.steps_done:
+            raise RuntimeError(
+                f"step {self.steps_done}: the look-ahead weights were not exchanged; the "
+                "schedule calls start_step() before compute()"
+            )
         cache = StepCache()
         noise = step_noise(self.cfg.seed, self.steps_done)
         with self.built.autocast():  # --amp, as in the single-process step

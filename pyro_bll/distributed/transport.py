@@ -5,8 +5,9 @@ A message is what block b-1 hands to block b, ``m(alpha_{b-1})``: one tensor
 from step to step, and every rank knows it from its own copy of the labels, so the
 sender describes the trailing shapes and dtypes once, in a small header before its first
 message (``int64[HEADER]``: tuple flag, count, then dtype code, rank and trailing sizes
-per tensor), and afterwards sends the raw tensors only. Messages travel forward only
-(rank r to r + 1); nothing is ever sent back.
+per tensor), and afterwards sends the raw tensors only. These messages travel forward
+only (rank r to r + 1); the only traffic the other way is the look-ahead's weights
+(``lookahead_link``, on its own tag).
 
 Backends: gloo (CPU tensors) and NCCL (CUDA tensors, one GPU per rank). With gloo and a
 CUDA device the tensors are staged through host memory, so several ranks can share one

@@ -98,7 +98,8 @@ class BLLOptions(Section):
     lookahead_refresh: int = option(
         1,
         "--beta lookahead: T, copy the weights of the blocks above every T training steps "
-        "(1: every step; larger T moves fewer bytes, with copies up to T - 1 steps stale)",
+        "(1: every step; larger T moves fewer bytes, with copies up to T - 1 steps stale; "
+        "with --distributed the ranks above send them, and a refresh step waits for them)",
         check=at_least_one,
     )
 
@@ -124,10 +125,10 @@ class BLLOptions(Section):
             if self.beta != kind and name in cfg.given and not cfg.loaded:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} applies to --beta {kind}; add it or drop {flag}")
-        if self.beta != "label" and getattr(cfg, "dist", None) is not None:
+        if self.beta == "critic" and getattr(cfg, "dist", None) is not None:
             raise ConfigError(
-                f"--beta {self.beta} is not available with --distributed yet (its backward "
-                "traffic does not travel over the transport); train it in one process"
+                "--beta critic is not available with --distributed (its critics do not "
+                "travel over the transport); use --beta lookahead or label, or one process"
             )
 
 

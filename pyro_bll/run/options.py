@@ -235,8 +235,6 @@ def _resolve(given: dict[str, Any]) -> dict[str, Section]:
         values["backward"] = "joint"  # one loss over the whole network
     if "likelihood" in values and values["likelihood"] is None:
         values["likelihood"] = family.default_likelihood
-    if "beta" in values and "beta" not in given and given.get("distributed"):
-        values["beta"] = "label"  # the backward messages do not cross processes yet
     return {s.name: s.make(values) for s in sections}
 
 

@@ -167,14 +167,17 @@ def test_a_failed_rank_stops_every_rank_and_is_named(tmp_path, kind, failing):
     assert not (tmp_path / "run" / "checkpoints").exists()  # no assembled end state
 
 
-@pytest.mark.parametrize("schedule, signalled", [("pipelined", 0), ("sync", 1)])
+@pytest.mark.parametrize(
+    "schedule, signalled, beta",
+    [("pipelined", 0, []), ("sync", 1, []), ("pipelined", 1, ["--beta", "lookahead"])],
+)
 def test_a_signal_to_one_rank_checkpoints_every_rank_and_resume_is_exact(
-    tmp_path, schedule, signalled
+    tmp_path, schedule, signalled, beta
 ):
     """SIGTERM reaches one rank at its step 2 of an 11-step epoch: every rank finishes the
     same step, writes its mid-epoch checkpoint and exits 143; the resumed job ends as one
-    uninterrupted process does."""
-    args = [*TINY, "--train-size", "96", "--epochs", "1"]
+    uninterrupted process does (with the look-ahead too: no weights are left in flight)."""
+    args = [*TINY, "--train-size", "96", "--epochs", "1", *beta]
     straight = tmp_path / "single"
     assert run.cli([*args, "--out", str(straight)]) == 0
     out = tmp_path / "run"
@@ -230,6 +233,71 @@ def test_stages_times_replicas_equal_one_process(tmp_path, float64, layout, fami
     else:
         _ok(launch([*dist_args, "--epochs", "2"], world, tmp_path, env=float64))
     _same_checkpoints(single / END, out / END, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "world, rank_blocks, depth, refresh, schedule, reads",
+    [
+        # rank 0 (block 0) reads blocks 1, 2 and the output head from rank 1
+        (2, "1,2", 0, 1, "pipelined", {0: ["blocks.1", "blocks.2", "head"]}),
+        # block 0 reads block 1 and its predictive head, both on rank 1
+        (2, "1,2", 1, 1, "pipelined", {0: ["blocks.1", "pred_heads.1"]}),
+        # blocks 0 and 1 both read block 2 and the head: they cross once; every 3 steps
+        (2, "2,1", 0, 3, "sync", {0: ["blocks.2", "head"]}),
+        # three stages, every 2 steps: rank 0 reads from ranks 1 and 2, rank 1 from rank 2
+        (3, None, 0, 2, "pipelined", {0: ["blocks.1", "blocks.2", "head"],
+                                      1: ["blocks.2", "head"]}),
+    ],
+)  # fmt: skip
+def test_lookahead_weights_cross_ranks_as_in_one_process(
+    tmp_path, world, rank_blocks, depth, refresh, schedule, reads
+):
+    """--beta lookahead: the ranks above send the weights the look-ahead copies read at
+    every refresh step, and the run ends with the parameters, Adam state and per-block
+    losses of one process (same seed, same batches: the copies hold the weights of the
+    same step). metrics.json reports the bytes each rank received per refresh, which
+    equal the parameters and buffers of the modules it reads from other ranks."""
+    beta = ["--beta", "lookahead", "--lookahead-depth", depth, "--lookahead-refresh", refresh]
+    args = [*TINY, "--epochs", "2", *beta]
+    single = tmp_path / "single"
+    assert run.cli([*map(str, args), "--out", str(single)]) == 0
+    out = tmp_path / "run"
+    layout = [] if rank_blocks is None else ["--rank-blocks", rank_blocks]
+    results = launch([*args, "--out", out, "--schedule", schedule, *layout], world, tmp_path)
+    _ok(results)
+    _same_checkpoints(single / END, out / END)
+    # the bytes: the modules each rank reads from others, counted on the one-process chain
+    state = torch.load(single / END, weights_only=False)["model"]
+    expected = [
+        sum(v.numel() * v.element_size() for k, v in state.items()
+            if any(k.startswith(m + ".") for m in reads.get(r, [])))
+        for r in range(world)
+    ]  # fmt: skip
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history[-1]["rank_lookahead_bytes_per_refresh"] == expected
+    steps = 2 * 6  # two epochs of 48 / 8 batches
+    assert history[-1]["lookahead_refreshes"] == -(-steps // refresh)
+    assert f"receives {expected[0]} bytes per refresh" in results[0].log
+
+
+def test_task_default_lookahead_runs_distributed_end_to_end(tmp_path):
+    """fashion_mnist_mlp's default is --beta lookahead (depth 0, read at the mean): the
+    distributed launch keeps it (config.json) and ends as one process does."""
+    from vision_files import tiny_fashion_mnist
+
+    data = tiny_fashion_mnist(tmp_path / "data", n_train=32)
+    args = ["--task", "fashion_mnist_mlp", "--data-dir", data, "--layers", "3",
+            "--d-model", "16", "--batch-size", "8", "--epochs", "2", "--threads", "1",
+            "--no-progress"]  # fmt: skip
+    single = tmp_path / "single"
+    assert run.cli([*map(str, args), "--out", str(single)]) == 0
+    out = tmp_path / "run"
+    results = launch([*args, "--out", out], 2, tmp_path)
+    _ok(results)
+    config = json.loads((out / "config.json").read_text())
+    assert config["bll"]["beta"] == "lookahead" and config["bll"]["lookahead_depth"] == 0
+    assert "look-ahead: stage 0 receives" in results[0].log
+    _same_checkpoints(single / END, out / END)
 
 
 def test_checkpoint_every_lets_a_crashed_job_resume_mid_epoch(tmp_path):

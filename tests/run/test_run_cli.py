@@ -128,6 +128,7 @@ def test_options_run_end_to_end(tmp_path, extra):
         (["--method", "bp", "--ridge", "2"], "--ridge applies to --method bll only"),
         (["--ridge", "2"], "--ridge applies to --feedback-update solve only"),
         (["--replicas", "2"], "--replicas applies to --distributed runs only"),
+        (["--beta", "critic", "--distributed"], "--beta critic is not available with --distr"),
         (["--task", "fashion_mnist", "--layers", "3"], "--layers applies to the tasks with"),
     ],
 )
