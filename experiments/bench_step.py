@@ -18,7 +18,8 @@ alike) and the median of ``--repeats`` steps is reported:
 The parts of the Pyro step, as shares of it: the forward blocks (``blocks``), the
 per-block terms (``plain_forward - blocks``), Pyro's tracing (the Pyro forward minus
 ``plain_forward``), the backward and the optimiser. Writes ``<out>.json`` and
-``<out>.md``; docs/results.md shows the table (``results_tables.py``).
+``<out>.md``; docs/results.md shows the table (``results_tables.py``). ``--compile`` times
+every variant with its chain compiled (``--warmup`` steps pay the compilation).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ PARTS = ("blocks", "terms", "tracing", "backward", "optimiser")
 
 def _build(options: dict, args, **extra):
     options = {**options, **extra, "threads": args.threads, "backward": "joint"}
+    options["compile"] = args.compile
     if options["task"] != "s2s_reverse":  # one batch of data is all a step reads
         options.update(train_size=options["batch_size"], test_size=options["batch_size"])
         if args.data_dir:
@@ -130,6 +132,7 @@ def measure(name: str, args) -> dict:
     return {
         "config": name,
         "beta": beta,
+        "compile": args.compile,
         "median_ms": {"bp": med("bp"), "pyro": pyro_ms, "plain": med("plain")},
         "ratio_bll_over_bp": pyro_ms / med("bp"),
         "ratio_pyro_over_plain": pyro_ms / med("plain"),
@@ -155,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=30, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true",
+                   help="compile every chain's modules (run.py --compile) in all variants; "
+                   "the warm-up steps pay the compilation")  # fmt: skip
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: Debian's)")
     p.add_argument("--out", default="results/bench_step", help="output path stem")
     args = p.parse_args(argv)

@@ -145,7 +145,11 @@ def render_bench_step(data: Loaded, labels: dict[str, str]) -> list[str]:
             ms, share = r["median_ms"], r["shares"]
             rows.append(
                 [
-                    labels.get(path, f"{r['config']} (`--beta {r['beta']}`)"),
+                    labels.get(
+                        path,
+                        f"{r['config']} (`--beta {r['beta']}`"
+                        + (", `--compile`)" if r.get("compile") else ")"),
+                    ),
                     f"{ms['bp']:.1f}",
                     f"{ms['pyro']:.1f}",
                     f"{ms['plain']:.1f}",
@@ -543,9 +547,11 @@ TABLES: dict[str, Table] = {
         ),
         Table(
             "bench_step",
-            ("bench_step.json",),
+            ("bench_step.json", "bench_step_compile.json"),
             render_bench_step,
-            "`python experiments/bench_step.py --threads 1 --out results/bench_step`",
+            "`python experiments/bench_step.py --threads 1 --out results/bench_step`; "
+            "`python experiments/bench_step.py --configs s2s_5 --compile --threads 1 "
+            "--warmup 2 --repeats 15 --out results/bench_step_compile`",
         ),
         Table(
             "families_bound",

@@ -17,6 +17,7 @@ from pyro_bll.config import ConfigError
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.families import Family, FamilyError, make_family
 from pyro_bll.methods import Method, build_method
+from pyro_bll.run.compile import compile_chain
 from pyro_bll.run.options import RunConfig, config_for_task
 from pyro_bll.seed import seed_everything
 from pyro_bll.tasks import TASKS
@@ -81,6 +82,8 @@ def build_run(cfg: RunConfig) -> BuiltRun:
     if cfg.vision is not None and cfg.vision.channels_last:
         chain.to(memory_format=torch.channels_last)
     method = build_method(chain, cfg)  # before the optimiser: it may add modules
+    if cfg.compile:
+        compile_chain(chain)
     return BuiltRun(cfg, family, task, chain, method, device, cfg.amp)
 
 

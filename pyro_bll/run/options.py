@@ -43,6 +43,7 @@ from pyro_bll.config import (
 )
 from pyro_bll.families import FAMILIES
 from pyro_bll.methods import METHODS, BLLOptions, PredSimOptions
+from pyro_bll.run.compile import compile_unavailable
 from pyro_bll.run.distributed_options import DistributedOptions
 from pyro_bll.run.step import BACKWARD_MODES, LR_SCHEDULES
 from pyro_bll.tasks import TASKS
@@ -105,6 +106,12 @@ class RunOptions(Section):
     overwrite: bool = option(
         False, "start afresh in an --out that already holds checkpoints (they are replaced)"
     )
+    compile: bool = option(
+        False,
+        "compile every block and head with torch.compile (the first step pays the "
+        "compilation; measured not to pay on the 2-core CPU: docs/results.md); refused "
+        "where the platform cannot compile",
+    )
     distributed: bool = option(
         False,
         "one process (rank) per group of blocks, forward messages sent rank to rank "
@@ -115,6 +122,9 @@ class RunOptions(Section):
     def check(self, cfg: Any) -> None:
         if self.amp and not self.device.startswith("cuda"):
             raise ConfigError("--amp (bf16 autocast) needs --device cuda; drop --amp on CPU")
+        why = compile_unavailable(self.device) if self.compile else None
+        if why is not None:
+            raise ConfigError(f"--compile: {why}; install one or drop --compile")
 
 
 @dataclass(frozen=True)
