@@ -97,3 +97,20 @@ def test_the_copies_serve_where_the_sweep_would_not_be_exact(kw):
     assert chain.lookahead.sweeps(chain)
     chain.blocks[1].append(torch.nn.Dropout(0.1))  # a copy would draw other masks
     assert not chain.lookahead.sweeps(chain)
+
+
+def test_the_sweep_equals_the_copies_for_every_family(family):
+    """The generic check over every registered family, on the MLP."""
+    chain = mlp_chain(family, register_params=False, widths=(6, 6, 6, 6)).double()
+    x, y = toy_batch(n=10)
+    cfg = config_for_task("s2s_reverse", **LOOKAHEAD)
+    reference = copy.deepcopy(chain)
+    method, copies = BLL(chain, cfg), BLL(reference, cfg)
+    reference.lookahead.sweep = False
+    batch = (x.double(), y, None)
+    logs, grads = _losses_and_grads(chain, method, batch)
+    want_logs, want_grads = _losses_and_grads(reference, copies, batch)
+    for name in ("loss", "kl", "likelihood", "pred"):
+        assert_close(logs[name], want_logs[name], rtol=1e-10, atol=1e-10)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert_close(g, w, rtol=1e-9, atol=1e-10)
