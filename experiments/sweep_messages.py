@@ -40,6 +40,8 @@ METHODS: dict[str, list[str]] = {
     "lookahead_2": ["--beta", "lookahead", "--lookahead-input", "mean", "--lookahead-depth", "2"],
     "lookahead_sample": ["--beta", "lookahead", "--lookahead-depth", "0"],
     "critic": ["--beta", "critic"],
+    "target": ["--beta", "target", "--target-delay", "1"],
+    "target_4": ["--beta", "target", "--target-delay", "4"],
 }
 
 

@@ -81,6 +81,15 @@ class LookaheadSweep:
         self.inputs[k] = leaf
         return leaf
 
+    def messages(self, cache: StepCache) -> dict[int, Tensor]:
+        """Every G_k ``[B, ...]`` (k = 0..N-2, detached), swept once per step: what the
+        look-ahead's likelihood reads, and what ``--beta target`` stashes
+        (``pyro_bll.core.targets``). Needs the guide or the model to have run every block
+        with ``cache.sweep`` set (so that ``inputs`` holds blocks 1..N-1)."""
+        if self._ell is None:
+            self._run(cache)
+        return self._grads
+
     def _run(self, cache: StepCache) -> None:
         chain, alpha = self.chain, cache.alpha
         last = chain.num_blocks - 1
@@ -97,10 +106,8 @@ class LookaheadSweep:
 
     def likelihood(self, k: int, cache: StepCache) -> SweptCategorical:
         """Block k's look-ahead likelihood as the surrogate (S), label-shaped."""
-        if self._ell is None:
-            self._run(cache)
+        g = self.messages(cache)[k]
         m = self.chain.next_input(k, cache.alpha[k], None)  # [B, ...], block k's graph
-        g = self._grads[k]
         linear = ((m - m.detach()) * g).reshape(m.shape[0], -1).sum(1)  # [B]
         return SweptCategorical(self._ell, linear, self.y, self.mask)  # type: ignore[arg-type]
 

@@ -78,9 +78,10 @@ class Method(ABC):
         """Called before every epoch; stateless methods need nothing."""
 
     def state_dict(self) -> dict[str, Any]:
-        """State held between steps of an epoch (tensors and plain values), saved in
-        mid-epoch checkpoints; stateless methods have none."""
+        """State held between steps (tensors and plain values), saved in every checkpoint
+        (``start_epoch`` may reset what an epoch does not carry); stateless methods have
+        none."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (a hook)
-        """Restore ``state_dict()`` when a run resumes inside an epoch."""
+        """Restore ``state_dict()`` when a run resumes."""

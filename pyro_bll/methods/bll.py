@@ -24,6 +24,7 @@ from pyro_bll.core.lookahead import LOOKAHEAD_READS, Lookahead
 from pyro_bll.core.lookahead_sweep import LookaheadSweep
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.core.step_cache import StepCache, step_cache
+from pyro_bll.core.targets import DelayedTargets
 from pyro_bll.methods.base import Method
 from pyro_bll.methods.solve import FEEDBACK_UPDATES, check_solvable, solve_feedback
 
@@ -35,13 +36,20 @@ if TYPE_CHECKING:
 # likelihood -E[log q_k(y | z_k)] of the blocks below the last, the predictive loss
 BLL_TERMS = ("kl", "likelihood", "pred")
 # the backward messages beta_k (docs/math.md §5-6): the paper's label-only feedback, or
-# the local likelihood through frozen copies of the blocks above
-BETA_KINDS = ("label", "lookahead", "critic")
+# the local likelihood through frozen copies of the blocks above, through the critic of the
+# block above, or the delayed targets the blocks above send back
+BETA_KINDS = ("label", "lookahead", "critic", "target")
+# the kinds whose backward traffic does not cross processes, and why
+_NOT_DISTRIBUTED = {
+    "critic": "its critics do not travel over the transport",
+    "target": "its targets come from a sweep through the whole chain in one process",
+}
 _KIND_OPTIONS = {
     "lookahead_depth": "lookahead",
     "lookahead_input": "lookahead",
     "lookahead_refresh": "lookahead",
     "critic_refresh": "critic",
+    "target_delay": "target",
 }
 
 
@@ -86,7 +94,9 @@ class BLLOptions(Section):
         "sees only the label, with the tied prototype likelihood) or lookahead (the local "
         "likelihood of block k through frozen copies of the blocks above it and their "
         "read-out) or critic (through a linear model of block k+1's read-out that block "
-        "k+1 learns and sends back); docs/math.md section 6",
+        "k+1 learns and sends back) or target (the backpropagated gradient of the output "
+        "likelihood, sent back and used --target-delay steps later on the stashed input, "
+        "in place of the local likelihood); docs/math.md section 6",
         choices=BETA_KINDS,
     )
     lookahead_depth: int = option(
@@ -115,6 +125,12 @@ class BLLOptions(Section):
         "--beta critic: T, the blocks below copy the critics every T training steps",
         check=at_least_one,
     )
+    target_delay: int = option(
+        1,
+        "--beta target: d, the steps between the sweep of block k's target at step t and "
+        "its use at step t + d (each block holds d stashed inputs and targets)",
+        check=at_least_one,
+    )
 
     def check(self, cfg: Any) -> None:
         if "ridge" in cfg.given and not cfg.loaded and self.feedback_update != "solve":
@@ -125,10 +141,11 @@ class BLLOptions(Section):
             if self.beta != kind and name in cfg.given and not cfg.loaded:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} applies to --beta {kind}; add it or drop {flag}")
-        if self.beta == "critic" and getattr(cfg, "dist", None) is not None:
+        why = _NOT_DISTRIBUTED.get(self.beta)
+        if why is not None and getattr(cfg, "dist", None) is not None:
             raise ConfigError(
-                "--beta critic is not available with --distributed (its critics do not "
-                "travel over the transport); use --beta lookahead or label, or one process"
+                f"--beta {self.beta} is not available with --distributed ({why}); use "
+                "--beta lookahead or label, or one process"
             )
 
 
@@ -154,6 +171,8 @@ class BLL(Method):
         self.agreements: dict[tuple[int, int] | None, StepAgreement] = {}
         self.solve = opts.feedback_update == "solve"
         self.ridge = opts.ridge
+        # --beta target: the targets in flight (pyro_bll.core.targets); no local likelihood
+        self.targets: DelayedTargets | None = None
         try:
             if opts.beta == "lookahead":
                 chain.use_lookahead(
@@ -162,6 +181,10 @@ class BLL(Method):
             elif opts.beta == "critic":
                 classes = chain.feedback.num_classes
                 chain.use_critic(Critic(critic_widths(chain), classes, opts.critic_refresh))
+            elif opts.beta == "target":
+                DelayedTargets.check(chain)
+                self.targets = DelayedTargets(opts.target_delay)
+                chain.local_likelihoods = None  # the delayed term stands in for it
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.solve:
@@ -201,6 +224,11 @@ class BLL(Method):
             chain.critic.maybe_refresh(step)
         if segment is None and chain.lookahead is not None and chain.lookahead.sweeps(chain):
             cache.sweep = LookaheadSweep(chain, y, mask)  # the messages by one sweep
+        targets = self.targets is not None and chain.num_blocks > 1
+        if targets:
+            if segment is not None:
+                raise ValueError("--beta target computes the whole chain in one step")
+            cache.sweep = LookaheadSweep(chain, y, mask)  # this step's G_k, to stash
         if self.solve:
             blocks = None if segment is None else range(*segment)
             solve_feedback(chain, x, y, mask, self.ridge, cache, blocks)
@@ -208,6 +236,11 @@ class BLL(Method):
             losses = self.elbo.block_losses(chain.model, chain.guide, x, y, mask, segment=segment)
         per_block = self.optimised(losses)
         terms = dict(losses.terms)
+        if targets:  # tau_k of the targets due now; this step's targets join the queue
+            tau = self._delayed_term(chain, x, cache)
+            terms["target"] = tau
+            if "likelihood" in self.terms:
+                per_block = per_block + tau
         if chain.critic is not None:  # block j fits its critic (logged with "pred")
             fit = self._critic_fit(chain, x, y, mask, cache, segment)
             per_block, terms["pred"] = per_block + fit, terms["pred"] + fit
@@ -217,6 +250,14 @@ class BLL(Method):
         agreement = self.agreements.setdefault(segment, StepAgreement())
         logs.update(agreement(chain, cache, y, mask))  # agreement_*: no grad
         return per_block.sum(), logs
+
+    def _delayed_term(self, chain: BLLChain, x: Tensor, cache: StepCache) -> Tensor:
+        """``[N]``: tau_k of the stash due at this step (``DelayedTargets.step``), after
+        this step's inputs x_k and messages G_k are swept and stashed."""
+        grads = cache.sweep.messages(cache)
+        last = chain.num_blocks - 1
+        inputs = [x, *(cache.sweep.inputs[k] for k in range(1, last))]
+        return self.targets.step(chain, inputs, [grads[k] for k in range(last)])  # type: ignore[union-attr]
 
     @staticmethod
     def _critic_fit(chain, x, y, mask, cache: StepCache, segment) -> Tensor:
@@ -247,8 +288,10 @@ class BLL(Method):
         inputs and noise as in ``loss``, so the gradients are the joint ones.
 
         The look-ahead's sweep (``pyro_bll.core.lookahead_sweep``) reads every block's
-        forward graph, so where it applies the blocks come as one joint loss."""
-        if chain.lookahead is not None and chain.lookahead.sweeps(chain):
+        forward graph, so where it applies the blocks come as one joint loss; so do they
+        with ``--beta target``, whose sweep is the same."""
+        swept = chain.lookahead is not None and chain.lookahead.sweeps(chain)
+        if swept or self.targets is not None:
             yield self.loss(chain, x, y, mask, noise=noise)
             return
         inp = x
@@ -262,13 +305,17 @@ class BLL(Method):
                 inp = detach_message(cache.outgoing)
 
     def state_dict(self) -> dict:
-        """The agreement statistics held between steps (``StepAgreement``), per segment."""
-        return {
+        """The agreement statistics held between steps (``StepAgreement``), per segment, and
+        with ``--beta target`` the targets in flight (``DelayedTargets``)."""
+        state: dict = {
             "agreement": [
                 (None if seg is None else list(seg), a.calls, a.last)
                 for seg, a in self.agreements.items()
             ]
         }
+        if self.targets is not None:
+            state["targets"] = self.targets.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.agreements = {}
@@ -276,6 +323,11 @@ class BLL(Method):
             agreement = StepAgreement()
             agreement.calls, agreement.last = calls, last
             self.agreements[None if seg is None else tuple(seg)] = agreement
+        if self.targets is not None:
+            try:
+                self.targets.load_state_dict(state.get("targets", {}))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     def optimised(self, losses: BlockLosses) -> Tensor:
         """l_k ``[N]`` restricted to ``--bll-terms`` (all three: ``losses.per_block``).

@@ -191,7 +191,7 @@ class Trainer(RunHistory):
     # ---- checkpoints -------------------------------------------------------------------
     def save(self, out: Path, epoch: int, partial: EpochState | None = None) -> Path:
         """``epoch_NNN.pt`` after an epoch; with ``partial``, ``epoch_NNN_step_SSSSSS.pt``
-        inside it (its EpochState and the method's state: an exact mid-epoch resume)."""
+        inside it (its EpochState: an exact mid-epoch resume). Both hold the method's state."""
         state: dict[str, Any] = {
             "epoch": epoch,
             "config": self.cfg.to_dict(),
@@ -202,10 +202,12 @@ class Trainer(RunHistory):
             "history": self.history,
             "rng": rng_state(),
             "steps_done": self.steps_done,
+            # what the method holds between steps (BLL's agreement statistics, and the
+            # targets in flight of --beta target, which cross epochs)
+            "method_state": self.method.state_dict(),
         }
         if partial is not None:
             state["epoch_state"] = partial.to_dict()
-            state["method_state"] = self.method.state_dict()
         step = None if partial is None else partial.step
         path = save_atomic(state, checkpoint_path(out, epoch, step))
         prune_mid_epoch(path)  # the mid-epoch ones this one supersedes
@@ -223,10 +225,10 @@ class Trainer(RunHistory):
             self.scheduler.load_state_dict(state["scheduler"])
         self.history = state["history"]
         self.steps_done = state.get("steps_done", 0)
+        self.method.load_state_dict(state.get("method_state", {}))  # start_epoch may reset it
         if "epoch_state" in state:
             self.start_epoch = state["epoch"]
             self.partial = EpochState.from_dict(state["epoch"], state["epoch_state"], self.device)
-            self.method.load_state_dict(state.get("method_state", {}))
         else:
             self.start_epoch = state["epoch"] + 1
             self.partial = None

@@ -103,6 +103,32 @@ def test_checkpoint_every_lets_a_crashed_run_resume_mid_epoch(tmp_path):
     _same_run(straight, resumed)
 
 
+@pytest.mark.parametrize("crash_after, newest", [(3, "epoch_001_step_000002.pt"),
+                                                 (1, "epoch_000.pt")])  # fmt: skip
+def test_delayed_targets_in_flight_survive_a_resume(tmp_path, crash_after, newest):
+    """--beta target: the targets swept in the last d steps before a checkpoint (in the
+    middle of an epoch, or at its end) arrive after the resume as they would have."""
+    args = [*TINY, "--epochs", "2", "--beta", "target", "--target-delay", "2",
+            "--checkpoint-every", "2"]  # fmt: skip
+    straight = _trainer(args, tmp_path / "straight")
+    straight.fit(tmp_path / "straight", progress=False)
+    per_epoch = straight.steps_done // 2
+
+    def crash():
+        raise RuntimeError("power cut")
+
+    crashed = _trainer(args, tmp_path / "crash")
+    _after_step(crashed, per_epoch + crash_after, crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        crashed.fit(tmp_path / "crash", progress=False)
+    names = [p.name for p in list_checkpoints(tmp_path / "crash" / "checkpoints")]
+    assert names[-1] == newest
+
+    resumed = _trainer(args, tmp_path / "crash", "--resume")
+    resumed.fit(tmp_path / "crash", progress=False)
+    _same_run(straight, resumed)
+
+
 def _start(out: Path) -> subprocess.Popen:
     """A run long enough to be interrupted, writing a mid-epoch checkpoint every 5 steps."""
     cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), "--layers", "2",
