@@ -56,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the local-likelihood estimator of every BLL run (default: each family's own)",
     )
+    p.add_argument(
+        "--beta",
+        default=None,
+        help="the backward message of every BLL run (default: each task's own; the "
+        "estimator of --likelihood applies to the label kind's prototype likelihood)",
+    )
+    p.add_argument(
+        "--val-size",
+        type=int,
+        default=None,
+        help="score every run on this many held-out training examples instead of the test "
+        "set (the tables' accuracy is then the validation accuracy)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--runs-dir", default="runs/bench_families")
@@ -72,6 +85,10 @@ def _task_config(args: argparse.Namespace, task: str) -> RunConfig:
         base = base.replace(train_size=args.train_size)
     if args.likelihood:
         base = base.replace(likelihood=args.likelihood)
+    if args.beta:
+        base = base.replace(beta=args.beta)
+    if args.val_size:
+        base = base.replace(val_size=args.val_size)
     if args.layers and task == "s2s_reverse":
         base = base.replace(layers=args.layers)
     return base
@@ -93,7 +110,7 @@ def _task_results(args: argparse.Namespace, task: str, base: RunConfig) -> dict[
     results["gaussian + feedback solve (kl, pred)"] = run_seeds(
         cfg, args.seeds, f"{args.runs_dir}/{task}_gaussian_solve"
     )
-    cfg = base.replace(family="gaussian", method="bp", likelihood=None)
+    cfg = base.replace(family="gaussian", method="bp", likelihood=None, beta=None)
     results["BP on the same network (reference)"] = run_seeds(
         cfg, args.seeds, f"{args.runs_dir}/{task}_bp"
     )

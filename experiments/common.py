@@ -37,7 +37,8 @@ def run_seeds(base: RunConfig, seeds: list[int], out_prefix: str) -> dict[str, A
         runs.append(
             {
                 "seed": seed,
-                "test_accuracy": m["test_accuracy"],
+                # with --val-size the run is scored on its validation split
+                "test_accuracy": m["test_accuracy"] if "test_accuracy" in m else m["val_accuracy"],
                 "test_sequence_accuracy": m.get("test_sequence_accuracy", float("nan")),
                 "seconds_per_epoch": m["seconds_per_epoch"],
                 "out": cfg.out,
