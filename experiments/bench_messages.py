@@ -5,11 +5,12 @@
 One training step (the method's loss, backward, Adam) of the narrow ResNet-18 on a fixed
 batch of Fashion-MNIST-sized images, for BP and for BLL with every ``--beta`` kind
 (label, look-ahead one block and to the top, the latter by its sweep and by its copies,
-critic), interleaved round-robin so that
+critic, delayed targets with d = 1), interleaved round-robin so that
 machine noise hits all alike; the median of ``--repeats`` steps is reported with its
 ratio to the label-feedback BLL step. Activation memory is the peak of the bytes autograd
 saves during one step (``SavedTensorMeter``); bytes per refresh are what a refresh of the
-copies moves between blocks. Writes ``<out>.json`` and ``<out>.md``.
+copies moves between blocks, bytes held what the delayed targets stash to wait for their
+use. Writes ``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def variants(blocks: int) -> dict[str, dict]:
         "lookahead_top": {"beta": "lookahead", "lookahead_depth": 0},
         "lookahead_top_copies": {"beta": "lookahead", "lookahead_depth": 0, "sweep": False},
         "critic": {"beta": "critic"},
+        "target": {"beta": "target", "target_delay": 1},
     }
 
 
@@ -52,6 +54,12 @@ def _bytes_per_refresh(chain) -> int:
     if chain.critic is not None:
         return chain.critic.bytes_per_refresh()
     return 0
+
+
+def _bytes_held(method) -> int:
+    """What the delayed targets hold to wait for their use (0 for the other kinds)."""
+    targets = getattr(method, "targets", None)
+    return 0 if targets is None else targets.bytes_held()
 
 
 def build(name: str, options: dict, args) -> dict:
@@ -103,6 +111,7 @@ def measure(args) -> list[dict]:
                 "median_ms": 1e3 * statistics.median(times[v["name"]]),
                 "activation_peak_bytes": meter.peak,
                 "bytes_per_refresh": _bytes_per_refresh(v["run"].chain),
+                "bytes_held": _bytes_held(v["run"].method),
             }
         )
     label = next(r for r in rows if r["variant"] == "label")

@@ -460,9 +460,10 @@ def render_bench_messages(data: Loaded, labels: dict[str, str]) -> list[str]:
     """``bench_messages.py``: step time, activation memory and bytes per refresh."""
     rows = [[r["variant"], f"{r['median_ms']:.1f}", f"{r['time_over_label']:.2f}",
              f"{r['activation_peak_bytes'] / 2**20:.1f}", f"{r['memory_over_label']:.2f}",
-             f"{r['bytes_per_refresh']:,}"] for r in data[0][1]["rows"]]  # fmt: skip
+             f"{r['bytes_per_refresh']:,}", f"{r.get('bytes_held', 0):,}"]
+            for r in data[0][1]["rows"]]  # fmt: skip
     header = ["variant", "ms per step", "x label", "activation peak (MB)", "x label",
-              "bytes per refresh"]  # fmt: skip
+              "bytes per refresh", "bytes held (targets)"]  # fmt: skip
     return table(header, rows)
 
 
@@ -500,7 +501,17 @@ TABLES: dict[str, Table] = {
                 "label": "BLL, label feedback",
                 "lookahead": "BLL, look-ahead to the top",
                 "lookahead_2": "BLL, look-ahead L = 2",
+                "predsim": "Pred-Sim",
+                "target": "BLL, delayed targets (d = 1)",
             },  # fmt: skip
+        ),
+        Table(
+            "messages_targets",
+            ("messages_targets.json",),
+            render_messages_exploration,
+            "`python experiments/sweep_messages.py --blocks 8 --seeds 0 --methods target "
+            "target_4 lookahead --threads 1` (the protocol above)",
+            commit="6a30a11",
         ),
         Table(
             "messages_mlp",

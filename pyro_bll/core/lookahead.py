@@ -84,6 +84,7 @@ class Lookahead:
         self.readouts: dict[int, nn.Module] = {}  # frozen read-out after block j
         self._bytes: int | None = None  # bytes_per_refresh, for the current copies
         self.sweep = sweep
+        self._stale = False  # defer_refresh: the copies are refreshed when next read
         self._index: dict[int, int] = {}  # id of a live module -> position of its copy
 
     @property
@@ -126,10 +127,19 @@ class Lookahead:
         Returns the bytes copied (0 when the copies are kept); ``skip``: as in ``refresh``."""
         return self.refresh(chain, skip) if self.schedule.due(step) else 0
 
+    def defer_refresh(self) -> None:
+        """Mark the copies stale without copying: the next ``logits`` refreshes them first.
+
+        A step computed by the sweep reads the live blocks, not the copies; with T = 1 the
+        copies are due every step, so copying them then would be work that only the
+        logged statistics (every tenth step) and the diagnostics read."""
+        self._stale = True
+
     def refresh(self, chain: BLLChain, skip: Collection[nn.Module] = ()) -> int:
         """Copy blocks 1..N-1 and their read-outs from ``chain``; the bytes moved. The live
         modules in ``skip`` are not copied: their copies keep their values until the caller
         loads them (``copy_of``), as a rank does with the state of another rank's blocks."""
+        self._stale = False
         live = self._live(chain)
         before = self.copies.clones
         skipped = {id(m) for m in skip}
@@ -181,6 +191,8 @@ class Lookahead:
         the look-ahead's own ``read`` by default, "sample" to read ``z`` whatever it is)."""
         if not self.blocks:
             raise RuntimeError("the look-ahead copies are empty: call refresh(chain) first")
+        if self._stale:  # deferred by a swept step: the live weights of that step
+            self.refresh(chain)
         last = self.last(k, chain.num_blocks)
         if (self.read if read is None else read) == "mean":
             if alpha is None:

@@ -218,12 +218,14 @@ class BLL(Method):
         cache = StepCache() if cache is None else cache
         cache.noise = noise
         step = None if noise is None else noise.step
-        if chain.lookahead is not None:  # the copies of the blocks above: every T steps
+        swept = segment is None and chain.lookahead is not None and chain.lookahead.sweeps(chain)
+        if swept:  # the messages by one sweep of the live blocks: no copy is read
+            cache.sweep = LookaheadSweep(chain, y, mask)
+            chain.lookahead.defer_refresh()  # copied only if something reads the copies
+        elif chain.lookahead is not None:  # the copies of the blocks above: every T steps
             chain.lookahead.maybe_refresh(chain, step)
         if chain.critic is not None:
             chain.critic.maybe_refresh(step)
-        if segment is None and chain.lookahead is not None and chain.lookahead.sweeps(chain):
-            cache.sweep = LookaheadSweep(chain, y, mask)  # the messages by one sweep
         targets = self.targets is not None and chain.num_blocks > 1
         if targets:
             if segment is not None:

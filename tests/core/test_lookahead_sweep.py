@@ -114,3 +114,20 @@ def test_the_sweep_equals_the_copies_for_every_family(family):
         assert_close(logs[name], want_logs[name], rtol=1e-10, atol=1e-10)
     for g, w in zip(grads, want_grads, strict=True):
         assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_a_swept_step_copies_nothing_until_the_copies_are_read():
+    """The sweep reads the live blocks; the copies follow them only when something reads
+    them (the logged statistics, the diagnostics), and then hold the live weights."""
+    chain, batch, cfg = _mlp()
+    method = BLL(chain, cfg)
+    method.loss(chain, *batch)
+    live = chain.blocks[2][-1].weight
+    copy_ = chain.lookahead.copy_of(chain.blocks[2])[-1].weight
+    with torch.no_grad():
+        live.add_(1.0)  # an optimiser step
+    method.loss(chain, *batch)
+    assert not torch.equal(copy_, live)  # not copied by the swept step
+    alpha = chain.forward_message(1, chain.families[0].mean(chain.forward_message(0, batch[0])))
+    chain.lookahead.logits(chain, 1, None, alpha)
+    assert torch.equal(copy_, live)
