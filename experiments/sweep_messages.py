@@ -40,6 +40,27 @@ METHODS: dict[str, list[str]] = {
     "lookahead_2": ["--beta", "lookahead", "--lookahead-input", "mean", "--lookahead-depth", "2"],
     "lookahead_sample": ["--beta", "lookahead", "--lookahead-depth", "0"],
     "critic": ["--beta", "critic"],
+    # the look-ahead with lighter predictive heads (the task's default weight is 4)
+    "lookahead_pred1": [
+        "--beta",
+        "lookahead",
+        "--lookahead-input",
+        "mean",
+        "--lookahead-depth",
+        "0",
+        "--pred-weight",
+        "1",
+    ],
+    "lookahead_pred0": [
+        "--beta",
+        "lookahead",
+        "--lookahead-input",
+        "mean",
+        "--lookahead-depth",
+        "0",
+        "--pred-weight",
+        "0",
+    ],
     "target": ["--beta", "target", "--target-delay", "1"],
     "target_4": ["--beta", "target", "--target-delay", "4"],
 }
