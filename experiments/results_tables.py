@@ -506,6 +506,22 @@ TABLES: dict[str, Table] = {
             },  # fmt: skip
         ),
         Table(
+            "sweep_messages_full",
+            ("sweep_messages_full.json",),
+            render_sweep_messages,
+            "`python experiments/sweep_messages.py --blocks 8 4 --seeds 0 1 2 --methods "
+            "lookahead local_ce bp --epochs 4 --train-size 50000 --val-size 10000 --threads 1 "
+            "--runs-dir runs/messages_full --name sweep_messages_full`",
+            labels={
+                "bp": "BP",
+                "local_ce": "local cross-entropy alone",
+                "label": "BLL, label feedback",
+                "lookahead": "BLL, look-ahead to the top (the default)",
+                "lookahead_pred1": "BLL, look-ahead to the top, `--pred-weight 1`",
+                "lookahead_pred0": "BLL, look-ahead to the top, `--pred-weight 0`",
+            },  # fmt: skip
+        ),
+        Table(
             "messages_targets",
             ("messages_targets.json",),
             render_messages_exploration,
