@@ -492,9 +492,12 @@ TABLES: dict[str, Table] = {
             "sweep_messages",
             ("sweep_messages.json",),
             render_sweep_messages,
-            "`python experiments/sweep_messages.py --blocks 4 8 --seeds 0 1 2 --methods bp "
-            "local_ce label lookahead lookahead_2 --runs-dir runs/messages --results results`",
-            commit="739b074 to 1a35cdf",
+            "`python experiments/sweep_messages.py --blocks 2 4 8 --seeds 0 1 2 --methods bp "
+            "predsim local_ce label lookahead lookahead_2 --threads 1 --runs-dir runs/messages "
+            "--results results` (the K = 4 and 8 runs of all but Pred-Sim with `--threads 2`, "
+            "reused)",
+            commit="739b074 to 1a35cdf for K = 4 and 8 but Pred-Sim, 8c06f67 to 97b5a86 for "
+            "K = 2 and Pred-Sim",
             labels={
                 "bp": "BP",
                 "local_ce": "local cross-entropy alone",
