@@ -525,6 +525,14 @@ TABLES: dict[str, Table] = {
             },  # fmt: skip
         ),
         Table(
+            "messages_pred",
+            ("messages_pred.json",),
+            render_messages_exploration,
+            "`python experiments/sweep_messages.py --blocks 8 --seeds 0 --methods "
+            "lookahead_pred1 lookahead_pred0 --threads 1` (the protocol above)",
+            commit="0773a60",
+        ),
+        Table(
             "messages_targets",
             ("messages_targets.json",),
             render_messages_exploration,
