@@ -529,8 +529,8 @@ TABLES: dict[str, Table] = {
             ("messages_pred.json",),
             render_messages_exploration,
             "`python experiments/sweep_messages.py --blocks 8 --seeds 0 --methods "
-            "lookahead_pred1 lookahead_pred0 --threads 1` (the protocol above)",
-            commit="0773a60",
+            "lookahead_pred1 lookahead_pred0 lookahead_nokl --threads 1` (the protocol above)",
+            commit="0773a60 to d864c25",
         ),
         Table(
             "messages_targets",

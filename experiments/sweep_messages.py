@@ -51,6 +51,16 @@ METHODS: dict[str, list[str]] = {
         "--pred-weight",
         "1",
     ],
+    "lookahead_nokl": [
+        "--beta",
+        "lookahead",
+        "--lookahead-input",
+        "mean",
+        "--lookahead-depth",
+        "0",
+        "--bll-terms",
+        "likelihood,pred",
+    ],
     "lookahead_pred0": [
         "--beta",
         "lookahead",
