@@ -191,6 +191,21 @@ def render_families(data: Loaded, labels: dict[str, str]) -> list[str]:
     return table(header, rows)
 
 
+def render_estimators(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """Two ``bench_families.py`` runs, one per ``--likelihood`` (bound, then sample): the
+    accuracy of each family with each estimator and their difference."""
+    (_, bound), (_, sample) = data
+    rows = []
+    for task, res in bound["results"].items():
+        other = sample["results"].get(task, {})
+        for n, r in res.items():
+            s = other.get(n)
+            diff = "-" if s is None else f"{100 * (r['acc_mean'] - s['acc_mean']):+.2f}"
+            rows.append([labels.get(n, n), pct(r["acc_mean"]),
+                         "not run" if s is None else pct(s["acc_mean"]), diff])  # fmt: skip
+    return table(["family", "bound, val acc %", "sample, val acc %", "bound - sample"], rows)
+
+
 def render_families_per_seed(data: Loaded, labels: dict[str, str]) -> list[str]:
     """``bench_families.py`` over several seeds: one column per seed, then mean +- std."""
     (_, d) = data[0]
@@ -590,6 +605,17 @@ TABLES: dict[str, Table] = {
             "`python experiments/bench_step.py --threads 1 --out results/bench_step`; "
             "`python experiments/bench_step.py --configs s2s_5 --compile --threads 1 "
             "--warmup 2 --repeats 15 --out results/bench_step_compile`",
+        ),
+        Table(
+            "estimators_mlp",
+            ("estimator_mlp_bound/families.json", "estimator_mlp_sample/families.json"),
+            render_estimators,
+            "`python experiments/bench_families.py --tasks fashion_mnist_mlp --seeds 0 --beta "
+            "label --val-size 10000 --no-references --threads 1 --likelihood bound "
+            "--runs-dir runs/estimator_mlp_bound --results results/estimator_mlp_bound`; the "
+            "same with `sample`",
+            commit="0773a60 to c8bc06c",
+            machine=f"{CPU}, 1 thread per run beside other runs",
         ),
         Table(
             "families_bound",
