@@ -206,6 +206,14 @@ def render_estimators(data: Loaded, labels: dict[str, str]) -> list[str]:
     return table(["family", "bound, val acc %", "sample, val acc %", "bound - sample"], rows)
 
 
+def render_estimator_runs(data: Loaded, labels: dict[str, str]) -> list[str]:
+    """Single runs per family and ``--likelihood``: token and sequence accuracy."""
+    rows = [[r["family"], r["likelihood"], pct(r["test_accuracy"]),
+             pct(r["test_sequence_accuracy"])] for r in data[0][1]["rows"]]  # fmt: skip
+    return table(["family", "`--likelihood`", "test token accuracy %",
+                  "test sequence accuracy %"], rows)  # fmt: skip
+
+
 def render_families_per_seed(data: Loaded, labels: dict[str, str]) -> list[str]:
     """``bench_families.py`` over several seeds: one column per seed, then mean +- std."""
     (_, d) = data[0]
@@ -615,6 +623,16 @@ TABLES: dict[str, Table] = {
             "--runs-dir runs/estimator_mlp_bound --results results/estimator_mlp_bound`; the "
             "same with `sample`",
             commit="0773a60 to c8bc06c",
+            machine=f"{CPU}, 1 thread per run beside other runs",
+        ),
+        Table(
+            "estimators_s2s_len20",
+            ("estimator_s2s_len20.json",),
+            render_estimator_runs,
+            "`python experiments/run.py --task s2s_reverse --seq-len 20 --family FAMILY "
+            "--likelihood bound --threads 1 --out runs/estimator_s2s_len20/FAMILY_bound`; the "
+            "same with `sample`",
+            commit="c8bc06c to 80ab93e",
             machine=f"{CPU}, 1 thread per run beside other runs",
         ),
         Table(

@@ -311,8 +311,11 @@ class RunConfig:
         """A stored configuration: ``to_dict``'s sections, or a run saved in the older
         flat format (every option, unset ones as null): the options of sections that do
         not apply to its task and method are dropped there, the others resolved anew."""
+        flat = flat_config(d)
+        if not isinstance(d.get("run"), dict) and flat.get("likelihood", "") is None:
+            flat["likelihood"] = "bound"  # every family's default when that format was written
         cfg = cls.__new__(cls)
-        cfg._setup(flat_config(d), stored=True)
+        cfg._setup(flat, stored=True)
         return cfg
 
     def __getattr__(self, name: str) -> Any:

@@ -130,6 +130,9 @@ _VISION_DEFAULTS: dict[str, Any] = {
     "beta": "lookahead",
     "lookahead_input": "mean",
     "lookahead_depth": 0,
+    # --beta label's prototype likelihood by its bound, as every label-feedback result on
+    # these tasks was measured (the family's own default may be pathwise draws)
+    "likelihood": "bound",
 }
 
 

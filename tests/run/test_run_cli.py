@@ -49,7 +49,7 @@ def test_one_epoch_writes_every_artifact(tmp_path):
     assert total == pytest.approx(metrics["history"][0]["block_losses"], rel=1e-5)
     config = json.loads((out / "config.json").read_text())
     assert config["stack"]["layers"] == 2 and "vision" not in config  # resolved, applicable
-    assert config["bll"]["likelihood"] == "bound"  # the family's own, not null
+    assert config["bll"]["likelihood"] == "sample"  # the Gaussian's own, not null
     assert (out / "checkpoints" / "epoch_000.pt").exists()
     png = (out / "learning_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
