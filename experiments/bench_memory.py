@@ -18,7 +18,8 @@ variant, one step = forward, backward and an Adam update, measured after a warm-
 
 Variants: ``bp`` and ``fa`` (one backward), ``predsim`` (per-block; image tasks only),
 ``bll_joint`` (one backward over the summed local losses), ``bll_per_block`` (the
-default), and on ResNets ``bll_per_block_memsplit`` (``--split memory``). Writes
+vision default), every BLL variant with the label feedback (``--beta label``: the
+look-ahead's sweep holds the whole graph, docs/memory.md), and on ResNets ``bll_per_block_memsplit`` (``--split memory``). Writes
 ``OUT/bench_memory.json`` and ``OUT/bench_memory.md``.
 """
 
@@ -103,6 +104,8 @@ def build(
     method, backward, split = VARIANTS[variant]
     seed_everything(0)
     options: dict[str, Any] = dict(method=method, backward=backward, device=str(device))
+    if method == "bll":  # the label feedback: the look-ahead's sweep needs the whole graph
+        options["beta"] = "label"
     if arch is None:
         cfg = config_for_task(task, **options)
         s2s = S2SReverseTask(cfg)

@@ -49,12 +49,16 @@ def test_sweep_rejects_blocks_that_do_not_divide_layers(tmp_path):
     assert "divide --layers 4" in proc.stderr
 
 
-def test_bench_step_reports_ratios_and_parts(tmp_path):
+def test_bench_step_reports_ratios_and_parts(tmp_path, monkeypatch):
     from vision_files import tiny_fashion_mnist
 
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    import bench_step
+
     data = tiny_fashion_mnist(tmp_path / "fm", n_train=256, n_test=128)
-    _script("bench_step.py", "--configs", "resnet_k4", "--repeats", 1, "--warmup", 0,
-            "--threads", 1, "--data-dir", data, "--out", tmp_path / "b", cwd=tmp_path)  # fmt: skip
+    argv = ["--configs", "resnet_k4", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--data-dir", str(data), "--out", str(tmp_path / "b")]  # fmt: skip
+    assert bench_step.main(argv) == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [r["config"] for r in rows] == ["resnet_k4"]
     for r in rows:
@@ -64,7 +68,7 @@ def test_bench_step_reports_ratios_and_parts(tmp_path):
     assert rows[0]["beta"] == "lookahead"  # the task's default message
     table = (tmp_path / "b").with_suffix(".md").read_text()
     assert "| resnet_k4 (`--beta lookahead`) |" in table
-    _script("bench_step.py", "--repeats", 0, cwd=tmp_path, rc=2)
+    assert bench_step.main(["--repeats", "0"]) == 2
 
 
 def test_bench_families_smoke_and_restart_reuses_finished_runs(tmp_path):
