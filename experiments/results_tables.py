@@ -582,7 +582,8 @@ TABLES: dict[str, Table] = {
             "bench_messages",
             ("bench_messages.json",),
             render_bench_messages,
-            "`python experiments/bench_messages.py --blocks 8 --threads 2`",
+            "`python experiments/bench_messages.py --blocks 8 --threads 2` (idle machine)",
+            commit="298590c",
         ),
         Table(
             "bench_score_function",
@@ -610,9 +611,12 @@ TABLES: dict[str, Table] = {
             "bench_step",
             ("bench_step.json", "bench_step_compile.json"),
             render_bench_step,
-            "`python experiments/bench_step.py --threads 1 --out results/bench_step`; "
-            "`python experiments/bench_step.py --configs s2s_5 --compile --threads 1 "
-            "--warmup 2 --repeats 15 --out results/bench_step_compile`",
+            "`python experiments/bench_step.py --threads 2 --out results/bench_step` (idle "
+            "machine); "
+            "`python experiments/bench_step.py --configs s2s_5 --compile --threads 2 "
+            "--warmup 3 --out results/bench_step_compile` (idle machine, with the compiled "
+            "code already in torch's cache)",
+            commit="298590c for bench_step.json, 87f3bc2 for bench_step_compile.json",
         ),
         Table(
             "estimators_mlp",
