@@ -19,7 +19,8 @@ variant, one step = forward, backward and an Adam update, measured after a warm-
 Variants: ``bp`` and ``fa`` (one backward), ``predsim`` (per-block; image tasks only),
 ``bll_joint`` (one backward over the summed local losses), ``bll_per_block`` (the
 vision default), every BLL variant with the label feedback (``--beta label``: the
-look-ahead's sweep holds the whole graph, docs/memory.md), and on ResNets ``bll_per_block_memsplit`` (``--split memory``). Writes
+look-ahead's sweep holds the whole graph, docs/memory.md), and on ResNets
+``bll_per_block_memsplit`` (``--split memory``). Writes
 ``OUT/bench_memory.json`` and ``OUT/bench_memory.md``.
 """
 
