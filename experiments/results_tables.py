@@ -637,7 +637,7 @@ TABLES: dict[str, Table] = {
             "`python experiments/run.py --task s2s_reverse --seq-len 20 --family FAMILY "
             "--likelihood bound --threads 1 --out runs/estimator_s2s_len20/FAMILY_bound`; the "
             "same with `sample`",
-            commit="c8bc06c to 80ab93e",
+            commit="c8bc06c to 80ab93e (gaussian_learned: 8034a3f)",
             machine=f"{CPU}, 1 thread per run beside other runs",
         ),
         Table(

@@ -76,8 +76,8 @@ class BLLOptions(Section):
         "how the local likelihood term E_rho[log q_k(y | z_k)] is estimated: {choices}; "
         "bound (sampling-free Jensen bound, exact gradients) or sample (at a draw of "
         "z_k: pathwise, or score function for discrete families); default: the "
-        "family's own, chosen from measurements (sample for gaussian and "
-        "gaussian_learned, bound for the others: docs/families.md)",
+        "family's own, chosen from measurements (sample for gaussian, bound for "
+        "the others: docs/families.md)",
         choices=LIKELIHOOD_ESTIMATORS,
     )
     feedback_update: str = option(
