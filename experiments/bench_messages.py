@@ -16,15 +16,13 @@ use. Writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import pyro
 import torch
+from common import machine, write_results
 from results_tables import render_bench_messages
 
 from pyro_bll.core.noise import NoiseKey
@@ -148,13 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pyro.enable_validation(False)
     rows = measure(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    record = {"config": vars(args), "machine": machine, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows, args))
-    print(markdown(rows, args))
+    record = {"config": vars(args), "machine": machine(), "rows": rows}
+    write_results(args.out, record, markdown(rows, args))
     return 0
 
 

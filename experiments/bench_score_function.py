@@ -14,15 +14,14 @@ check) and the summed per-draw variance (what a training step sees). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import torch
+from common import write_results
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from results_tables import render_score_function
 
@@ -99,12 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     rows = measure(args.draws)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"draws": args.draws, "machine": platform.machine(), "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows, args.draws))
-    print(markdown(rows, args.draws))
+    write_results(args.out, record, markdown(rows, args.draws))
     return 0
 
 

@@ -25,16 +25,14 @@ every variant with its chain compiled (``--warmup`` steps pay the compilation).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pyro
 import torch
+from common import machine, write_results
 from results_tables import render_bench_step
 
 from pyro_bll.core.step_cache import StepCache
@@ -175,13 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[-1]
         print(f"[{name}] BLL/BP {r['ratio_bll_over_bp']:.2f}  Pyro/plain "
               f"{r['ratio_pyro_over_plain']:.2f}", flush=True)  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    record = {"config": vars(args), "machine": machine, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows, args))
-    print(markdown(rows, args))
+    record = {"config": vars(args), "machine": machine(), "rows": rows}
+    write_results(args.out, record, markdown(rows, args))
     return 0
 
 

@@ -12,6 +12,25 @@ from pyro_bll.run.options import RunConfig
 from pyro_bll.run.training import main
 
 
+def machine() -> str:
+    """The machine line of a benchmark's record: architecture, torch threads and version."""
+    import platform
+
+    import torch
+
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_results(stem: str | Path, record: dict[str, Any], table: str) -> None:
+    """A benchmark's outputs: ``<stem>.json`` (the record) and ``<stem>.md`` (its table,
+    also printed)."""
+    out = Path(stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def finished_metrics(cfg: RunConfig) -> dict[str, Any] | None:
     """The metrics of a finished run of exactly ``cfg`` in ``cfg.out``, if there is one."""
     path = Path(cfg.out) / "metrics.json"
