@@ -29,48 +29,27 @@ from results_tables import render_sweep_messages
 
 RUN = Path(__file__).resolve().parent / "run.py"
 
+
+# the look-ahead at the plug-in read m(alpha_k), to depth L (0: the top)
+def _lookahead(depth: int) -> list[str]:
+    return ["--beta", "lookahead", "--lookahead-input", "mean", "--lookahead-depth", str(depth)]
+
+
 # method name -> options of experiments/run.py (on top of the protocol's)
 METHODS: dict[str, list[str]] = {
     "bp": ["--method", "bp"],
     "predsim": ["--method", "predsim"],
     "local_ce": ["--bll-terms", "pred"],
     "label": ["--beta", "label"],
-    "lookahead": ["--beta", "lookahead", "--lookahead-input", "mean", "--lookahead-depth", "0"],
-    "lookahead_1": ["--beta", "lookahead", "--lookahead-input", "mean", "--lookahead-depth", "1"],
-    "lookahead_2": ["--beta", "lookahead", "--lookahead-input", "mean", "--lookahead-depth", "2"],
+    "lookahead": _lookahead(0),
+    "lookahead_1": _lookahead(1),
+    "lookahead_2": _lookahead(2),
     "lookahead_sample": ["--beta", "lookahead", "--lookahead-depth", "0"],
     "critic": ["--beta", "critic"],
     # the look-ahead with lighter predictive heads (the task's default weight is 4)
-    "lookahead_pred1": [
-        "--beta",
-        "lookahead",
-        "--lookahead-input",
-        "mean",
-        "--lookahead-depth",
-        "0",
-        "--pred-weight",
-        "1",
-    ],
-    "lookahead_nokl": [
-        "--beta",
-        "lookahead",
-        "--lookahead-input",
-        "mean",
-        "--lookahead-depth",
-        "0",
-        "--bll-terms",
-        "likelihood,pred",
-    ],
-    "lookahead_pred0": [
-        "--beta",
-        "lookahead",
-        "--lookahead-input",
-        "mean",
-        "--lookahead-depth",
-        "0",
-        "--pred-weight",
-        "0",
-    ],
+    "lookahead_pred1": [*_lookahead(0), "--pred-weight", "1"],
+    "lookahead_pred0": [*_lookahead(0), "--pred-weight", "0"],
+    "lookahead_nokl": [*_lookahead(0), "--bll-terms", "likelihood,pred"],
     "target": ["--beta", "target", "--target-delay", "1"],
     "target_4": ["--beta", "target", "--target-delay", "4"],
 }
