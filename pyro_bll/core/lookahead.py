@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from pyro_bll.core.frozen import FrozenCopies, RefreshSchedule, module_bytes
-from pyro_bll.core.lookahead_sweep import stochastic_modules
+from pyro_bll.core.lookahead_sweep import sweep_obstacle
 
 if TYPE_CHECKING:
     from pyro_bll.core.chain import BLLChain
@@ -109,9 +109,7 @@ class Lookahead:
             )
             and self.schedule.every == 1
             and self.read == "mean"
-            and chain.propagate == "mean"
-            and chain.detach
-            and not stochastic_modules(chain)
+            and sweep_obstacle(chain) is None
         )
 
     def likelihoods(self, chain: BLLChain) -> list[LookaheadLikelihood]:

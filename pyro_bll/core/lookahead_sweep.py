@@ -57,6 +57,24 @@ def stochastic_modules(chain: BLLChain) -> list[str]:
     ]
 
 
+def sweep_obstacle(chain: BLLChain) -> str | None:
+    """Why one sweep through the live blocks cannot give their messages on ``chain``, or
+    None where it can: it differentiates the means the blocks pass on, with each block's
+    input detached, and a copied or recomputed block must draw no dropout masks of its
+    own."""
+    if chain.propagate != "mean":
+        return (
+            "the sweep differentiates the means the blocks pass on; use --propagate mean "
+            f"(got {chain.propagate})"
+        )
+    if not chain.detach:
+        return "the sweep reads block inputs detached at every boundary (chain.detach)"
+    drawn = stochastic_modules(chain)
+    if drawn:
+        return f"dropout ({drawn[0]}) would draw other masks; use a model without dropout"
+    return None
+
+
 class LookaheadSweep:
     """One step's sweep: the block inputs it differentiates with respect to, then ell and
     every G_k, computed once when the model asks for the first block's likelihood (the
@@ -145,4 +163,4 @@ class SweptCategorical(dist.TorchDistribution):
         return self.ell + spread
 
 
-__all__ = ["LookaheadSweep", "SweptCategorical", "stochastic_modules"]
+__all__ = ["LookaheadSweep", "SweptCategorical", "stochastic_modules", "sweep_obstacle"]

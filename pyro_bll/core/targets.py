@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from pyro_bll.core.lookahead_sweep import stochastic_modules
+from pyro_bll.core.lookahead_sweep import sweep_obstacle
 
 if TYPE_CHECKING:
     from pyro_bll.core.chain import BLLChain
@@ -73,19 +73,11 @@ class DelayedTargets:
     @staticmethod
     def check(chain: BLLChain) -> None:
         """ValueError, in one line, for a chain whose messages the sweep cannot compute."""
-        if chain.propagate != "mean":
-            raise ValueError(
-                f"--beta target sweeps the messages through the means the blocks pass on; "
-                f"use --propagate mean (got {chain.propagate})"
-            )
+        why = sweep_obstacle(chain)
+        if why is not None:
+            raise ValueError(f"--beta target: {why}")
         if chain.head_input != "mean":
             raise ValueError("--beta target needs the output head to read m(alpha_N)")
-        drawn = stochastic_modules(chain)
-        if drawn:
-            raise ValueError(
-                f"--beta target recomputes block forwards, which dropout ({drawn[0]}) would "
-                "draw anew; use a model without dropout"
-            )
 
     def step(self, chain: BLLChain, inputs: list[Tensor], grads: list[Tensor]) -> Tensor:
         """One training step: tau ``[N]`` from the stash that is due (zeros while fewer

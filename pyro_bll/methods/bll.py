@@ -218,19 +218,17 @@ class BLL(Method):
         cache = StepCache() if cache is None else cache
         cache.noise = noise
         step = None if noise is None else noise.step
-        swept = segment is None and chain.lookahead is not None and chain.lookahead.sweeps(chain)
-        if swept:  # the messages by one sweep of the live blocks: no copy is read
+        targets = self.targets is not None and chain.num_blocks > 1
+        if targets and segment is not None:
+            raise ValueError("--beta target computes the whole chain in one step")
+        if segment is None and self._swept(chain):  # every G_k by one sweep of the live blocks
             cache.sweep = LookaheadSweep(chain, y, mask)
-            chain.lookahead.defer_refresh()  # copied only if something reads the copies
+        if chain.lookahead is not None and cache.sweep is not None:
+            chain.lookahead.defer_refresh()  # no copy is read: copied only if something reads
         elif chain.lookahead is not None:  # the copies of the blocks above: every T steps
             chain.lookahead.maybe_refresh(chain, step)
         if chain.critic is not None:
             chain.critic.maybe_refresh(step)
-        targets = self.targets is not None and chain.num_blocks > 1
-        if targets:
-            if segment is not None:
-                raise ValueError("--beta target computes the whole chain in one step")
-            cache.sweep = LookaheadSweep(chain, y, mask)  # this step's G_k, to stash
         if self.solve:
             blocks = None if segment is None else range(*segment)
             solve_feedback(chain, x, y, mask, self.ridge, cache, blocks)
@@ -252,6 +250,13 @@ class BLL(Method):
         agreement = self.agreements.setdefault(segment, StepAgreement())
         logs.update(agreement(chain, cache, y, mask))  # agreement_*: no grad
         return per_block.sum(), logs
+
+    def _swept(self, chain: BLLChain) -> bool:
+        """Whether a step over the whole chain computes every block's message by one sweep
+        (``pyro_bll.core.lookahead_sweep``): the look-ahead to the top with current
+        weights, or ``--beta target``, which stashes the sweep's messages."""
+        look = chain.lookahead
+        return self.targets is not None or (look is not None and look.sweeps(chain))
 
     def _delayed_term(self, chain: BLLChain, x: Tensor, cache: StepCache) -> Tensor:
         """``[N]``: tau_k of the stash due at this step (``DelayedTargets.step``), after
@@ -292,8 +297,7 @@ class BLL(Method):
         The look-ahead's sweep (``pyro_bll.core.lookahead_sweep``) reads every block's
         forward graph, so where it applies the blocks come as one joint loss; so do they
         with ``--beta target``, whose sweep is the same."""
-        swept = chain.lookahead is not None and chain.lookahead.sweeps(chain)
-        if swept or self.targets is not None:
+        if self._swept(chain):
             yield self.loss(chain, x, y, mask, noise=noise)
             return
         inp = x
