@@ -62,16 +62,19 @@ class FrozenCopies:
             self.clones = [copy.deepcopy(m).requires_grad_(False) for m in live]
 
 
+def module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """A module's parameters, then its buffers: what a copy of it holds."""
+    return [*module.parameters(), *module.buffers()]
+
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and buffers: what sending it moves."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in module_tensors(module))
 
 
 def _same_layout(clone: nn.Module, module: nn.Module) -> bool:
     """The clone's tensors match the live module's in number, shape, dtype and device."""
-    a = [*clone.parameters(), *clone.buffers()]
-    b = [*module.parameters(), *module.buffers()]
+    a, b = module_tensors(clone), module_tensors(module)
     return len(a) == len(b) and all(
         x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
         for x, y in zip(a, b, strict=True)
@@ -87,4 +90,4 @@ def _copy_into(clone: nn.Module, module: nn.Module) -> None:
     clone.train(module.training)
 
 
-__all__ = ["FrozenCopies", "RefreshSchedule", "module_bytes"]
+__all__ = ["FrozenCopies", "RefreshSchedule", "module_bytes", "module_tensors"]

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pyro_bll.core.chain import BLLChain
-from pyro_bll.core.frozen import module_bytes
+from pyro_bll.core.frozen import module_bytes, module_tensors
 from pyro_bll.core.lookahead import Lookahead
 from pyro_bll.distributed.group import Layout
 from pyro_bll.distributed.transport import PeerFailure
@@ -87,8 +87,8 @@ class LookaheadLink:
                         if (m := needed(chain, lookahead, layout, self.stage, u))}  # fmt: skip
         self.outbound = {s: m for s in stages if s < self.stage
                          if (m := needed(chain, lookahead, layout, s, self.stage))}  # fmt: skip
-        self.received_bytes = sum(module_bytes(m) for ms in self.inbound.values() for m in ms)
-        self.sent_bytes = sum(module_bytes(m) for ms in self.outbound.values() for m in ms)
+        self.received_bytes = sum(_bytes(ms) for ms in self.inbound.values())
+        self.sent_bytes = sum(_bytes(ms) for ms in self.outbound.values())
         self.remote = [m for ms in self.inbound.values() for m in ms]
         self.refreshes = 0  # refresh steps exchanged so far
         self.exchanged: int | None = None  # the last step exchange() ran for
@@ -142,7 +142,7 @@ def _bytes(modules: Iterable[nn.Module]) -> int:
 
 
 def _tensors(modules: Iterable[nn.Module]) -> list[Tensor]:
-    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    return [t for m in modules for t in module_tensors(m)]
 
 
 def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[Tensor]]:
