@@ -140,10 +140,16 @@ def finite_positive(value: float) -> str | None:
     return None if value > 0 and math.isfinite(value) else "must be positive"
 
 
+def is_sectioned(d: dict[str, Any]) -> bool:
+    """Whether a stored configuration is ``RunConfig.to_dict``'s sectioned format (not the
+    older flat one)."""
+    return isinstance(d.get("run"), dict)
+
+
 def flat_config(d: dict[str, Any]) -> dict[str, Any]:
     """A stored configuration as one flat dict of options: the sectioned format of
     ``RunConfig.to_dict`` merged, or a run saved in the older flat format as it is."""
-    if isinstance(d.get("run"), dict):
+    if is_sectioned(d):
         return {k: v for section in d.values() for k, v in section.items()}
     return dict(d)
 

@@ -36,6 +36,7 @@ from pyro_bll.config import (
     check_value,
     flag_of,
     flat_config,
+    is_sectioned,
     non_negative,
     option,
     positive,
@@ -312,7 +313,7 @@ class RunConfig:
         flat format (every option, unset ones as null): the options of sections that do
         not apply to its task and method are dropped there, the others resolved anew."""
         flat = flat_config(d)
-        if not isinstance(d.get("run"), dict) and flat.get("likelihood", "") is None:
+        if not is_sectioned(d) and flat.get("likelihood", "") is None:
             flat["likelihood"] = "bound"  # every family's default when that format was written
         cfg = cls.__new__(cls)
         cfg._setup(flat, stored=True)
