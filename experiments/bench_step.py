@@ -60,7 +60,7 @@ def _build(options: dict, args, **extra):
             options["data_dir"] = args.data_dir
     run = build_run(RunConfig(**options))
     x, y, mask = next(iter(run.task.train_batches(0)))
-    opt = torch.optim.Adam(run.chain.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(run.chain.parameters(), lr=1e-4, foreach=True)  # as training does
     return run, (x, y, mask), opt
 
 

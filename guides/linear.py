@@ -48,6 +48,10 @@ class LinearFeedback(nn.Module):
     def class_outputs(self, k: int) -> Tensor:
         return self.layers[k].weight  # [V, size_k]
 
+    def stacked(self, y: Tensor, blocks: Sequence[int]) -> Tensor:
+        """The outputs of blocks of one width in one gather: ``[n, *y.shape, size]``."""
+        return torch.stack([self.layers[k].weight for k in blocks])[:, y]
+
     def block_module(self, k: int) -> nn.Module:
         return self.layers[k]
 

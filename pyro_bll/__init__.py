@@ -19,7 +19,7 @@ from pyro_bll.core.likelihoods import (
     LinearGaussianHead,
     PrototypeLikelihood,
 )
-from pyro_bll.core.tags import block
+from pyro_bll.core.tags import block, blocks_plate
 from pyro_bll.families import FAMILIES, Family, FamilyError, make_family
 from pyro_bll.seed import seed_everything
 
@@ -35,6 +35,7 @@ __all__ = [
     "LinearGaussianHead",
     "PrototypeLikelihood",
     "block",
+    "blocks_plate",
     "make_family",
     "seed_everything",
 ]

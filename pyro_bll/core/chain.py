@@ -37,14 +37,17 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import pyro
 import pyro.distributions as dist
+import torch
 from pyro.ops.provenance import detach_provenance
 from pyro.params.param_store import param_with_module_name
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from pyro_bll.core import stacked
 from pyro_bll.core.likelihoods import PrototypeLikelihood, masked_cross_entropy
 from pyro_bll.core.noise import block_noise
 from pyro_bll.core.step_cache import StepCache, active_cache
+from pyro_bll.core.tags import blocks_plate
 from pyro_bll.families import Family, Natural, Params
 
 if TYPE_CHECKING:
@@ -170,6 +173,9 @@ class BLLChain(nn.Module):
         self.head_input = head_input
         self.detach = detach
         self.register_params = register_params
+        # compute the terms of blocks whose sites agree together (pyro_bll.core.stacked);
+        # the training methods turn it on, Predictive and the diagnostics see one site per block
+        self.stack = False
         self.lookahead: Lookahead | None = None  # use_lookahead: the backward message
         self.critic: Critic | None = None  # use_critic: the backward message
         kinds = "-".join(dict.fromkeys(f.name for f in self.families))
@@ -308,22 +314,27 @@ class BLLChain(nn.Module):
         cache = active_cache()
         inp: Any = x
         noise = None if cache is None else cache.noise
+        if self._stacks(cache):
+            return self._stacked_guide(x, y, mask, segment, cache)
         with pyro.plate("data", y.shape[0], dim=-1):
             for k in self._segment(segment):
                 alpha = self.forward_message(k, inp, cache)
-                z = None
-                if self.has_latent(k):
-                    site = self.latent_params(k, alpha, cache)
-                    beta = self.feedback_message(k, y, mask, site)
-                    rho = self.families[k].posterior(site, beta)
-                    if cache is not None:
-                        cache.rho[k] = rho  # the prototype bound reads it in the model
-                    with block_noise(noise, k, rho[0].device):
-                        z = pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
+                z = self._guide_site(k, alpha, y, mask, cache, noise)
                 if k < self.num_blocks - 1:  # what block k + 1 (or the next rank) reads
                     inp = self.next_input(k, alpha, z)
         if cache is not None:  # plain tensors: the value may cross a process boundary
             cache.outgoing = _plain(inp)
+
+    def _guide_site(self, k: int, alpha: Params, y, mask, cache, noise) -> Tensor | None:
+        """Block k's guide site ``z_k ~ rho_k`` (none where the block has no latent)."""
+        if not self.has_latent(k):
+            return None
+        site = self.latent_params(k, alpha, cache)
+        rho = self.families[k].posterior(site, self.feedback_message(k, y, mask, site))
+        if cache is not None:
+            cache.rho[k] = rho  # the prototype bound reads it in the model
+        with block_noise(noise, k, rho[0].device):
+            return pyro.sample(f"z_{k}", self._latent(k, rho), infer={"block": k})
 
     def model(
         self,
@@ -342,25 +353,15 @@ class BLLChain(nn.Module):
         last = self.num_blocks - 1
         blocks = self._segment(segment)
         labelled = y is not None
+        together = labelled and self._stacks(cache)
         with pyro.plate("data", self._batch_size(x, y), dim=-1):
-            for k in blocks:
+            if together:  # the guide ran every block: the groups' sites, then the head
+                z, alpha = self._stacked_model(y, mask, blocks, cache), cache.alpha[blocks[-1]]
+            for k in [] if together else blocks:
                 alpha = self.forward_message(k, inp, cache)
-                z = None
-                if self.has_latent(k):
-                    z = pyro.sample(
-                        f"z_{k}",
-                        self._latent(k, self.latent_params(k, alpha, cache)),
-                        infer={"block": k},
-                    )
-                if labelled and k < last and self.local_likelihoods is not None:
-                    q = self.local_likelihoods[k](self, k, z, cache)
-                    fn = self._observed(q, mask)
-                    pyro.sample(f"y_{k}", fn, obs=y, infer={"block": k, "latent": f"z_{k}"})
-                if labelled and k < last and self.pred_heads is not None and self.pred_weight > 0:
-                    logits = self.pred_heads[k](self.families[k].mean(alpha))
-                    _block_factor(
-                        f"pred_{k}", -self.pred_weight * masked_cross_entropy(logits, y, mask), k
-                    )
+                z = self._model_site(k, alpha, cache)
+                if labelled and k < last:
+                    self._local_sites(k, z, alpha, y, mask, cache)
                 if k < last:
                     inp = self.next_input(k, alpha, z)
             if blocks.stop <= last:  # the output head belongs to the last block
@@ -378,6 +379,111 @@ class BLLChain(nn.Module):
                 else {"block": last}
             )
             return pyro.sample("y", fn, obs=y, infer=infer)
+
+    def _local_sites(
+        self, k: int, z: Tensor | None, alpha: Params, y: Tensor, mask: Tensor | None, cache
+    ) -> None:
+        """Block k's local likelihood site ``y_k`` and predictive factor ``pred_k``."""
+        if self.local_likelihoods is not None:
+            q = self.local_likelihoods[k](self, k, z, cache)
+            fn = self._observed(q, mask)
+            pyro.sample(f"y_{k}", fn, obs=y, infer={"block": k, "latent": f"z_{k}"})
+        self._pred_site(k, alpha, y, mask)
+
+    def _pred_site(self, k: int, alpha: Params, y: Tensor, mask: Tensor | None) -> None:
+        if self.pred_heads is not None and self.pred_weight > 0:
+            logits = self.pred_heads[k](self.families[k].mean(alpha))
+            _block_factor(f"pred_{k}", -self.pred_weight * masked_cross_entropy(logits, y, mask), k)
+
+    # ---- the vectorised program (pyro_bll.core.stacked) -------------------------------
+    def _stacks(self, cache: StepCache | None) -> bool:
+        """Whether this evaluation computes groups of blocks together: ``stack`` is on, a
+        step cache carries the messages from guide to model, and no forward message
+        depends on a draw."""
+        return self.stack and cache is not None and self.propagate != "sample"
+
+    def _forward_all(self, x: Any, blocks: range, cache: StepCache) -> None:
+        """Every forward message of ``blocks`` into the cache, and the outgoing value."""
+        inp = x
+        for k in blocks:
+            alpha = self.forward_message(k, inp, cache)
+            if k < self.num_blocks - 1:
+                inp = self.next_input(k, alpha, None)
+        cache.outgoing = _plain(inp)
+
+    def _stacked_guide(self, x, y, mask, segment, cache: StepCache) -> None:
+        """The guide with each group of agreeing blocks as one site ``z_a:b``; a block in
+        no group keeps its own site ``z_k``."""
+        blocks = self._segment(segment)
+        self._forward_all(x, blocks, cache)
+        with pyro.plate("data", y.shape[0], dim=-1):
+            for group in stacked.groups(self, blocks, cache):
+                if len(group) == 1:
+                    k = group[0]
+                    self._guide_site(k, cache.alpha[k], y, mask, cache, cache.noise)
+                    continue
+                fam, a = self.families[group[0]], group[0]
+                site = stacked.stack_params(
+                    [self.latent_params(k, cache.alpha[k], cache) for k in group]
+                )
+                rho = fam.posterior(site, stacked.feedback(self, group, y, mask, site))
+                cache.stacked[a] = (site, rho)
+                for i, k in enumerate(group):
+                    cache.rho[k] = stacked.block_slice(rho, i)
+                draws = stacked.blockwise_draws(fam, rho, group, cache.noise)
+                with self._blocks_plate(group):
+                    pyro.sample(
+                        stacked.site_name("z", group), draws.to_event(self.latent_event_dim)
+                    )
+
+    def _stacked_model(self, y, mask, blocks: range, cache: StepCache) -> Tensor | None:
+        """The model's sites for the groups of ``blocks`` (the guide cached their
+        messages); returns the draw of the last block of ``blocks``."""
+        z = None
+        for group in stacked.groups(self, blocks, cache):
+            if len(group) == 1:
+                k = group[0]
+                z = self._model_site(k, cache.alpha[k], cache)
+                if k < self.num_blocks - 1:
+                    self._local_sites(k, z, cache.alpha[k], y, mask, cache)
+                continue
+            a, name = group[0], stacked.site_name("z", group)
+            site, rho = cache.stacked[a]
+            shared = self.local_likelihoods is not None and stacked.shares_prototypes(self, a)
+            with self._blocks_plate(group):
+                z = pyro.sample(name, self._latent(a, site))
+                if shared:  # one likelihood site for the group
+                    q = stacked.prototype_likelihood(
+                        self, group, z, rho if self.likelihood == "bound" else None, y
+                    )
+                    fn = self._observed(q, mask)
+                    pyro.sample(stacked.site_name("y", group), fn, obs=y, infer={"latent": name})
+                heads = None if self.pred_heads is None else [self.pred_heads[k] for k in group]
+                pred = heads is not None and self.pred_weight > 0 and stacked.stackable_heads(heads)
+                if pred:  # one predictive head for the group, with stacked parameters
+                    means = torch.stack([self.families[k].mean(cache.alpha[k]) for k in group])
+                    ce = stacked.stacked_cross_entropy(stacked.stacked_heads(heads, means), y, mask)
+                    _block_factor(stacked.site_name("pred", group), -self.pred_weight * ce, None)
+            for i, k in enumerate(group):  # per-block sites reading the group's draw
+                if self.local_likelihoods is not None and not shared:
+                    q = self.local_likelihoods[k](self, k, z[i], cache)
+                    fn = self._observed(q, mask)
+                    pyro.sample(f"y_{k}", fn, obs=y, infer={"block": k, "latent": name})
+                if not pred:
+                    self._pred_site(k, cache.alpha[k], y, mask)
+            z = z[-1]
+        return z
+
+    def _blocks_plate(self, group: list[int]):
+        a, n = group[0], len(group)
+        return blocks_plate(f"blocks_{a}:{a + n}", a, n, stacked.BLOCKS_DIM)
+
+    def _model_site(self, k: int, alpha: Params, cache) -> Tensor | None:
+        """Block k's model site ``z_k ~ alpha_k`` (none where the block has no latent)."""
+        if not self.has_latent(k):
+            return None
+        law = self._latent(k, self.latent_params(k, alpha, cache))
+        return pyro.sample(f"z_{k}", law, infer={"block": k})
 
     def use_lookahead(self, lookahead: Lookahead) -> None:
         """Evaluate every block's local likelihood through frozen copies of the blocks
@@ -440,7 +546,11 @@ def _prototype(chain: BLLChain, k: int, z: Tensor, cache: StepCache | None = Non
     )
 
 
-def _block_factor(name: str, log_factor: Tensor, block: int) -> None:
-    """Like ``pyro.factor``, but tagged with the block that owns the term."""
+def _block_factor(name: str, log_factor: Tensor, block: int | None) -> None:
+    """Like ``pyro.factor``, but tagged with the block that owns the term (``None``: the
+    enclosing ``blocks_plate``'s)."""
     unit = dist.Unit(log_factor, has_rsample=True)
-    pyro.sample(name, unit, obs=unit.sample(), infer={"block": block, "is_auxiliary": True})
+    infer: dict = (
+        {"is_auxiliary": True} if block is None else {"block": block, "is_auxiliary": True}
+    )
+    pyro.sample(name, unit, obs=unit.sample(), infer=infer)

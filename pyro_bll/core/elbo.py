@@ -34,6 +34,11 @@ names its latent (``infer={"latent": ...}``) and is evaluated at a draw declares
 label at position t depends on z at position t only: it carries its own per-position
 score function (``_per_label``) and leaves r's generic term.
 
+Vectorised blocks. A site inside ``pyro_bll.blocks_plate`` holds several blocks along a
+batch axis (``tags.BlockAxis``): its terms are split along that axis, slice i going to block
+``first + i``. Its score-function term, if it has one, reads only the costs of the same
+axis, and no baseline is averaged across blocks.
+
 The losses are summed over the batch, as Pyro's ELBOs are, and averaged over
 ``num_particles``.
 """
@@ -60,7 +65,7 @@ from torch import Tensor
 from torch.distributions import Independent, kl_divergence
 
 from pyro_bll.core.step_cache import StepCache, active_cache, step_cache
-from pyro_bll.core.tags import MODEL_BLOCK, RecordModelTags
+from pyro_bll.core.tags import MODEL_BLOCK, BlockAxis, RecordModelTags
 
 KINDS = ("kl", "likelihood", "pred")
 Dependencies = Literal["graph", "block"]
@@ -82,7 +87,7 @@ class BlockLosses:
 class _Cost:
     """One site's cost in a block: ``value`` has the site's batch shape (scaled, masked)."""
 
-    block: int
+    block: int | BlockAxis
     kind: str
     value: Tensor
     frames: Any  # the site's cond_indep_stack (plates)
@@ -164,6 +169,17 @@ def _same(a: Any, b: Any) -> bool:
             return False
         return bool(torch.equal(a, b))
     return a == b
+
+
+def _last_block(block: int | BlockAxis) -> int:
+    return block.blocks[-1] if isinstance(block, BlockAxis) else block
+
+
+def _overlap(a: int | BlockAxis, b: int | BlockAxis) -> bool:
+    """Whether two sites' blocks (an index or an axis of blocks) share a block."""
+    ra = a.blocks if isinstance(a, BlockAxis) else range(a, a + 1)
+    rb = b.blocks if isinstance(b, BlockAxis) else range(b, b + 1)
+    return ra.start < rb.stop and rb.start < ra.stop
 
 
 def _leave_one_out(cost: Tensor, dims: list[int]) -> Tensor:
@@ -277,15 +293,22 @@ class BlockLocalELBO(ELBO):
         model_trace = prune_subsample_sites(model_trace)
         guide_trace = prune_subsample_sites(guide_trace)
         blocks = self._site_blocks(model_trace, guide_trace)
-        n = self.num_blocks if self.num_blocks is not None else max(blocks.values(), default=0) + 1
+        n = self.num_blocks
+        if n is None:
+            n = max((_last_block(b) for b in blocks.values()), default=0) + 1
         costs = self._costs(model_trace, guide_trace, blocks)
         scores = self._score_terms(guide_trace, blocks, costs)
         ref = costs[0].value if costs else torch.zeros(())  # dtype and device of the losses
         totals: dict[str, list[Tensor | float]] = {kind: [0.0] * n for kind in KINDS}
-        for cost in costs:
-            totals[cost.kind][cost.block] = totals[cost.kind][cost.block] + cost.value.sum()
-        for k, term in scores:
-            totals["kl"][k] = totals["kl"][k] + term  # value zero: gradients only
+        for block, kind, value in [(c.block, c.kind, c.value) for c in costs] + [
+            (k, "kl", term)
+            for k, term in scores  # value zero: gradients only
+        ]:
+            if isinstance(block, BlockAxis):  # one slice per block
+                for k, part in zip(block.blocks, block.split(value).unbind(0), strict=True):
+                    totals[kind][k] = totals[kind][k] + part
+            else:
+                totals[kind][block] = totals[kind][block] + value.sum()
         stacked = {
             kind: detach_provenance(
                 torch.stack([torch.as_tensor(v, dtype=ref.dtype, device=ref.device) for v in vs])
@@ -294,7 +317,7 @@ class BlockLocalELBO(ELBO):
         }
         return stacked["kl"] + stacked["likelihood"] + stacked["pred"], stacked
 
-    def _site_blocks(self, model_trace, guide_trace) -> dict[str, int]:
+    def _site_blocks(self, model_trace, guide_trace) -> dict[str, int | BlockAxis]:
         """The block of every sample site: the model's tag, which a guide tag must match;
         an untagged program is one block."""
         tags: dict[str, int | None] = {}
@@ -322,16 +345,19 @@ class BlockLocalELBO(ELBO):
             )
         blocks = {name: 0 if t is None else t for name, t in tags.items()}
         for name, k in blocks.items():
-            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            if isinstance(k, BlockAxis):
+                pass
+            elif isinstance(k, bool) or not isinstance(k, int) or k < 0:
                 raise ValueError(f"site {name!r} has block {k!r}; a block is an integer >= 0")
-            if self.num_blocks is not None and k >= self.num_blocks:
+            if self.num_blocks is not None and _last_block(k) >= self.num_blocks:
                 raise ValueError(
-                    f"site {name!r} has block {k}, but the ELBO has {self.num_blocks} blocks "
-                    f"(0 to {self.num_blocks - 1}); fix the tag or BlockLocalELBO(num_blocks)"
+                    f"site {name!r} has block {_last_block(k)}, but the ELBO has "
+                    f"{self.num_blocks} blocks (0 to {self.num_blocks - 1}); fix the tag or "
+                    "BlockLocalELBO(num_blocks)"
                 )
         return blocks
 
-    def _costs(self, model_trace, guide_trace, blocks: dict[str, int]) -> list[_Cost]:
+    def _costs(self, model_trace, guide_trace, blocks: dict[str, int | BlockAxis]) -> list[_Cost]:
         costs = []
         for name, site in model_trace.nodes.items():
             if name not in blocks:
@@ -346,6 +372,12 @@ class BlockLocalELBO(ELBO):
                 costs.append(_Cost(k, "pred", -_log_prob(site), frames))
             else:
                 value, handled = self._expected_log_lik(site, guide_trace)
+                if handled is not None and isinstance(k, BlockAxis):
+                    raise ValueError(
+                        f"site {name!r} of blocks {k} is read at a draw of a latent without a "
+                        "reparameterised sampler; give it an expected_log_prob, or use one "
+                        "site per block"
+                    )
                 costs.append(_Cost(k, "likelihood", -value, frames, handled))
         for name, g in guide_trace.nodes.items():  # auxiliary guide sites: -entropy
             if g["type"] == "sample" and name not in model_trace.nodes:
@@ -388,8 +420,8 @@ class BlockLocalELBO(ELBO):
         return _sum_event(value, event), latent
 
     def _score_terms(
-        self, guide_trace, blocks: dict[str, int], costs: list[_Cost]
-    ) -> list[tuple[int, Tensor]]:
+        self, guide_trace, blocks: dict[str, int | BlockAxis], costs: list[_Cost]
+    ) -> list[tuple[int | BlockAxis, Tensor]]:
         """(block, surrogate term) for every non-reparameterised guide site."""
         terms = []
         for name, g in guide_trace.nodes.items():
@@ -401,12 +433,17 @@ class BlockLocalELBO(ELBO):
             downstream = [
                 c
                 for c in costs
-                if c.block == k
+                if _overlap(c.block, k)
                 and c.handled != name
                 and (self.dependencies == "block" or name in get_provenance(c.value))
             ]
             if not downstream:
                 continue
+            if any(c.block != k for c in downstream):  # only an axis's own sites mix slices
+                raise ValueError(
+                    f"site {name!r} of blocks {k} has costs downstream of it outside its block "
+                    "axis; put them in the same pyro_bll.blocks_plate, or use one site per block"
+                )
             frames = g["cond_indep_stack"]
             multi = MultiFrameTensor(*((c.frames, detach_provenance(c.value)) for c in downstream))
             cost = multi.sum_to(frames)
@@ -414,18 +451,20 @@ class BlockLocalELBO(ELBO):
                 continue
             cost = cost.detach()
             if self.baseline:
+                across = k.dim if isinstance(k, BlockAxis) else None  # never across blocks
                 shared = [
                     f.dim
                     for f in frames
                     if f.vectorized and all(f in c.frames for c in downstream)
-                    and cost.dim() >= -f.dim and cost.shape[f.dim] > 1
+                    and cost.dim() >= -f.dim and cost.shape[f.dim] > 1 and f.dim != across
                 ]  # fmt: skip
                 if shared:
                     cost = cost - _leave_one_out(cost, shared)
             log_rho = detach_provenance(
                 g["fn"].log_prob(g["value"], *g["args"], **g["kwargs"])
             )  # the score function: neither scaled nor masked, as in Pyro
-            terms.append((k, ((log_rho - log_rho.detach()) * cost).sum()))
+            term = (log_rho - log_rho.detach()) * cost
+            terms.append((k, term if isinstance(k, BlockAxis) else term.sum()))
         return terms
 
     # ---- the pyro.infer.ELBO interface -------------------------------------------------

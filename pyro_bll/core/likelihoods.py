@@ -157,7 +157,9 @@ def prototype_bound(
     Shapes: rho's parameters ``[B, *L, *S, C(, K)]`` with L the label axes (``[B, T]``
     labels for sequences) and S the ``spatial_dims`` map axes that one label covers;
     prototypes ``[V, C(, K)]``; labels ``[B, *L]``. Returns ``[B, *L]``. Exact gradients
-    (no sampling) for every exponential family.
+    (no sampling) for every exponential family. The prototypes of n blocks at once,
+    ``[n, V, C(, K)]``, go with rho ``[n, M, C(, K)]`` and labels ``[n, M]``
+    (``pyro_bll.core.stacked``).
     """
     eta = family.natural(rho)
     k = family.stat_dims
@@ -167,14 +169,14 @@ def prototype_bound(
     flat = k + 1
     stats = [t.flatten(-flat) for t in family.expected_stats(eta)]  # [B, *L, *S, C']
     expected = sum(
-        t @ p.flatten(-flat).transpose(0, 1) for t, p in zip(stats, prototypes, strict=True)
+        t @ p.flatten(-flat).transpose(-1, -2) for t, p in zip(stats, prototypes, strict=True)
     )  # [B, *L, *S, V]
     n = 1
     if spatial_dims:
         axes = tuple(range(-1 - spatial_dims, -1))
         n = math.prod(log_mgf.shape[a] for a in axes)
         log_mgf, expected = log_mgf.sum(axes), expected.sum(axes)  # [B, *L, V]
-    a_ref = weight * n * family.class_log_normalizer(prototypes)  # [V]
+    a_ref = weight * n * family.per_row(family.class_log_normalizer(prototypes))  # [V]
     log_norm = torch.logsumexp(log_mgf - a_ref, dim=-1)  # [B, *L]
     mean_logit = (weight * expected - a_ref).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return mean_logit - log_norm

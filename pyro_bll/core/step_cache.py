@@ -36,6 +36,8 @@ class StepCache:
     alpha: dict[int, Params] = field(default_factory=dict)  # forward messages alpha_k
     latent: dict[int, Params] = field(default_factory=dict)  # the law of site z_k
     rho: dict[int, Params] = field(default_factory=dict)  # the guide's rho_k
+    # a group's stacked site parameters and rho, by its first block (pyro_bll.core.stacked)
+    stacked: dict[int, tuple[Params, Params]] = field(default_factory=dict)
     noise: NoiseKey | None = None  # the step's random streams (pyro_bll.core.noise)
     outgoing: Any = None  # m(alpha_{b-1}) of a segment (blocks a..b-1): sent to the next rank
     # the look-ahead's sweep of the step (``pyro_bll.core.lookahead_sweep``): while set,
@@ -50,7 +52,12 @@ class StepCache:
             return self
         noise = None if self.noise is None else replace(self.noise, particle=i)
         return StepCache(
-            alpha=self.alpha, latent=self.latent, rho=self.rho, noise=noise, sweep=self.sweep
+            alpha=self.alpha,
+            latent=self.latent,
+            rho=self.rho,
+            stacked=self.stacked,
+            noise=noise,
+            sweep=self.sweep,
         )
 
 

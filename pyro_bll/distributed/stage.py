@@ -74,7 +74,9 @@ class RankStage:
             else owned_parameter_index(self.chain, self.segment)
         )
         # this rank's blocks only: nothing here steps another rank's blocks
-        self.optimizer = torch.optim.Adam([params[i] for i in self.param_index], lr=cfg.lr)
+        self.optimizer = torch.optim.Adam(
+            [params[i] for i in self.param_index], lr=cfg.lr, foreach=True
+        )  # as in one process (training.Trainer)
         # one optimiser step per training batch, as in one process: the same lr schedule
         self.scheduler = make_lr_schedule(
             self.optimizer, cfg.lr_schedule, cfg.epochs * self.task.steps_per_epoch()

@@ -296,6 +296,8 @@ class Family(ABC):
         """
         cls = -(2 + self.stat_dims)  # the class axis goes in front of channel (statistic)
         eta_c = tuple(e.unsqueeze(cls) for e in eta)  # [..., 1, C(, K)]
+        if beta[0].dim() > -cls:  # n blocks' prototypes [n, V, C(, K)]: against [n, M, ...]
+            beta = tuple(b.unsqueeze(cls - 1) for b in beta)  # [n, 1, V, C(, K)]
         shift = self.log_normalizer_shift(eta_c, beta)  # [..., V, C]
         return shift.sum(-1)
 
@@ -394,12 +396,19 @@ class Family(ABC):
         d = self.stat_dims + 1  # flatten each statistic's latent and statistic axes
         t = [s.flatten(-d) for s in self.sufficient_stats(z)]  # [..., C']
         e = [p.flatten(-d) for p in prototypes]  # [V, C']
-        logits = sum(s.to(p.dtype) @ p.transpose(0, 1) for s, p in zip(t, e, strict=True))
-        return logits - self.class_log_normalizer(prototypes)
+        logits = sum(s.to(p.dtype) @ p.transpose(-1, -2) for s, p in zip(t, e, strict=True))
+        return logits - self.per_row(self.class_log_normalizer(prototypes))
+
+    @staticmethod
+    def per_row(per_class: Tensor) -> Tensor:
+        """``[V]`` as it is, ``[n, V]`` (n blocks) as ``[n, 1, V]``: to meet ``[(n,) M, V]``."""
+        return per_class if per_class.dim() == 1 else per_class.unsqueeze(-2)
 
     def class_log_normalizer(self, prototypes: Natural) -> Tensor:
-        """sum over channels of A(eta_ref + beta_c), ``[num_classes]``."""
-        return self.log_normalizer(self.class_natural(prototypes)).flatten(1).sum(-1)
+        """sum over channels of A(eta_ref + beta_c), ``[num_classes]`` (``[n, num_classes]``
+        for the prototypes of n blocks at once, ``[n, V, C]``)."""
+        lead = prototypes[0].dim() - 2 - self.stat_dims  # 1 for n blocks, else 0
+        return self.log_normalizer(self.class_natural(prototypes)).flatten(lead + 1).sum(-1)
 
     def quadrature(self, *laws: Params, points: int = 40001) -> Quadrature | None:
         """Points covering the support of the laws ``laws`` (all of one batch shape), for

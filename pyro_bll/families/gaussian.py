@@ -165,12 +165,13 @@ class FixedVarianceGaussian(_DiagonalGaussian):
         """
         prec = -2 * eta[1]  # [..., C]
         mu = eta[0] / prec
-        b1 = beta[0]  # [V, C]
-        b2 = beta[1][0]  # [C]: the same for every class (a weight w scales all alike)
+        b1 = beta[0]  # [V, C], or [n, V, C] for n blocks against eta [n, M, C]
+        # [C], or [n, 1, C]: one for every class (a message weight w scales all alike)
+        b2 = beta[1][0] if b1.dim() == 2 else beta[1][..., :1, :]
         shifted = prec - 2 * b2
         common = (b2 * mu * mu * prec / shifted - 0.5 * torch.log1p(-2 * b2 / prec)).sum(-1)
-        linear = (mu * prec / shifted) @ b1.transpose(0, 1)
-        square = (0.5 / shifted) @ (b1 * b1).transpose(0, 1)
+        linear = (mu * prec / shifted) @ b1.transpose(-1, -2)
+        square = (0.5 / shifted) @ (b1 * b1).transpose(-1, -2)
         return common.unsqueeze(-1) + linear + square
 
 

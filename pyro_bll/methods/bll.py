@@ -132,6 +132,14 @@ class BLLOptions(Section):
         check=at_least_one,
     )
 
+    stack_blocks: bool = option(
+        True,
+        "one Pyro site per block instead of one vectorised site per group of neighbouring "
+        "blocks whose latent sites agree (one family, one shape): the same losses and "
+        "gradients, computed block by block (slower: docs/results.md, step cost)",
+        flag="--no-stack-blocks",
+    )
+
     def check(self, cfg: Any) -> None:
         if "ridge" in cfg.given and not cfg.loaded and self.feedback_update != "solve":
             raise ConfigError(
@@ -163,6 +171,7 @@ class BLL(Method):
 
     def __init__(self, chain: BLLChain, cfg: RunConfig) -> None:
         chain.detach = True
+        chain.stack = cfg.bll.stack_blocks  # groups of agreeing blocks as one site each
         self.elbo = BlockLocalELBO(chain.num_blocks)
         opts = cfg.bll
         self.terms = frozenset(opts.bll_terms)  # --bll-terms: the terms that are optimised

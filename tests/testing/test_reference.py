@@ -18,12 +18,14 @@ from pyro_bll.testing.reference import plain_block_losses
 from utils import assert_close, mlp_chain, toy_batch
 
 
+@pytest.mark.parametrize("stack", [False, True], ids=["per-site", "stacked"])
 @pytest.mark.parametrize("likelihood", ["bound", "sample"])
-def test_pyro_and_plain_losses_agree(family, likelihood):
+def test_pyro_and_plain_losses_agree(family, likelihood, stack):
     cfg = RunConfig(layers=3, d_model=6, seq_len=4, train_size=8, batch_size=8, test_size=4)
     task = S2SReverseTask(cfg)
     chain = task.build_chain(family).double()
     chain.likelihood = likelihood
+    chain.stack = stack  # blocks 0 and 1 as one group
     x, y, mask = next(task.train_batches(0))
     seed_everything(5)
     pyro_losses = BlockLocalELBO(3).block_losses(chain.model, chain.guide, x, y, mask)
