@@ -4,9 +4,10 @@
 
 For every configuration of ``--configs`` (the 20- and 5-block s2s_reverse transformer,
 the Fashion-MNIST MLP and the narrow ResNet-18 at K = 4 and 8, each with its task's
-default BLL) one step is forward, one joint backward and an Adam update on a fixed
-batch. Five variants run interleaved (round-robin, so that machine noise hits all
-alike) and the median of ``--repeats`` steps is reported:
+default BLL) one step is forward, one joint backward into the parameters and an Adam
+update on a fixed batch, as the training step does them. Five variants run interleaved
+(round-robin, so that machine noise hits all alike) and the median of ``--repeats`` steps
+is reported:
 
 * ``bp``: backprop on the same network (the BP run of the same seed);
 * ``pyro``: BLL through ``BlockLocalELBO`` on the chain's Pyro program, timed in its
@@ -38,6 +39,7 @@ from results_tables import render_bench_step
 from pyro_bll.core.step_cache import StepCache
 from pyro_bll.run.build import build_run
 from pyro_bll.run.options import RunConfig
+from pyro_bll.run.step import differentiate
 from pyro_bll.testing.reference import plain_block_losses
 
 # name -> the options of one configuration (the task's defaults otherwise)
@@ -79,11 +81,12 @@ def variants(options: dict, args) -> tuple[dict[str, Callable[[], dict]], str]:
     chain = bll.chain
 
     def step(loss_fn, optimiser) -> dict:
+        params = [p for g in optimiser.param_groups for p in g["params"]]
         t0 = time.perf_counter()
         loss = loss_fn()
         t1 = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        differentiate(loss, params)  # as the training step does
         t2 = time.perf_counter()
         optimiser.step()
         t3 = time.perf_counter()

@@ -38,7 +38,7 @@ from pyro_bll.run.checkpoints import (
     set_rng_state,
 )
 from pyro_bll.run.options import RunConfig
-from pyro_bll.run.step import check_finite, clip_block_gradients, step_noise
+from pyro_bll.run.step import check_finite, clip_block_gradients, differentiate, step_noise
 from pyro_bll.run.training import RunHistory, make_lr_schedule
 
 
@@ -132,7 +132,7 @@ class RankStage:
 
     def update(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        differentiate(loss, [p for g in self.optimizer.param_groups for p in g["params"]])
         if self.replica_group is not None:
             self.average_gradients()
         clip_block_gradients(self.chain, self.cfg.clip_grad, range(*self.segment))

@@ -57,6 +57,24 @@ def check_finite(losses: torch.Tensor, epoch: int, kept: str, first: int = 0) ->
     )
 
 
+def trainable(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters of ``module`` that train (``requires_grad``)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def differentiate(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """``loss.backward()`` into ``params`` only. The graph of a BLL step also reaches
+    tensors that are not parameters: the block inputs that the look-ahead's sweep made
+    leaves of (``pyro_bll.core.lookahead_sweep``) to read its messages off. Naming the
+    parameters keeps autograd from computing the gradients of those inputs again (a
+    tenth of the ResNet step's backward, docs/results.md); the parameters' gradients are
+    the same."""
+    if params:
+        loss.backward(inputs=params)
+    else:
+        loss.backward()
+
+
 def backward_pass(
     method: Method,
     chain: BLLChain,
@@ -75,13 +93,15 @@ def backward_pass(
     block k + 1 runs (``Method.local_losses``); otherwise one backward over the summed
     loss. ``on_block(k)`` is called after block k's forward, before its backward (memory
     measurements). ``autocast()`` wraps the forward passes only. Returns the logs ``[N]``.
+    Only the chain's trainable parameters receive gradients (``differentiate``).
     """
+    params = trainable(chain)
     if not per_block:
         with autocast():
             loss, logs = method.loss(chain, x, y, mask, noise=noise)
         if on_block is not None:
             on_block(chain.num_blocks - 1)
-        loss.backward()
+        differentiate(loss, params)
         return logs
     blocks = method.local_losses(chain, x, y, mask, noise=noise)
     total: dict[str, torch.Tensor] = {}
@@ -93,7 +113,7 @@ def backward_pass(
         loss, logs = item
         if on_block is not None:
             on_block(k)
-        loss.backward()
+        differentiate(loss, params)
         del loss, item  # nothing of block k's graph outlives this iteration
         total = logs if not total else {name: total[name] + v for name, v in logs.items()}
     raise AssertionError("unreachable")
