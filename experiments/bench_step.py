@@ -5,13 +5,15 @@
 For every configuration of ``--configs`` (the 20- and 5-block s2s_reverse transformer,
 the Fashion-MNIST MLP and the narrow ResNet-18 at K = 4 and 8, each with its task's
 default BLL) one step is forward, one joint backward into the parameters and an Adam
-update on a fixed batch, as the training step does them. Five variants run interleaved
+update on a fixed batch, as the training step does them. Six variants run interleaved
 (round-robin, so that machine noise hits all alike) and the median of ``--repeats`` steps
 is reported:
 
 * ``bp``: backprop on the same network (the BP run of the same seed);
 * ``pyro``: BLL through ``BlockLocalELBO`` on the chain's Pyro program, timed in its
   parts: the forward (tracing and losses), the backward and the optimiser;
+* ``pyro_per_site``: the same with one Pyro site per block (``--no-stack-blocks``: no
+  group of blocks computed together, ``pyro_bll.core.stacked``);
 * ``plain``: the same block-local loss written in torch (``pyro_bll.testing.reference``);
 * ``blocks``: the forward blocks alone (every block's forward message, with graph);
 * ``plain_forward``: the plain loss's forward alone.
@@ -100,9 +102,17 @@ def variants(options: dict, args) -> tuple[dict[str, Callable[[], dict]], str]:
     def plain_loss():
         return plain_block_losses(chain, x, y, mask).sum() / y.shape[0]
 
+    def per_site_loss():
+        chain.stack = False
+        try:
+            return bll.method.loss(chain, x, y, mask)[0]
+        finally:
+            chain.stack = True
+
     calls = {
         "bp": lambda: step(lambda: bp.method.loss(bp.chain, x, y, mask)[0], bp_opt),
         "pyro": lambda: step(lambda: bll.method.loss(chain, x, y, mask)[0], opt),
+        "pyro_per_site": lambda: step(per_site_loss, opt),
         "plain": lambda: step(plain_loss, opt),
         "blocks": lambda: timed(lambda: _blocks_forward(chain, x)),
         "plain_forward": lambda: timed(plain_loss),
@@ -134,7 +144,12 @@ def measure(name: str, args) -> dict:
         "config": name,
         "beta": beta,
         "compile": args.compile,
-        "median_ms": {"bp": med("bp"), "pyro": pyro_ms, "plain": med("plain")},
+        "median_ms": {
+            "bp": med("bp"),
+            "pyro": pyro_ms,
+            "pyro_per_site": med("pyro_per_site"),
+            "plain": med("plain"),
+        },
         "ratio_bll_over_bp": pyro_ms / med("bp"),
         "ratio_pyro_over_plain": pyro_ms / med("plain"),
         "parts_ms": parts,

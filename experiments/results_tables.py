@@ -137,8 +137,9 @@ BENCH_STEP_PARTS = ("blocks", "terms", "tracing", "backward", "optimiser")
 
 
 def render_bench_step(data: Loaded, labels: dict[str, str]) -> list[str]:
-    """``bench_step.py``: median step times of BP, BLL through Pyro and the plain-torch
-    BLL per configuration, and the shares of the parts of the Pyro step."""
+    """``bench_step.py``: median step times of BP, BLL through Pyro (blocks computed
+    together, and one site per block where measured) and the plain-torch BLL per
+    configuration, and the shares of the parts of the Pyro step."""
     rows = []
     for path, d in data:
         for r in d["rows"]:
@@ -152,6 +153,7 @@ def render_bench_step(data: Loaded, labels: dict[str, str]) -> list[str]:
                     ),
                     f"{ms['bp']:.1f}",
                     f"{ms['pyro']:.1f}",
+                    f"{ms['pyro_per_site']:.1f}" if "pyro_per_site" in ms else "-",
                     f"{ms['plain']:.1f}",
                     f"{r['ratio_bll_over_bp']:.2f}",
                     f"{r['ratio_pyro_over_plain']:.2f}",
@@ -163,6 +165,7 @@ def render_bench_step(data: Loaded, labels: dict[str, str]) -> list[str]:
             "configuration",
             "BP ms",
             "Pyro BLL ms",
+            "one site per block ms",
             "plain BLL ms",
             "BLL / BP",
             "Pyro / plain",
@@ -729,6 +732,27 @@ TABLES: dict[str, Table] = {
             "--epochs 16 --max-minutes 15 --threads 2 --lr 0.004 "
             "--out runs/table1_budget_v3/fa_lr4`; the seed-1 runs add `--seed 1`",
             machine=f"{CPU}, nothing else running",
+        ),
+        Table(
+            "budget_side_by_side",
+            tuple(
+                f"budget_side_by_side/{r}/metrics.json" for r in ("bp", "bll", "bp_10", "bll_15")
+            ),
+            render_runs,
+            "commands (from the repository root), two at a time side by side with one thread "
+            "each (`bp` beside `bll`, then `bp_10` beside `bll_15`): `python experiments/run.py "
+            "--task fashion_mnist --method bp --width 0.125 --epochs 15 --max-minutes 15 "
+            "--threads 1 --out runs/budget27/bp`; the same with `--method bll --epochs 10` "
+            "(`bll`), `--method bp --epochs 10` (`bp_10`) and `--method bll --epochs 15` "
+            "(`bll_15`, no budget)",
+            commit="09a2700 (bp, bll), 4c0ffee (bp_10, bll_15)",
+            machine=f"{CPU}, two runs side by side",
+            labels={
+                "budget_side_by_side/bp/metrics.json": "BP, 15 epochs",
+                "budget_side_by_side/bll/metrics.json": "BLL (look-ahead default), 10 epochs",
+                "budget_side_by_side/bp_10/metrics.json": "BP, 10 epochs (no budget)",
+                "budget_side_by_side/bll_15/metrics.json": "BLL, 15 epochs (no budget)",
+            },
         ),
         Table(
             "budget_lr1e3",

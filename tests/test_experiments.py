@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,7 +19,7 @@ def _script(name, *args, cwd, rc=0):
     (the interpreter and torch are loaded already: seconds saved per script); assert its
     exit code is ``rc``. Returns its captured ``stdout`` and ``stderr``."""
     out, err = io.StringIO(), io.StringIO()
-    argv, path, here = sys.argv, list(sys.path), os.getcwd()
+    argv, path, here, threads = sys.argv, list(sys.path), os.getcwd(), torch.get_num_threads()
     sys.argv = [str(ROOT / "experiments" / name), *map(str, args)]
     sys.path.insert(0, str(ROOT / "experiments"))
     code = 0
@@ -30,6 +32,7 @@ def _script(name, *args, cwd, rc=0):
     finally:
         sys.argv, sys.path[:] = argv, path
         os.chdir(here)
+        torch.set_num_threads(threads)  # a script sets its own --threads
     assert code == rc, err.getvalue()[-2000:]
     return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 

@@ -435,10 +435,13 @@ class BLLChain(nn.Module):
                     pyro.sample(
                         stacked.site_name("z", group), draws.to_event(self.latent_event_dim)
                     )
+            last = self.num_blocks - 1
+            if blocks.stop > last:  # the head's block: in no group
+                self._guide_site(last, cache.alpha[last], y, mask, cache, cache.noise)
 
     def _stacked_model(self, y, mask, blocks: range, cache: StepCache) -> Tensor | None:
-        """The model's sites for the groups of ``blocks`` (the guide cached their
-        messages); returns the draw of the last block of ``blocks``."""
+        """The model's sites for the groups of ``blocks`` and for the head's block (the
+        guide cached their messages); returns the draw of the last block of ``blocks``."""
         z = None
         for group in stacked.groups(self, blocks, cache):
             if len(group) == 1:
@@ -472,6 +475,9 @@ class BLLChain(nn.Module):
                 if not pred:
                     self._pred_site(k, cache.alpha[k], y, mask)
             z = z[-1]
+        last = self.num_blocks - 1
+        if blocks.stop > last:  # the head's block: in no group
+            z = self._model_site(last, cache.alpha[last], cache)
         return z
 
     def _blocks_plate(self, group: list[int]):

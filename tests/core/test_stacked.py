@@ -228,6 +228,27 @@ def test_every_task_and_message_gives_the_per_site_step(build, opts):
         _assert_same_step(build, **opts)
 
 
+def test_a_head_that_reads_a_draw_keeps_its_site():
+    """``head_input="sample"``: the last block's z_N is drawn and read by the head, after
+    the group of the blocks below it."""
+    chain = mlp_chain(make_family("gaussian"), register_params=False, head_input="sample",
+                      widths=(5, 5, 5, 4)).double()  # fmt: skip
+    x, y = toy_batch(n=10)
+    out = {}
+    for stack in (False, True):
+        chain.stack = stack
+        with step_cache(StepCache(noise=NoiseKey(0, 1))):
+            losses = BlockLocalELBO(4).block_losses(chain.model, chain.guide, x.double(), y)
+        params = list(chain.parameters())
+        out[stack] = losses.per_block, torch.autograd.grad(losses.total, params, allow_unused=True)
+    assert_close(out[True][0], out[False][0], atol=1e-10, rtol=1e-10)
+    assert out[False][0][-1] != 0
+    for a, b in zip(out[True][1], out[False][1], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
 def test_stacked_steps_stay_block_local():
     chain, (x, y, mask), cfg = _s2s(make_family("gaussian"))
     BLL(chain, cfg)
