@@ -745,7 +745,7 @@ TABLES: dict[str, Table] = {
             "--threads 1 --out runs/budget27/bp`; the same with `--method bll --epochs 10` "
             "(`bll`), `--method bp --epochs 10` (`bp_10`) and `--method bll --epochs 15` "
             "(`bll_15`, no budget)",
-            commit="09a2700 (bp, bll), 4c0ffee (bp_10, bll_15)",
+            commit="09a2700 (bp, bll), 0056b5b (bp_10, bll_15)",
             machine=f"{CPU}, two runs side by side",
             labels={
                 "budget_side_by_side/bp/metrics.json": "BP, 15 epochs",

@@ -63,7 +63,15 @@ def block_slice(params: Params, i: int) -> Params:
 def groups(chain: BLLChain, blocks: range, cache: StepCache) -> list[list[int]]:
     """Runs of consecutive blocks below the last whose latent sites can be stacked: one
     family object, parameters of one shape and dtype, and the prototype likelihood in all
-    or none. A block that fits with none of its neighbours is a run of one."""
+    or none. A block that fits with none of its neighbours is a run of one. Found once per
+    step (the guide's call), and read from the step's cache by the model."""
+    key = (blocks.start, blocks.stop)
+    if key not in cache.groups:
+        cache.groups[key] = _find_groups(chain, blocks, cache)
+    return cache.groups[key]
+
+
+def _find_groups(chain: BLLChain, blocks: range, cache: StepCache) -> list[list[int]]:
     last = chain.num_blocks - 1
     runs: list[list[int]] = []
     key_of_run = None

@@ -38,6 +38,7 @@ class StepCache:
     rho: dict[int, Params] = field(default_factory=dict)  # the guide's rho_k
     # a group's stacked site parameters and rho, by its first block (pyro_bll.core.stacked)
     stacked: dict[int, tuple[Params, Params]] = field(default_factory=dict)
+    groups: dict[tuple[int, int], list[list[int]]] = field(default_factory=dict)  # by segment
     noise: NoiseKey | None = None  # the step's random streams (pyro_bll.core.noise)
     outgoing: Any = None  # m(alpha_{b-1}) of a segment (blocks a..b-1): sent to the next rank
     # the look-ahead's sweep of the step (``pyro_bll.core.lookahead_sweep``): while set,
@@ -56,6 +57,7 @@ class StepCache:
             latent=self.latent,
             rho=self.rho,
             stacked=self.stacked,
+            groups=self.groups,
             noise=noise,
             sweep=self.sweep,
         )

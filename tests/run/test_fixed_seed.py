@@ -8,8 +8,9 @@ reference (``tests/fixtures/fixed_seed.json``) was written by this file's script
     python tests/run/test_fixed_seed.py            # compare: exit 0 only if bit-identical
 
 The script compares bit for bit (the same machine and torch build); the test compares the
-losses to a relative 1e-5 so that it holds on other CPUs too, while any change of
-behaviour (another loss, another initialisation, another batch order) still fails it.
+losses to a relative 1e-5 (2e-4 on the ResNets) so that it holds on other CPUs too, while
+any change of behaviour (another loss, another initialisation, another batch order) still
+fails it.
 """
 
 from __future__ import annotations
@@ -111,7 +112,11 @@ def test_fixed_seed_losses_match_the_reference(data, tmp_path, task, method, ext
     if "refused" in reference:
         assert got == reference
         return
-    assert got["block_losses"] == pytest.approx(reference["block_losses"], rel=1e-5)
+    # a narrow ResNet's BLL losses after one epoch differ by up to 5e-5 (relative) between
+    # two x86 CPUs with the same torch (seen); another loss, initialisation or batch
+    # order moves them by far more
+    rel = 2e-4 if task in ("fashion_mnist", "cifar10") else 1e-5
+    assert got["block_losses"] == pytest.approx(reference["block_losses"], rel=rel)
     assert got["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=1e-9)
 
 
