@@ -615,12 +615,12 @@ TABLES: dict[str, Table] = {
             "bench_step",
             ("bench_step.json", "bench_step_compile.json"),
             render_bench_step,
-            "`python experiments/bench_step.py --threads 2 --out results/bench_step` (idle "
+            "`python experiments/bench_step.py --threads 2 --repeats 40 --out results/bench_step` (idle "
             "machine); "
             "`python experiments/bench_step.py --configs s2s_5 --compile --threads 2 "
             "--warmup 3 --out results/bench_step_compile` (idle machine, with the compiled "
             "code already in torch's cache)",
-            commit="298590c for bench_step.json, 87f3bc2 for bench_step_compile.json",
+            commit="1541874 for bench_step.json, 87f3bc2 for bench_step_compile.json",
         ),
         Table(
             "estimators_mlp",
