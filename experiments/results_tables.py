@@ -615,8 +615,8 @@ TABLES: dict[str, Table] = {
             "bench_step",
             ("bench_step.json", "bench_step_compile.json"),
             render_bench_step,
-            "`python experiments/bench_step.py --threads 2 --repeats 40 --out results/bench_step` (idle "
-            "machine); "
+            "`python experiments/bench_step.py --threads 2 --repeats 40 "
+            "--out results/bench_step` (idle machine); "
             "`python experiments/bench_step.py --configs s2s_5 --compile --threads 2 "
             "--warmup 3 --out results/bench_step_compile` (idle machine, with the compiled "
             "code already in torch's cache)",
