@@ -37,17 +37,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import pyro
 import pyro.distributions as dist
-import torch
 from pyro.ops.provenance import detach_provenance
 from pyro.params.param_store import param_with_module_name
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from pyro_bll.core import stacked
+from pyro_bll.core import stacked_program
 from pyro_bll.core.likelihoods import PrototypeLikelihood, masked_cross_entropy
 from pyro_bll.core.noise import block_noise
 from pyro_bll.core.step_cache import StepCache, active_cache
-from pyro_bll.core.tags import blocks_plate
 from pyro_bll.families import Family, Natural, Params
 
 if TYPE_CHECKING:
@@ -314,8 +312,8 @@ class BLLChain(nn.Module):
         cache = active_cache()
         inp: Any = x
         noise = None if cache is None else cache.noise
-        if self._stacks(cache):
-            return self._stacked_guide(x, y, mask, segment, cache)
+        if self._stacks(cache):  # groups of agreeing blocks as one site each
+            return stacked_program.guide(self, x, y, mask, self._segment(segment), cache)
         with pyro.plate("data", y.shape[0], dim=-1):
             for k in self._segment(segment):
                 alpha = self.forward_message(k, inp, cache)
@@ -323,7 +321,7 @@ class BLLChain(nn.Module):
                 if k < self.num_blocks - 1:  # what block k + 1 (or the next rank) reads
                     inp = self.next_input(k, alpha, z)
         if cache is not None:  # plain tensors: the value may cross a process boundary
-            cache.outgoing = _plain(inp)
+            cache.outgoing = plain_message(inp)
 
     def _guide_site(self, k: int, alpha: Params, y, mask, cache, noise) -> Tensor | None:
         """Block k's guide site ``z_k ~ rho_k`` (none where the block has no latent)."""
@@ -356,7 +354,8 @@ class BLLChain(nn.Module):
         together = labelled and self._stacks(cache)
         with pyro.plate("data", self._batch_size(x, y), dim=-1):
             if together:  # the guide ran every block: the groups' sites, then the head
-                z, alpha = self._stacked_model(y, mask, blocks, cache), cache.alpha[blocks[-1]]
+                z = stacked_program.model(self, y, mask, blocks, cache)
+                alpha = cache.alpha[blocks[-1]]
             for k in [] if together else blocks:
                 alpha = self.forward_message(k, inp, cache)
                 z = self._model_site(k, alpha, cache)
@@ -393,7 +392,7 @@ class BLLChain(nn.Module):
     def _pred_site(self, k: int, alpha: Params, y: Tensor, mask: Tensor | None) -> None:
         if self.pred_heads is not None and self.pred_weight > 0:
             logits = self.pred_heads[k](self.families[k].mean(alpha))
-            _block_factor(f"pred_{k}", -self.pred_weight * masked_cross_entropy(logits, y, mask), k)
+            block_factor(f"pred_{k}", -self.pred_weight * masked_cross_entropy(logits, y, mask), k)
 
     # ---- the vectorised program (pyro_bll.core.stacked) -------------------------------
     def _stacks(self, cache: StepCache | None) -> bool:
@@ -401,88 +400,6 @@ class BLLChain(nn.Module):
         step cache carries the messages from guide to model, and no forward message
         depends on a draw."""
         return self.stack and cache is not None and self.propagate != "sample"
-
-    def _forward_all(self, x: Any, blocks: range, cache: StepCache) -> None:
-        """Every forward message of ``blocks`` into the cache, and the outgoing value."""
-        inp = x
-        for k in blocks:
-            alpha = self.forward_message(k, inp, cache)
-            if k < self.num_blocks - 1:
-                inp = self.next_input(k, alpha, None)
-        cache.outgoing = _plain(inp)
-
-    def _stacked_guide(self, x, y, mask, segment, cache: StepCache) -> None:
-        """The guide with each group of agreeing blocks as one site ``z_a:b``; a block in
-        no group keeps its own site ``z_k``."""
-        blocks = self._segment(segment)
-        self._forward_all(x, blocks, cache)
-        with pyro.plate("data", y.shape[0], dim=-1):
-            for group in stacked.groups(self, blocks, cache):
-                if len(group) == 1:
-                    k = group[0]
-                    self._guide_site(k, cache.alpha[k], y, mask, cache, cache.noise)
-                    continue
-                fam, a = self.families[group[0]], group[0]
-                site = stacked.stack_params(
-                    [self.latent_params(k, cache.alpha[k], cache) for k in group]
-                )
-                rho = fam.posterior(site, stacked.feedback(self, group, y, mask, site))
-                cache.stacked[a] = (site, rho)
-                for i, k in enumerate(group):
-                    cache.rho[k] = stacked.block_slice(rho, i)
-                draws = stacked.blockwise_draws(fam, rho, group, cache.noise)
-                with self._blocks_plate(group):
-                    pyro.sample(
-                        stacked.site_name("z", group), draws.to_event(self.latent_event_dim)
-                    )
-            last = self.num_blocks - 1
-            if blocks.stop > last:  # the head's block: in no group
-                self._guide_site(last, cache.alpha[last], y, mask, cache, cache.noise)
-
-    def _stacked_model(self, y, mask, blocks: range, cache: StepCache) -> Tensor | None:
-        """The model's sites for the groups of ``blocks`` and for the head's block (the
-        guide cached their messages); returns the draw of the last block of ``blocks``."""
-        z = None
-        for group in stacked.groups(self, blocks, cache):
-            if len(group) == 1:
-                k = group[0]
-                z = self._model_site(k, cache.alpha[k], cache)
-                if k < self.num_blocks - 1:
-                    self._local_sites(k, z, cache.alpha[k], y, mask, cache)
-                continue
-            a, name = group[0], stacked.site_name("z", group)
-            site, rho = cache.stacked[a]
-            shared = self.local_likelihoods is not None and stacked.shares_prototypes(self, a)
-            with self._blocks_plate(group):
-                z = pyro.sample(name, self._latent(a, site))
-                if shared:  # one likelihood site for the group
-                    q = stacked.prototype_likelihood(
-                        self, group, z, rho if self.likelihood == "bound" else None, y
-                    )
-                    fn = self._observed(q, mask)
-                    pyro.sample(stacked.site_name("y", group), fn, obs=y, infer={"latent": name})
-                heads = None if self.pred_heads is None else [self.pred_heads[k] for k in group]
-                pred = heads is not None and self.pred_weight > 0 and stacked.stackable_heads(heads)
-                if pred:  # one predictive head for the group, with stacked parameters
-                    means = torch.stack([self.families[k].mean(cache.alpha[k]) for k in group])
-                    ce = stacked.stacked_cross_entropy(stacked.stacked_heads(heads, means), y, mask)
-                    _block_factor(stacked.site_name("pred", group), -self.pred_weight * ce, None)
-            for i, k in enumerate(group):  # per-block sites reading the group's draw
-                if self.local_likelihoods is not None and not shared:
-                    q = self.local_likelihoods[k](self, k, z[i], cache)
-                    fn = self._observed(q, mask)
-                    pyro.sample(f"y_{k}", fn, obs=y, infer={"block": k, "latent": name})
-                if not pred:
-                    self._pred_site(k, cache.alpha[k], y, mask)
-            z = z[-1]
-        last = self.num_blocks - 1
-        if blocks.stop > last:  # the head's block: in no group
-            z = self._model_site(last, cache.alpha[last], cache)
-        return z
-
-    def _blocks_plate(self, group: list[int]):
-        a, n = group[0], len(group)
-        return blocks_plate(f"blocks_{a}:{a + n}", a, n, stacked.BLOCKS_DIM)
 
     def _model_site(self, k: int, alpha: Params, cache) -> Tensor | None:
         """Block k's model site ``z_k ~ alpha_k`` (none where the block has no latent)."""
@@ -529,7 +446,7 @@ class BLLChain(nn.Module):
         return [p for m in self.block_modules(k) for p in m.parameters()]
 
 
-def _plain(inp: Any) -> Any:
+def plain_message(inp: Any) -> Any:
     """A message without the provenance tracking of ``BlockLocalELBO``'s score functions."""
     if isinstance(inp, tuple):
         return tuple(detach_provenance(t) for t in inp)
@@ -552,7 +469,7 @@ def _prototype(chain: BLLChain, k: int, z: Tensor, cache: StepCache | None = Non
     )
 
 
-def _block_factor(name: str, log_factor: Tensor, block: int | None) -> None:
+def block_factor(name: str, log_factor: Tensor, block: int | None) -> None:
     """Like ``pyro.factor``, but tagged with the block that owns the term (``None``: the
     enclosing ``blocks_plate``'s)."""
     unit = dist.Unit(log_factor, has_rsample=True)

@@ -18,8 +18,9 @@ group's sites along the blocks axis, and ``torch.stack`` passes each slice's gra
 its own block only, so each l_k still has gradients only in block k's parameters. Block
 k's draw still comes from block k's own noise stream (``BlockwiseDraws``). Predictive
 heads of one structure (Linear and LayerNorm layers) run as one head with stacked
-parameters (``stacked_heads``), site ``pred_a:b``; other heads, and local likelihoods other
-than the label's prototypes, stay one site per block.
+parameters (``pyro_bll.core.stacked_heads``), site ``pred_a:b``; other heads, and local
+likelihoods other than the label's prototypes, stay one site per block. The Pyro sites
+of a group are written by ``pyro_bll.core.stacked_program``.
 The per-site program (``chain.stack`` off, as ``Predictive`` and the diagnostics run it)
 gives the same losses and gradients (tests/core/test_stacked.py).
 """
@@ -31,8 +32,7 @@ from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributions import Distribution, kl_divergence, register_kl
 
 from pyro_bll.core.likelihoods import PrototypeCategorical, prototype_bound
@@ -239,69 +239,3 @@ def prototype_likelihood(
         return prototype_bound(fam, rho_flat, protos, labels).reshape(label_shape)
 
     return PrototypeCategorical(logits, bound, label_shape, num_classes)
-
-
-# ---- predictive heads ----------------------------------------------------------------------
-_ACTIVATIONS = (nn.Identity, nn.ReLU, nn.GELU, nn.Tanh)
-
-
-def _same_structure(mods: Sequence[nn.Module]) -> bool:
-    first = mods[0]
-    if any(type(m) is not type(first) for m in mods):
-        return False
-    if isinstance(first, nn.Sequential):
-        return all(len(m) == len(first) for m in mods) and all(
-            _same_structure([m[i] for m in mods]) for i in range(len(first))
-        )
-    if isinstance(first, nn.Linear):
-        return all(
-            m.weight.shape == first.weight.shape and (m.bias is None) == (first.bias is None)
-            for m in mods
-        )
-    if isinstance(first, nn.LayerNorm):
-        return all(
-            m.normalized_shape == first.normalized_shape and m.eps == first.eps
-            and m.elementwise_affine and (m.bias is not None) for m in mods
-        )  # fmt: skip
-    return isinstance(first, _ACTIVATIONS) and all(repr(m) == repr(first) for m in mods)
-
-
-def stackable_heads(mods: Sequence[nn.Module]) -> bool:
-    """Whether n heads can run as one: the same structure of Linear, LayerNorm (affine)
-    and parameter-free activations, in Sequential containers."""
-    return len(mods) > 1 and _same_structure(mods)
-
-
-def stacked_heads(mods: Sequence[nn.Module], h: Tensor) -> Tensor:
-    """n heads of one structure (``stackable_heads``) on inputs ``[n, B, *L, C]`` at once,
-    with their parameters stacked: ``[n, B, *L, V]``. Block i's output depends only on
-    head i's parameters and input slice i."""
-    first = mods[0]
-    if isinstance(first, nn.Sequential):
-        for i in range(len(first)):
-            h = stacked_heads([m[i] for m in mods], h)
-        return h
-    if isinstance(first, nn.Linear):
-        w = torch.stack([m.weight for m in mods]).transpose(1, 2)  # [n, C, V]
-        flat = h.reshape(h.shape[0], -1, h.shape[-1])  # [n, M, C]
-        out = flat @ w
-        if first.bias is not None:
-            out = out + torch.stack([m.bias for m in mods]).unsqueeze(1)  # [n, 1, V]
-        return out.reshape(*h.shape[:-1], w.shape[-1])
-    if isinstance(first, nn.LayerNorm):
-        view = (len(mods),) + (1,) * (h.dim() - 1 - len(first.normalized_shape))
-        w = torch.stack([m.weight for m in mods]).reshape(*view, *first.normalized_shape)
-        b = torch.stack([m.bias for m in mods]).reshape(*view, *first.normalized_shape)
-        return F.layer_norm(h, first.normalized_shape, eps=first.eps) * w + b
-    return first(h)  # a parameter-free activation
-
-
-def stacked_cross_entropy(logits: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
-    """``masked_cross_entropy`` of n blocks' logits ``[n, B, *L, V]`` against the labels
-    ``[B, *L]``: ``[n, B]``."""
-    n, v = logits.shape[0], logits.shape[-1]
-    labels = y.expand(n, *y.shape).reshape(-1)
-    ce = F.cross_entropy(logits.reshape(-1, v), labels, reduction="none").reshape(n, *y.shape)
-    if mask is not None:
-        ce = ce * mask.to(ce.dtype)
-    return ce.reshape(n, y.shape[0], -1).sum(-1)

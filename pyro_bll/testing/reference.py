@@ -19,6 +19,7 @@ from pyro_bll.core import stacked
 from pyro_bll.core.chain import BLLChain
 from pyro_bll.core.likelihoods import masked_cross_entropy, prototype_bound
 from pyro_bll.core.lookahead_sweep import LookaheadSweep
+from pyro_bll.core.stacked_heads import stackable_heads, stacked_cross_entropy, stacked_heads
 from pyro_bll.core.step_cache import StepCache
 
 
@@ -101,9 +102,9 @@ def _stacked_block_losses(chain: BLLChain, x, y, mask, cache: StepCache) -> Tens
                 ]
             )
         heads = None if chain.pred_heads is None else [chain.pred_heads[k] for k in group]
-        if heads is not None and chain.pred_weight > 0 and stacked.stackable_heads(heads):
+        if heads is not None and chain.pred_weight > 0 and stackable_heads(heads):
             means = torch.stack([fam.mean(cache.alpha[k]) for k in group])  # [n, B, ..., C]
-            ce = stacked.stacked_cross_entropy(stacked.stacked_heads(heads, means), y, mask)
+            ce = stacked_cross_entropy(stacked_heads(heads, means), y, mask)
             pred: list = list(chain.pred_weight * ce.sum(-1))
         else:
             pred = [_pred_loss(chain, k, y, mask, cache) for k in group]

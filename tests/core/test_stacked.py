@@ -14,7 +14,7 @@ from torch import nn
 
 import pyro_bll
 from pyro_bll import BlockLocalELBO, make_family
-from pyro_bll.core import stacked
+from pyro_bll.core import stacked, stacked_heads
 from pyro_bll.core.noise import NoiseKey
 from pyro_bll.core.step_cache import StepCache, step_cache
 from pyro_bll.methods.bll import BLL
@@ -300,13 +300,13 @@ def test_stacked_heads_equal_the_loop(make):
             for i in range(3)
         ]
     )  # fmt: skip
-    assert stacked.stackable_heads(heads)
-    got = stacked.stacked_cross_entropy(stacked.stacked_heads(heads, h), y, mask)
+    assert stacked_heads.stackable_heads(heads)
+    got = stacked_heads.stacked_cross_entropy(stacked_heads.stacked_heads(heads, h), y, mask)
     assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
 def test_heads_of_different_structure_do_not_stack():
-    assert not stacked.stackable_heads([nn.Linear(4, 3), nn.Linear(5, 3)])
-    assert not stacked.stackable_heads([nn.Linear(4, 3), nn.Sequential(nn.Linear(4, 3))])
-    assert not stacked.stackable_heads([nn.Conv2d(4, 3, 1), nn.Conv2d(4, 3, 1)])
-    assert not stacked.stackable_heads([nn.Linear(4, 3)])
+    assert not stacked_heads.stackable_heads([nn.Linear(4, 3), nn.Linear(5, 3)])
+    assert not stacked_heads.stackable_heads([nn.Linear(4, 3), nn.Sequential(nn.Linear(4, 3))])
+    assert not stacked_heads.stackable_heads([nn.Conv2d(4, 3, 1), nn.Conv2d(4, 3, 1)])
+    assert not stacked_heads.stackable_heads([nn.Linear(4, 3)])
