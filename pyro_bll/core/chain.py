@@ -119,6 +119,10 @@ class BLLChain(nn.Module):
             structure (``bll_chain_<N>_<families>``), so a chain rebuilt the same way finds
             the parameters of a loaded param store. Two chains that train side by side in
             one store need two names: the chain that registers last owns the entries.
+
+    Setting ``chain.stack = True`` (``--method bll`` does) computes neighbouring blocks
+    whose latent sites agree as one vectorised site per group when guide and model run
+    under a step cache (``pyro_bll.core.stacked_program``; the same losses and gradients).
     """
 
     def __init__(
