@@ -310,3 +310,24 @@ def test_heads_of_different_structure_do_not_stack():
     assert not stacked_heads.stackable_heads([nn.Linear(4, 3), nn.Sequential(nn.Linear(4, 3))])
     assert not stacked_heads.stackable_heads([nn.Conv2d(4, 3, 1), nn.Conv2d(4, 3, 1)])
     assert not stacked_heads.stackable_heads([nn.Linear(4, 3)])
+
+
+def test_the_option_turns_it_off_and_belongs_to_bll(capsys):
+    import sys
+    from pathlib import Path
+
+    from pyro_bll.config import ConfigError
+    from pyro_bll.run.build import build_run, validate
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+    import run
+
+    tiny = ["--layers", "3", "--d-model", "6", "--seq-len", "5", "--train-size", "8",
+            "--test-size", "4", "--threads", "1"]  # fmt: skip
+    for extra, stack in ([], True), (["--no-stack-blocks"], False):
+        cfg, _ = run.parse_config([*tiny, *extra])
+        assert build_run(validate(cfg)).chain.stack is stack
+    with pytest.raises(ConfigError, match="--no-stack-blocks applies to --method bll"):
+        run.parse_config([*tiny, "--method", "bp", "--no-stack-blocks"])
+    assert run.cli([*tiny, "--method", "bp", "--no-stack-blocks", "--out", "x"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
