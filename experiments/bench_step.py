@@ -69,11 +69,7 @@ def _build(options: dict, args, **extra):
 
 
 def _blocks_forward(chain, x) -> None:
-    cache, inp = StepCache(), x
-    for k in range(chain.num_blocks):
-        alpha = chain.forward_message(k, inp, cache)
-        if k < chain.num_blocks - 1:
-            inp = chain.next_input(k, alpha, None)
+    chain.forward_messages(x, range(chain.num_blocks), StepCache())
 
 
 def variants(options: dict, args) -> tuple[dict[str, Callable[[], dict]], str]:

@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import pyro
-import pyro.distributions as dist
 from pyro.ops.provenance import detach_provenance
 from pyro.params.param_store import param_with_module_name
 from torch import Tensor, nn
@@ -46,7 +45,9 @@ from pyro_bll.core import stacked_program
 from pyro_bll.core.likelihoods import PrototypeLikelihood, masked_cross_entropy
 from pyro_bll.core.noise import block_noise
 from pyro_bll.core.step_cache import StepCache, active_cache
+from pyro_bll.core.tags import block_factor
 from pyro_bll.families import Family, Natural, Params
+from pyro_bll.families.base import mask_potential
 
 if TYPE_CHECKING:
     from pyro_bll.core.critic import Critic
@@ -227,10 +228,7 @@ class BLLChain(nn.Module):
             if alpha is None:
                 raise ValueError("a chain with a spatial message needs alpha_k for beta_k")
             beta = self.spatial_message.place(beta, alpha)
-        if mask is None:
-            return beta
-        m = mask.to(beta[0].dtype)
-        return tuple(b * m.reshape(m.shape + (1,) * (b.dim() - m.dim())) for b in beta)
+        return mask_potential(beta, mask)
 
     def class_potentials(self, k: int) -> Natural:
         """beta_c for every class c, each ``[num_classes, C]`` (prototype likelihood)."""
@@ -316,7 +314,7 @@ class BLLChain(nn.Module):
         cache = active_cache()
         inp: Any = x
         noise = None if cache is None else cache.noise
-        if self._stacks(cache):  # groups of agreeing blocks as one site each
+        if self.stacks(cache):  # groups of agreeing blocks as one site each
             return stacked_program.guide(self, x, y, mask, self._segment(segment), cache)
         with pyro.plate("data", y.shape[0], dim=-1):
             for k in self._segment(segment):
@@ -355,18 +353,19 @@ class BLLChain(nn.Module):
         last = self.num_blocks - 1
         blocks = self._segment(segment)
         labelled = y is not None
-        together = labelled and self._stacks(cache)
+        together = labelled and self.stacks(cache)
         with pyro.plate("data", self._batch_size(x, y), dim=-1):
             if together:  # the guide ran every block: the groups' sites, then the head
                 z = stacked_program.model(self, y, mask, blocks, cache)
                 alpha = cache.alpha[blocks[-1]]
-            for k in [] if together else blocks:
-                alpha = self.forward_message(k, inp, cache)
-                z = self._model_site(k, alpha, cache)
-                if labelled and k < last:
-                    self._local_sites(k, z, alpha, y, mask, cache)
-                if k < last:
-                    inp = self.next_input(k, alpha, z)
+            else:
+                for k in blocks:
+                    alpha = self.forward_message(k, inp, cache)
+                    z = self._model_site(k, alpha, cache)
+                    if labelled and k < last:
+                        self._local_sites(k, z, alpha, y, mask, cache)
+                    if k < last:
+                        inp = self.next_input(k, alpha, z)
             if blocks.stop <= last:  # the output head belongs to the last block
                 return None
             fam = self.families[last]
@@ -398,12 +397,26 @@ class BLLChain(nn.Module):
             logits = self.pred_heads[k](self.families[k].mean(alpha))
             block_factor(f"pred_{k}", -self.pred_weight * masked_cross_entropy(logits, y, mask), k)
 
-    # ---- the vectorised program (pyro_bll.core.stacked) -------------------------------
-    def _stacks(self, cache: StepCache | None) -> bool:
+    # ---- the vectorised program (pyro_bll.core.stacked_program) -----------------------
+    def stacks(self, cache: StepCache | None) -> bool:
         """Whether this evaluation computes groups of blocks together: ``stack`` is on, a
         step cache carries the messages from guide to model, and no forward message
         depends on a draw."""
         return self.stack and cache is not None and self.propagate != "sample"
+
+    def forward_messages(self, x: Any, blocks: range, cache: StepCache) -> None:
+        """Every forward message of ``blocks`` into the cache, ``x`` being the first one's
+        input, and the outgoing value (no draw is read: ``propagate`` is not "sample")."""
+        inp = x
+        for k in blocks:
+            alpha = self.forward_message(k, inp, cache)
+            if k < self.num_blocks - 1:
+                inp = self.next_input(k, alpha, None)
+        cache.outgoing = plain_message(inp)
+
+    def uses_prototypes(self, k: int) -> bool:
+        """Whether block k's local likelihood is the label's prototype likelihood."""
+        return self.local_likelihoods is not None and self.local_likelihoods[k] is _prototype
 
     def _model_site(self, k: int, alpha: Params, cache) -> Tensor | None:
         """Block k's model site ``z_k ~ alpha_k`` (none where the block has no latent)."""
@@ -471,13 +484,3 @@ def _prototype(chain: BLLChain, k: int, z: Tensor, cache: StepCache | None = Non
         rho=rho,
         label_shape=z.shape[: 1 + chain.label_event_dim],  # [B] or [B, T]
     )
-
-
-def block_factor(name: str, log_factor: Tensor, block: int | None) -> None:
-    """Like ``pyro.factor``, but tagged with the block that owns the term (``None``: the
-    enclosing ``blocks_plate``'s)."""
-    unit = dist.Unit(log_factor, has_rsample=True)
-    infer: dict = (
-        {"is_auxiliary": True} if block is None else {"block": block, "is_auxiliary": True}
-    )
-    pyro.sample(name, unit, obs=unit.sample(), infer=infer)

@@ -171,14 +171,14 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _last_block(block: int | BlockAxis) -> int:
-    return block.blocks[-1] if isinstance(block, BlockAxis) else block
+def _span(block: int | BlockAxis) -> range:
+    """The blocks a site's terms go to: its one block, or its axis's blocks."""
+    return block.blocks if isinstance(block, BlockAxis) else range(block, block + 1)
 
 
 def _overlap(a: int | BlockAxis, b: int | BlockAxis) -> bool:
-    """Whether two sites' blocks (an index or an axis of blocks) share a block."""
-    ra = a.blocks if isinstance(a, BlockAxis) else range(a, a + 1)
-    rb = b.blocks if isinstance(b, BlockAxis) else range(b, b + 1)
+    """Whether two sites' blocks share a block."""
+    ra, rb = _span(a), _span(b)
     return ra.start < rb.stop and rb.start < ra.stop
 
 
@@ -295,7 +295,7 @@ class BlockLocalELBO(ELBO):
         blocks = self._site_blocks(model_trace, guide_trace)
         n = self.num_blocks
         if n is None:
-            n = max((_last_block(b) for b in blocks.values()), default=0) + 1
+            n = max((_span(b)[-1] for b in blocks.values()), default=0) + 1
         costs = self._costs(model_trace, guide_trace, blocks)
         scores = self._score_terms(guide_trace, blocks, costs)
         ref = costs[0].value if costs else torch.zeros(())  # dtype and device of the losses
@@ -349,9 +349,9 @@ class BlockLocalELBO(ELBO):
                 pass
             elif isinstance(k, bool) or not isinstance(k, int) or k < 0:
                 raise ValueError(f"site {name!r} has block {k!r}; a block is an integer >= 0")
-            if self.num_blocks is not None and _last_block(k) >= self.num_blocks:
+            if self.num_blocks is not None and _span(k)[-1] >= self.num_blocks:
                 raise ValueError(
-                    f"site {name!r} has block {_last_block(k)}, but the ELBO has "
+                    f"site {name!r} has block {_span(k)[-1]}, but the ELBO has "
                     f"{self.num_blocks} blocks (0 to {self.num_blocks - 1}); fix the tag or "
                     "BlockLocalELBO(num_blocks)"
                 )

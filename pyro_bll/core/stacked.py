@@ -39,6 +39,7 @@ from pyro_bll.core.likelihoods import PrototypeCategorical, prototype_bound
 from pyro_bll.core.noise import NoiseKey, block_noise
 from pyro_bll.core.step_cache import StepCache
 from pyro_bll.families import Family, Natural, Params
+from pyro_bll.families.base import mask_potential
 
 if TYPE_CHECKING:
     from pyro_bll.core.chain import BLLChain
@@ -79,8 +80,8 @@ def _find_groups(chain: BLLChain, blocks: range, cache: StepCache) -> list[list[
         if k >= last:
             break
         site = chain.latent_params(k, cache.alpha[k], cache)
-        lik = None if chain.local_likelihoods is None else chain.local_likelihoods[k]
-        key = (id(chain.families[k]), tuple((p.shape, p.dtype) for p in site), _is_prototype(lik))
+        key = (id(chain.families[k]), tuple((p.shape, p.dtype) for p in site))
+        key += (chain.uses_prototypes(k),)
         if runs and key == key_of_run and runs[-1][-1] == k - 1 and _draw_is_free(chain, k, site):
             runs[-1].append(k)
         else:
@@ -89,17 +90,10 @@ def _find_groups(chain: BLLChain, blocks: range, cache: StepCache) -> list[list[
     return runs
 
 
-def _is_prototype(lik: object) -> bool:
-    from pyro_bll.core.chain import _prototype
-
-    return lik is _prototype
-
-
 def shares_prototypes(chain: BLLChain, k: int) -> bool:
     """Whether block k's group has one likelihood site: the label's prototypes on
     latents without a spatial message (``prototype_likelihood``)."""
-    lik = None if chain.local_likelihoods is None else chain.local_likelihoods[k]
-    return _is_prototype(lik) and chain.spatial_message is None
+    return chain.uses_prototypes(k) and chain.spatial_message is None
 
 
 def _draw_is_free(chain: BLLChain, k: int, site: Params) -> bool:
@@ -191,11 +185,7 @@ def feedback(
     stacked = getattr(chain.feedback, "stacked", None)
     if stacked is not None and chain.spatial_message is None:
         raw = stacked(y, group)  # [n, B, *L, size]
-        beta = chain.families[group[0]].feedback_potential(raw)
-        if mask is None:
-            return beta
-        m = mask.to(beta[0].dtype)
-        return tuple(b * m.reshape(m.shape + (1,) * (b.dim() - 1 - m.dim())) for b in beta)
+        return mask_potential(chain.families[group[0]].feedback_potential(raw), mask, lead=1)
     per_block = [
         chain.feedback_message(k, y, mask, block_slice(site, i)) for i, k in enumerate(group)
     ]

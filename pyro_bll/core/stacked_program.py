@@ -17,7 +17,7 @@ prototypes and heads of different structure keep the per-site program's sites (`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyro
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor
 from pyro_bll.core import stacked
 from pyro_bll.core.stacked_heads import stackable_heads, stacked_cross_entropy, stacked_heads
 from pyro_bll.core.step_cache import StepCache
-from pyro_bll.core.tags import blocks_plate
+from pyro_bll.core.tags import block_factor, blocks_plate
 
 if TYPE_CHECKING:
     from pyro_bll.core.chain import BLLChain
@@ -37,21 +37,9 @@ def _plate(group: list[int]):
     return blocks_plate(f"blocks_{a}:{a + n}", a, n, stacked.BLOCKS_DIM)
 
 
-def forward_all(chain: BLLChain, x: Any, blocks: range, cache: StepCache) -> None:
-    """Every forward message of ``blocks`` into the cache, and the outgoing value."""
-    from pyro_bll.core.chain import plain_message
-
-    inp = x
-    for k in blocks:
-        alpha = chain.forward_message(k, inp, cache)
-        if k < chain.num_blocks - 1:
-            inp = chain.next_input(k, alpha, None)
-    cache.outgoing = plain_message(inp)
-
-
 def guide(chain: BLLChain, x, y: Tensor, mask: Tensor | None, blocks: range, cache) -> None:
     """The guide's sites of ``blocks``: one ``z_a:b`` per group, ``z_k`` otherwise."""
-    forward_all(chain, x, blocks, cache)
+    chain.forward_messages(x, blocks, cache)
     with pyro.plate("data", y.shape[0], dim=-1):
         for group in stacked.groups(chain, blocks, cache):
             if len(group) == 1:
@@ -94,11 +82,9 @@ def model(chain: BLLChain, y: Tensor, mask: Tensor | None, blocks: range, cache)
 
 def _group_sites(chain: BLLChain, group: list[int], y, mask, cache: StepCache) -> Tensor:
     """A group's latent, likelihood and predictive sites; returns its draw ``[n, ...]``."""
-    from pyro_bll.core.chain import block_factor
-
     a, name = group[0], stacked.site_name("z", group)
     site, rho = cache.stacked[a]
-    shared = chain.local_likelihoods is not None and stacked.shares_prototypes(chain, a)
+    shared = stacked.shares_prototypes(chain, a)
     heads = None if chain.pred_heads is None else [chain.pred_heads[k] for k in group]
     pred = heads is not None and chain.pred_weight > 0 and stackable_heads(heads)
     with _plate(group):

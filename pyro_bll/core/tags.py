@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 from pyro.poutine.messenger import Messenger
+from torch import Tensor
 
 MODEL_BLOCK = "_bll_model_block"  # the model's own tag, kept where replay overwrites infer
 
@@ -100,3 +102,13 @@ class RecordModelTags(Messenger):
     def _process_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "sample":
             msg[MODEL_BLOCK] = (msg.get("infer") or {}).get("block")  # type: ignore[literal-required]
+
+
+def block_factor(name: str, log_factor: Tensor, block: int | None) -> None:
+    """Like ``pyro.factor``, but tagged with the block that owns the term (``None``: the
+    enclosing ``blocks_plate``'s)."""
+    unit = dist.Unit(log_factor, has_rsample=True)
+    infer: dict = (
+        {"is_auxiliary": True} if block is None else {"block": block, "is_auxiliary": True}
+    )
+    pyro.sample(name, unit, obs=unit.sample(), infer=infer)

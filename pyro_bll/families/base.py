@@ -76,6 +76,16 @@ def bounded_below(raw: Tensor, floor: float) -> Tensor:
     return scale * (torch.nn.functional.softplus(2.0 * raw / scale) - math.log(2.0))
 
 
+def mask_potential(beta: Natural, mask: Tensor | None, lead: int = 0) -> Natural:
+    """beta with every masked label's potential set to zero (no information): the mask
+    ``[B, *L]`` meets beta ``[*lead, B, *L, ...]`` (``lead`` leading axes, as the n blocks of
+    a group, ``pyro_bll.core.stacked``)."""
+    if mask is None:
+        return beta
+    m = mask.to(beta[0].dtype)
+    return tuple(b * m.reshape(m.shape + (1,) * (b.dim() - lead - m.dim())) for b in beta)
+
+
 def inverse_softplus(y: Tensor, offset: float = 0.0) -> Tensor:
     """r with softplus(r) + offset = y: the unconstrained coordinate of a positive parameter
     that a block wrote as softplus(raw) + offset.

@@ -37,7 +37,7 @@ def plain_block_losses(chain: BLLChain, x: Tensor, y: Tensor, mask: Tensor | Non
     cache = StepCache()
     if chain.lookahead is not None and chain.lookahead.sweeps(chain):
         cache.sweep = LookaheadSweep(chain, y, mask)
-    if chain.stack and chain.propagate != "sample":
+    if chain.stacks(cache):
         return _stacked_block_losses(chain, x, y, mask, cache)
     last = chain.num_blocks - 1
     inp: Any = x
@@ -75,11 +75,7 @@ def _stacked_block_losses(chain: BLLChain, x, y, mask, cache: StepCache) -> Tens
     (``pyro_bll.core.stacked``), drawing in the Pyro guide's order: every forward block
     first, then each group (a block in no group on its own)."""
     n, last = chain.num_blocks, chain.num_blocks - 1
-    inp: Any = x
-    for k in range(n):
-        alpha = chain.forward_message(k, inp, cache)
-        if k < last:
-            inp = chain.next_input(k, alpha, None)
+    chain.forward_messages(x, range(n), cache)
     losses: list[Tensor] = [torch.zeros(())] * n
     for group in stacked.groups(chain, range(n), cache):
         fam = chain.families[group[0]]
@@ -89,7 +85,7 @@ def _stacked_block_losses(chain: BLLChain, x, y, mask, cache: StepCache) -> Tens
             cache.rho[k] = stacked.block_slice(rho, i)
         z = stacked.blockwise_draws(fam, rho, group, None).rsample()  # [n, B, ...]
         kl = _per_block(fam.kl(rho, site))  # [n]
-        if chain.local_likelihoods is not None and stacked.shares_prototypes(chain, group[0]):
+        if stacked.shares_prototypes(chain, group[0]):
             bound = chain.likelihood == "bound"
             q = stacked.prototype_likelihood(chain, group, z, rho if bound else None, y)
             lik = q.expected_log_prob(y) if bound else q.log_prob(y)  # [n, B, *L]
@@ -110,11 +106,8 @@ def _stacked_block_losses(chain: BLLChain, x, y, mask, cache: StepCache) -> Tens
             pred = [_pred_loss(chain, k, y, mask, cache) for k in group]
         for i, k in enumerate(group):
             losses[k] = kl[i] - lik[i] + pred[i]
-    alpha = cache.alpha[last]
-    loss = masked_cross_entropy(chain.head(chain.families[last].mean(alpha)), y, mask).sum()
-    if chain.has_latent(last):
-        raise ValueError("the reference loss covers head_input='mean' with local likelihoods")
-    losses[last] = loss
+    alpha = cache.alpha[last]  # head_input "mean": the head's block has no latent
+    losses[last] = masked_cross_entropy(chain.head(chain.families[last].mean(alpha)), y, mask).sum()
     return torch.stack(losses)
 
 
